@@ -1,0 +1,31 @@
+"""The pyramid embedder: hierarchy, model, losses, training and inference (torch only).
+
+>>> from embedder import Hierarchy, EmbedderConfig, PyramidEmbedder, Embedder  # doctest: +SKIP
+"""
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import EmbedderConfig
+from .data import Failure, SourceItem, SourceListing, decode_image, load_images, read_folder_tree, read_manifest, read_source
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EmbedderError,
+    HierarchyError,
+    ImageDecodeError,
+    WeightsNotFoundError,
+)
+from .hierarchy import Hierarchy
+from .inference import Embedder, Embeddings
+from .losses import ContrastiveLoss, HierarchicalLoss, LevelCrossEntropy, LossWeights
+from .model import PyramidEmbedder, PyramidOutput
+from .training import TrainConfig, TrainResult, evaluate, train
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "Embedder",
+    "EmbedderConfig", "EmbedderError", "Embeddings", "Failure", "HierarchicalLoss", "Hierarchy",
+    "HierarchyError", "ImageDecodeError", "LevelCrossEntropy", "LossWeights", "PyramidEmbedder",
+    "PyramidOutput", "SourceItem", "SourceListing", "TrainConfig", "TrainResult", "WeightsNotFoundError",
+    "decode_image", "evaluate", "load_checkpoint", "load_images", "read_folder_tree", "read_manifest",
+    "read_source", "save_checkpoint", "train",
+]

@@ -1,0 +1,110 @@
+"""One checkpoint file: weights, `EmbedderConfig`, `Hierarchy`, metrics, fingerprint.
+
+The fingerprint is a hash of the config, the hierarchy and every weight: two files with
+the same fingerprint embed identically, so a Milvus collection records it to refuse
+vectors from another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import EmbedderConfig
+from .errors import CheckpointError
+from .hierarchy import Hierarchy
+
+FORMAT = "hiervec-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    config: EmbedderConfig
+    hierarchy: Hierarchy
+    state_dict: dict[str, torch.Tensor]
+    fingerprint: str
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    train_state: dict | None = None  # optimizer, scheduler, RNG, train config: what `resume` needs
+
+
+def fingerprint(config: EmbedderConfig, hierarchy: Hierarchy, state_dict: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr(sorted(config.to_dict().items())).encode())
+    digest.update(hierarchy.to_json().encode())
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    hierarchy: Hierarchy,
+    *,
+    epoch: int = 0,
+    metrics: dict | None = None,
+    history: list | None = None,
+    train_state: dict | None = None,
+) -> Checkpoint:
+    """Write atomically (a crash never leaves a half-written file); returns what was written."""
+    config: EmbedderConfig = model.config
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    checkpoint = Checkpoint(
+        config, hierarchy, state, fingerprint(config, hierarchy, state), epoch, metrics or {}, history or [], train_state
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "hierarchy": hierarchy.to_dict(),
+        "state_dict": state,
+        "fingerprint": checkpoint.fingerprint,
+        "epoch": epoch,
+        "metrics": checkpoint.metrics,
+        "history": checkpoint.history,
+        "train_state": train_state,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # Our own files hold optimizer state and plain containers; weights_only keeps
+        # arbitrary pickles from running code.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a hiervec checkpoint ({FORMAT})")
+    return Checkpoint(
+        EmbedderConfig.from_dict(payload["config"]),
+        Hierarchy.from_dict(payload["hierarchy"]),
+        payload["state_dict"],
+        payload["fingerprint"],
+        payload.get("epoch", 0),
+        payload.get("metrics", {}),
+        payload.get("history", []),
+        payload.get("train_state"),
+    )

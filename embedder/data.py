@@ -1,0 +1,282 @@
+"""Labelled image sources (folder tree, CSV/JSONL manifest), decoding and batching.
+
+A source is read into `SourceItem`s plus `Failure`s: a file or row that cannot be used is
+reported with its reason and skipped; it never stops the others.
+
+Folder tree: ``root/<level 1>/<level 2>/.../<image>``; the folders below the root are
+the category path. Manifest: CSV with a header or JSON Lines, columns ``path`` (relative
+to the manifest's folder or absolute), ``category`` (a path such as ``clothing/tops/shirt``,
+optional for unlabelled images), optional ``id`` and (JSONL) ``meta``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import DataError, HierarchyError, ImageDecodeError
+from .hierarchy import join_path, split_path
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = frozenset({".csv", ".jsonl", ".ndjson"})
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    path: Path
+    category: str | None  # leaf category path, None when unlabelled
+    id: str | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Failure:
+    source: str
+    reason: str
+
+
+@dataclass
+class SourceListing:
+    items: list[SourceItem]
+    failures: list[Failure]
+
+
+def read_source(source: str | os.PathLike, *, depth: int | None = None) -> SourceListing:
+    """A folder tree or a manifest file, by what `source` is."""
+    path = Path(source)
+    if path.is_dir():
+        return read_folder_tree(path, depth=depth)
+    if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
+        return read_manifest(path)
+    if not path.exists():
+        raise DataError(f"data source {str(path)!r} does not exist")
+    raise DataError(
+        f"data source {str(path)!r} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_EXTENSIONS))})"
+    )
+
+
+def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> SourceListing:
+    """Images under `root`; their category is their folder path relative to `root`.
+
+    `depth` is the number of category levels; by default the most common one. Images at
+    another depth, non-image files and folder names the hierarchy rejects are failures.
+    Symbolic links to folders are not followed (no loops); hidden entries are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder tree root {str(root)!r} is not a folder")
+    found: list[tuple[Path, tuple[str, ...]]] = []
+    failures: list[Failure] = []
+
+    def on_error(exc: OSError) -> None:
+        failures.append(Failure(str(exc.filename), f"cannot list folder: {exc.strerror or exc}"))
+
+    for folder, dirs, files in os.walk(root, onerror=on_error):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(folder).relative_to(root).parts
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                failures.append(Failure(str(path), f"not an image file extension ({path.suffix or 'none'})"))
+            elif not rel:
+                failures.append(Failure(str(path), "image directly under the root has no category folder"))
+            else:
+                found.append((path, rel))
+    if not found:
+        return SourceListing([], failures)
+    depth = depth or Counter(len(rel) for _, rel in found).most_common(1)[0][0]
+    items = []
+    for path, rel in found:
+        if len(rel) != depth:
+            failures.append(Failure(str(path), f"category path {join_path(rel)!r} has {len(rel)} levels, expected {depth}"))
+            continue
+        try:
+            items.append(SourceItem(path, join_path(split_path(rel))))
+        except HierarchyError as exc:
+            failures.append(Failure(str(path), str(exc)))
+    return SourceListing(items, failures)
+
+
+def read_manifest(manifest: str | os.PathLike) -> SourceListing:
+    """Rows of a CSV (with header) or JSONL manifest; see the module docstring."""
+    manifest = Path(manifest)
+    rows = list(_manifest_rows(manifest))
+    items: list[SourceItem] = []
+    failures: list[Failure] = []
+    seen_ids: dict[str, int] = {}
+    for line, row in rows:
+        where = f"{manifest}:{line}"
+        if not isinstance(row, dict):
+            failures.append(Failure(where, f"row is not an object: {row!r}"))
+            continue
+        raw_path = row.get("path")
+        if not raw_path:
+            failures.append(Failure(where, "row has no 'path'"))
+            continue
+        path = Path(raw_path) if Path(raw_path).is_absolute() else manifest.parent / raw_path
+        if not path.is_file():
+            failures.append(Failure(where, f"file {str(path)!r} does not exist"))
+            continue
+        category = row.get("category")
+        if category is not None and not isinstance(category, str):
+            failures.append(Failure(where, f"category must be a path string, got {category!r}"))
+            continue
+        if category == "":  # an empty CSV cell: an unlabelled image
+            category = None
+        if category is not None:
+            try:
+                category = join_path(split_path(category))
+            except HierarchyError as exc:
+                failures.append(Failure(where, str(exc)))
+                continue
+        item_id = row.get("id") or None
+        if item_id is not None:
+            item_id = str(item_id)
+            if item_id in seen_ids:
+                failures.append(Failure(where, f"duplicate id {item_id!r} (first on line {seen_ids[item_id]})"))
+                continue
+            seen_ids[item_id] = line
+        meta = row.get("meta") or {}
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError as exc:
+                failures.append(Failure(where, f"meta is not JSON: {exc}"))
+                continue
+        if not isinstance(meta, dict):
+            failures.append(Failure(where, f"meta must be a JSON object, got {meta!r}"))
+            continue
+        items.append(SourceItem(path, category, item_id, meta))
+    return SourceListing(items, failures)
+
+
+def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object]]:
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read manifest {str(manifest)!r}: {exc}") from exc
+    if manifest.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise DataError(f"manifest {str(manifest)!r} needs a header with a 'path' column, got {reader.fieldnames}")
+        for row in reader:
+            yield reader.line_num, row
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, f"invalid JSON ({exc.msg})"
+
+
+# -- decoding ----------------------------------------------------------------------------
+def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None) -> Image.Image:
+    """An RGB image with its EXIF orientation applied; `ImageDecodeError` says why not.
+
+    Pillow's decompression-bomb limit stays on: an image beyond it is refused, not decoded.
+    Transparent images are composited on white, as product photos are shown.
+    """
+    label = name or (str(source) if not isinstance(source, (bytes, Image.Image)) else "<image>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                image = source
+            else:
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise ImageDecodeError(label, "file does not exist") from None
+    except PermissionError:
+        raise ImageDecodeError(label, "permission denied") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(label, "is a folder, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(label, f"refused as a decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(label, "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(label, f"cannot decode: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I;16" or image.mode.startswith("I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / peak * 255).round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """A ``(3, size, size)`` uint8 tensor: the whole image resized (squashed), nothing cropped."""
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_images(
+    sources: Sequence[str | os.PathLike | bytes | Image.Image],
+    size: int,
+    *,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, list[int], list[Failure]]:
+    """Decode and resize in parallel: ``(uint8 (n_ok, 3, size, size), kept indices, failures)``."""
+
+    def one(index: int):
+        try:
+            return index, image_to_tensor(decode_image(sources[index]), size), None
+        except ImageDecodeError as exc:
+            return index, None, Failure(exc.source, exc.reason)
+
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, range(len(sources))))
+    kept = [i for i, tensor, _ in results if tensor is not None]
+    tensors = [tensor for _, tensor, _ in results if tensor is not None]
+    failures = [failure for _, _, failure in results if failure is not None]
+    stacked = torch.stack(tensors) if tensors else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return stacked, kept, failures
+
+
+# -- batching ----------------------------------------------------------------------------
+def balanced_batches(
+    leaf_labels: np.ndarray,
+    classes_per_batch: int,
+    per_class: int,
+    steps: int,
+    rng: np.random.Generator,
+) -> Iterable[np.ndarray]:
+    """`steps` batches of `classes_per_batch` leaf classes x `per_class` images each.
+
+    Every batch therefore holds positive pairs; a class smaller than `per_class` is
+    sampled with replacement.
+    """
+    classes, inverse = np.unique(leaf_labels, return_inverse=True)
+    members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+    take = min(classes_per_batch, len(classes))
+    for _ in range(steps):
+        chosen = rng.choice(len(classes), size=take, replace=False)
+        yield np.concatenate(
+            [rng.choice(members[c], size=per_class, replace=len(members[c]) < per_class) for c in chosen]
+        )

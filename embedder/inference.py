@@ -1,0 +1,137 @@
+"""`Embedder`: a trained checkpoint, ready to turn images into per-level and image vectors.
+
+>>> embedder = Embedder.from_checkpoint("model.pt")            # doctest: +SKIP
+>>> out = embedder.embed(["a.jpg", "b.png"])                   # doctest: +SKIP
+>>> out.concat.shape, {k: v.shape for k, v in out.levels.items()}  # doctest: +SKIP
+((2, 192), {'department': (2, 64), 'category': (2, 64), 'item': (2, 64)})
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .config import EmbedderConfig
+from .data import decode_image, image_to_tensor, load_images
+from .errors import ImageDecodeError
+from .hierarchy import Hierarchy
+from .model import PyramidEmbedder
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+class Embeddings(NamedTuple):
+    levels: dict[str, np.ndarray]  # level name -> (n, d_i) float32; empty for a flat model
+    concat: np.ndarray  # (n, sum d_i) float32, unit length
+
+
+def forward_batches(model: PyramidEmbedder, images: torch.Tensor, batch_size: int = 64) -> tuple[list[np.ndarray], np.ndarray]:
+    """Run `model` over uint8 ``(n, 3, H, W)`` images in eval mode: (level arrays, concat array)."""
+    was_training = model.training
+    model.eval()
+    levels: list[list[np.ndarray]] = []
+    concat: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].float().div_(255)
+            out = model(batch.contiguous(memory_format=torch.channels_last))
+            concat.append(out.concat.numpy())
+            for i, vector in enumerate(out.levels):
+                if len(levels) <= i:
+                    levels.append([])
+                levels[i].append(vector.numpy())
+    model.train(was_training)
+    dim = model.config.dim
+    concat_array = np.concatenate(concat) if concat else np.empty((0, dim), np.float32)
+    return [np.concatenate(parts) for parts in levels], concat_array
+
+
+class Embedder:
+    """Inference over a `PyramidEmbedder`: batched, `torch.inference_mode`, channels_last.
+
+    Satisfies `milvus_store.ImageEmbedder`: `level_names`, `level_dims`, `fingerprint`, `embed`.
+    """
+
+    def __init__(
+        self,
+        model: PyramidEmbedder,
+        hierarchy: Hierarchy,
+        fingerprint: str,
+        *,
+        batch_size: int = 64,
+        threads: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.hierarchy = hierarchy
+        self.fingerprint = fingerprint
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> Embedder:
+        checkpoint = load_checkpoint(path)
+        model = PyramidEmbedder(checkpoint.config)
+        model.load_state_dict(checkpoint.state_dict)
+        return cls(model, checkpoint.hierarchy, checkpoint.fingerprint, **kwargs)
+
+    @property
+    def config(self) -> EmbedderConfig:
+        return self.model.config
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return self.config.level_names
+
+    @property
+    def level_dims(self) -> tuple[int, ...]:
+        """Per-level vector sizes; empty for a flat model, which has only the image vector."""
+        return () if self.config.mode == "flat" else self.config.level_dims
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def prepare(self, image: ImageInput) -> torch.Tensor:
+        """Decode and resize one image: a ``(3, s, s)`` uint8 tensor, or `ImageDecodeError`."""
+        return image_to_tensor(decode_image(image), self.config.image_size)
+
+    def embed(self, images: Sequence[ImageInput] | torch.Tensor) -> Embeddings:
+        """Vectors for PIL images, paths, encoded bytes, prepared uint8 tensors or a batch tensor.
+
+        A batch tensor is ``(n, 3, H, W)``: uint8, or float in [0, 1]; it is resized to the
+        model's input size. An image that cannot be decoded raises `ImageDecodeError`
+        naming it; use `prepare` per file to skip such files instead.
+        """
+        batch = self._to_batch(images)
+        levels, concat = forward_batches(self.model, batch, self.batch_size)
+        return Embeddings(dict(zip(self.level_names, levels)), concat)
+
+    def _to_batch(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected a (n, 3, H, W) tensor, got shape {tuple(images.shape)}")
+            if images.dtype != torch.uint8:
+                if images.numel() and (images.min() < 0 or images.max() > 1):
+                    raise ValueError("float image tensors must hold values in [0, 1]")
+                images = (images * 255).round().to(torch.uint8)
+            if images.shape[-2:] != (size, size):
+                images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                         antialias=True, align_corners=False)
+                images = images.round().clamp(0, 255).to(torch.uint8)
+            return images
+        if all(isinstance(x, torch.Tensor) for x in images) and images:
+            return torch.stack(list(images))
+        batch, _, failures = load_images(list(images), size)
+        if failures:
+            raise ImageDecodeError(failures[0].source, failures[0].reason)
+        return batch

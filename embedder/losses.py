@@ -1,0 +1,114 @@
+"""Losses as small modules, combined by weight in `HierarchicalLoss`.
+
+Labels are an ``(n, levels)`` integer array of per-level category codes, coarsest first.
+
+>>> x = torch.tensor([[0.0, 0.0], [0.6, 0.8], [3.0, 4.0]])
+>>> ContrastiveLoss(margin=2.0)(x, torch.tensor([0, 0, 1]))   # pos d=1; negs d=5 (0), d=4.4 (0)
+tensor(1.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import PyramidOutput
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss over every pair in the batch, on Euclidean distance.
+
+    Positive pairs (same label) cost ``d**2``; negative pairs cost
+    ``max(0, margin - d)**2``. Each kind is averaged on its own, negatives over the
+    pairs still inside the margin (pairs already pushed out teach nothing), so a batch
+    with many easy negatives does not drown the positives.
+    """
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        if margin <= 0:
+            raise ValueError(f"margin must be positive, got {margin}")
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.shape[0] != labels.shape[0]:
+            raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+        dist = torch.cdist(embeddings, embeddings).clamp_min(0)
+        n = embeddings.shape[0]
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=embeddings.device), diagonal=1)
+        same = labels.view(-1, 1) == labels.view(1, -1)
+        pos = dist[same & upper].pow(2)
+        neg = F.relu(self.margin - dist[~same & upper]).pow(2)
+        neg = neg[neg > 0]
+        zero = embeddings.sum() * 0.0  # keeps the graph when a kind of pair is absent
+        return (pos.mean() if pos.numel() else zero) + (neg.mean() if neg.numel() else zero)
+
+
+class LevelCrossEntropy(nn.Module):
+    """Softmax cross-entropy of one level's logits against that level's codes."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss parts; zero switches a part off.
+
+    `contrastive`: on the image vector with leaf labels. `level_contrastive[i]`: on
+    level i's vector with level-i labels (pyramid mode). `softmax[i]`: level i's
+    cross-entropy (in flat mode only the leaf level has a classifier).
+    """
+
+    contrastive: float = 1.0
+    level_contrastive: tuple[float, ...] = ()
+    softmax: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "contrastive": self.contrastive,
+            "level_contrastive": list(self.level_contrastive),
+            "softmax": list(self.softmax),
+        }
+
+
+class HierarchicalLoss(nn.Module):
+    """Weighted sum of the contrastive and per-level softmax parts; returns (total, parts)."""
+
+    def __init__(self, level_names: Sequence[str], weights: LossWeights, margin: float = 1.0):
+        super().__init__()
+        depth = len(level_names)
+        for name in ("level_contrastive", "softmax"):
+            values = getattr(weights, name)
+            if values and len(values) != depth:
+                raise ValueError(f"{name} weights need one value per level ({depth}), got {values}")
+        self.level_names = tuple(level_names)
+        self.weights = weights
+        self.contrastive = ContrastiveLoss(margin)
+        self.cross_entropy = LevelCrossEntropy()
+
+    def forward(self, output: PyramidOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: dict[str, torch.Tensor] = {}
+        w = self.weights
+        if w.contrastive:
+            parts["contrastive"] = w.contrastive * self.contrastive(output.concat, labels[:, -1])
+        for i, weight in enumerate(w.level_contrastive):
+            if weight and output.levels:
+                key = f"contrastive_{self.level_names[i]}"
+                parts[key] = weight * self.contrastive(output.levels[i], labels[:, i])
+        for i, weight in enumerate(w.softmax):
+            if weight and output.logits[i] is not None:
+                key = f"softmax_{self.level_names[i]}"
+                parts[key] = weight * self.cross_entropy(output.logits[i], labels[:, i])
+        if not parts:
+            raise ValueError("every loss weight is zero for this model: nothing to train")
+        total = torch.stack(list(parts.values())).sum()
+        return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,244 @@
+"""The training loop: class-balanced batches, contrastive + per-level softmax, AdamW, cosine schedule.
+
+Every epoch is validated (leaf R@1, MAP@R, consistency@10 per level on a held-out split)
+and checkpointed; `resume=True` continues from the checkpoint at `out`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import EmbedderConfig
+from .data import balanced_batches
+from .errors import CheckpointError, ConfigError
+from .hierarchy import Hierarchy
+from .inference import forward_batches
+from .losses import HierarchicalLoss, LossWeights
+from .metrics import exact_neighbours, retrieval_report
+from .model import PyramidEmbedder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. `loss` defaults by mode: pyramid = contrastive on the image vector +
+    softmax at every level (weight 1 each); flat = contrastive on leaf labels only."""
+
+    epochs: int = 3
+    steps_per_epoch: int | None = None  # default: one pass over the training split
+    classes_per_batch: int = 8
+    per_class: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    margin: float = 1.0
+    loss: LossWeights | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    augment: bool = True
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "classes_per_batch", "per_class", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.per_class < 2:
+            raise ConfigError(f"per_class must be at least 2 so batches hold positive pairs, got {self.per_class}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be positive, got {self.steps_per_epoch}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.margin <= 0:
+            raise ConfigError(f"lr and margin must be positive, got {self.lr} and {self.margin}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.per_class
+
+    def loss_weights(self, config: EmbedderConfig) -> LossWeights:
+        if self.loss is not None:
+            return self.loss
+        if config.mode == "flat":
+            return LossWeights(contrastive=1.0)
+        return LossWeights(contrastive=1.0, softmax=(1.0,) * config.depth)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["loss"] = self.loss.to_dict() if self.loss else None
+        return data
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    history: list[dict] = field(default_factory=list)
+
+
+def split_validation(leaf_labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) index arrays: `fraction` of each leaf class, at least 2 per class."""
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for label in np.unique(leaf_labels):
+        members = rng.permutation(np.flatnonzero(leaf_labels == label))
+        take = 0 if fraction == 0 else max(2, round(fraction * len(members)))
+        take = min(take, len(members) - 2)  # keep training pairs too
+        val_idx.append(members[: max(take, 0)])
+        train_idx.append(members[max(take, 0) :])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def evaluate(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray, batch_size: int = 128) -> dict[str, float]:
+    """Exact leave-one-out retrieval metrics of `model` on uint8 `images` with `labels`."""
+    _, concat = forward_batches(model, images, batch_size)
+    leaf = labels[:, -1]
+    max_r = int(np.unique(leaf, return_counts=True)[1].max()) - 1
+    k = min(len(images) - 1, max(10, max_r))
+    neighbours = exact_neighbours(concat, k)
+    return retrieval_report(labels, neighbours, model.config.level_names, with_map=max_r > 0)
+
+
+def _augmenter(size: int) -> v2.Transform:
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    hierarchy: Hierarchy,
+    config: EmbedderConfig,
+    train_config: TrainConfig = TrainConfig(),
+    *,
+    out: str | os.PathLike,
+    backbone_weights: str | os.PathLike | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train on uint8 ``(n, 3, S, S)`` `images` (S = ``config.image_size``) with ``(n, depth)`` `labels`.
+
+    Writes a checkpoint to `out` after every epoch and returns the last one.
+    """
+    log = log or logger.info
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_inputs(images, labels, hierarchy, config)
+    tc = train_config
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+
+    train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
+    steps = tc.steps_per_epoch or max(1, len(train_idx) // tc.batch_size)
+    model = PyramidEmbedder(config, backbone_weights=None if resume else backbone_weights)
+    criterion = HierarchicalLoss(config.level_names, tc.loss_weights(config), tc.margin)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tc.epochs * steps, tc.warmup_fraction))
+    start_epoch, history = 0, []
+    if resume and Path(out).is_file():
+        start_epoch, history, rng = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
+        log(f"resuming {out} after epoch {start_epoch}")
+
+    augment = _augmenter(config.image_size) if tc.augment else None
+    train_images, train_labels = images[train_idx], labels[train_idx]
+    val_images, val_labels = images[val_idx], labels[val_idx]
+    checkpoint = None
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        started, seen, sums = time.perf_counter(), 0, {}
+        batches = balanced_batches(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng)
+        for step, batch_idx in enumerate(batches, start=1):
+            batch = train_images[batch_idx].float().div_(255)
+            if augment is not None:
+                batch = torch.stack([augment(img) for img in batch])
+            loss, parts = criterion(model(batch), torch.from_numpy(train_labels[batch_idx]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(batch_idx)
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if step % tc.log_every == 0 or step == steps:
+                rate = seen / (time.perf_counter() - started)
+                shown = " ".join(f"{k} {v / step:.4f}" for k, v in sums.items())
+                log(f"epoch {epoch + 1}/{tc.epochs} step {step}/{steps} {shown} {rate:.0f} img/s")
+        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        record["img_per_s"] = seen / (time.perf_counter() - started)
+        if len(val_idx) > 1:
+            metrics = evaluate(model, val_images, val_labels)
+            record.update({f"val/{k}": v for k, v in metrics.items()})
+            log(f"epoch {epoch + 1} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        history.append(record)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "train_config": tc.to_dict(),
+        }
+        metrics_only = {k: v for k, v in record.items() if k.startswith("val/")}
+        checkpoint = save_checkpoint(
+            out, model, hierarchy, epoch=epoch + 1, metrics=metrics_only, history=history, train_state=state
+        )
+    if checkpoint is None:  # resumed a run that had already finished
+        checkpoint = load_checkpoint(out)
+    return TrainResult(checkpoint, history)
+
+
+def _check_inputs(images: torch.Tensor, labels: np.ndarray, hierarchy: Hierarchy, config: EmbedderConfig) -> None:
+    size = config.image_size
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ConfigError(f"images must be uint8 (n, 3, {size}, {size}), got {images.dtype} {tuple(images.shape)}")
+    if labels.shape != (len(images), hierarchy.depth):
+        raise ConfigError(f"labels must have shape ({len(images)}, {hierarchy.depth}), got {labels.shape}")
+    if config.level_names != hierarchy.level_names or config.num_classes != hierarchy.num_classes:
+        raise ConfigError(
+            f"config levels {config.level_names} with classes {config.num_classes} do not match the "
+            f"hierarchy's {hierarchy.level_names} with {hierarchy.num_classes}"
+        )
+
+
+def _restore(path, model, optimizer, scheduler, config, hierarchy, tc) -> tuple[int, list, np.random.Generator]:
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config != config or checkpoint.hierarchy != hierarchy:
+        raise CheckpointError(f"cannot resume {path}: it was trained with another model config or hierarchy")
+    if checkpoint.train_state is None:
+        raise CheckpointError(f"cannot resume {path}: it holds no optimizer state")
+    saved_tc = checkpoint.train_state["train_config"]
+    if saved_tc != tc.to_dict() | {"epochs": saved_tc["epochs"]}:
+        raise CheckpointError(f"cannot resume {path}: it was trained with another TrainConfig ({saved_tc})")
+    model.load_state_dict(checkpoint.state_dict)
+    optimizer.load_state_dict(checkpoint.train_state["optimizer"])
+    scheduler.load_state_dict(checkpoint.train_state["scheduler"])
+    torch.set_rng_state(checkpoint.train_state["torch_rng"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = checkpoint.train_state["rng"]
+    return checkpoint.epoch, list(checkpoint.history), rng
+
