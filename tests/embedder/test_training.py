@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+
+from embedder import (
+    CheckpointError, Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, TrainConfig, evaluate,
+    load_checkpoint, save_checkpoint, train,
+)
+from embedder import fashion_mnist
+
+PATHS = ["clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot"]
+LEVELS = ("department", "category", "item")
+
+
+def tiny_data(n_per_class=6, size=32, seed=0):
+    """Four leaf classes told apart by colour, so a few steps can learn them."""
+    generator = torch.Generator().manual_seed(seed)
+    hierarchy = Hierarchy.from_paths(PATHS, LEVELS)
+    colours = torch.tensor([[220, 30, 30], [200, 60, 40], [30, 30, 220], [30, 200, 30]], dtype=torch.float32)
+    images, paths = [], []
+    for c, path in enumerate(PATHS):
+        noise = torch.rand(n_per_class, 3, size, size, generator=generator) * 40
+        images.append((colours[c].view(1, 3, 1, 1) + noise).clamp(0, 255).to(torch.uint8))
+        paths += [path] * n_per_class
+    return torch.cat(images), hierarchy.encode_many(paths), hierarchy
+
+
+def tiny_config(hierarchy, **kwargs):
+    options = dict(dim=8, backbone="resnet18", fpn_channels=16, image_size=32) | kwargs
+    return EmbedderConfig.for_hierarchy(hierarchy, **options)
+
+
+TINY_TRAIN = TrainConfig(epochs=1, steps_per_epoch=2, classes_per_batch=2, per_class=2, val_fraction=0.34, log_every=1)
+
+
+@pytest.mark.unit
+def test_train_writes_a_checkpoint_that_embeds_identically(tmp_path):
+    images, labels, hierarchy = tiny_data()
+    lines = []
+    result = train(images, labels, hierarchy, tiny_config(hierarchy), TINY_TRAIN, out=tmp_path / "m.pt", log=lines.append)
+    assert any("softmax_item" in line and "img/s" in line for line in lines)
+    assert "val/recall@1" in result.checkpoint.metrics
+    assert "val/consistency@10/department" in result.checkpoint.metrics
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.fingerprint == result.checkpoint.fingerprint and loaded.epoch == 1
+    assert loaded.hierarchy == hierarchy
+    embedder = Embedder.from_checkpoint(tmp_path / "m.pt")
+    first = embedder.embed(images[:5])
+    again = Embedder.from_checkpoint(tmp_path / "m.pt").embed(images[:5])
+    assert np.array_equal(first.concat, again.concat)
+    assert set(first.levels) == set(LEVELS) and first.concat.dtype == np.float32
+    assert first.concat.shape == (5, 24) and first.levels["item"].shape == (5, 8)
+    assert np.allclose(np.linalg.norm(first.concat, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_fingerprint_follows_the_weights(tmp_path):
+    _, _, hierarchy = tiny_data()
+    model = PyramidEmbedder(tiny_config(hierarchy))
+    a = save_checkpoint(tmp_path / "a.pt", model, hierarchy).fingerprint
+    assert save_checkpoint(tmp_path / "b.pt", model, hierarchy).fingerprint == a
+    with torch.no_grad():
+        model.heads[0].bias.add_(1e-3)
+    assert save_checkpoint(tmp_path / "c.pt", model, hierarchy).fingerprint != a
+
+
+@pytest.mark.unit
+def test_embed_accepts_paths_pil_and_tensors_alike(tmp_path):
+    from PIL import Image
+
+    _, _, hierarchy = tiny_data()
+    save_checkpoint(tmp_path / "m.pt", PyramidEmbedder(tiny_config(hierarchy)), hierarchy)
+    embedder = Embedder.from_checkpoint(tmp_path / "m.pt")
+    array = np.zeros((32, 32, 3), dtype=np.uint8)
+    array[:, :16] = (255, 0, 0)
+    Image.fromarray(array).save(tmp_path / "x.png")
+    from_path = embedder.embed([tmp_path / "x.png"]).concat
+    from_pil = embedder.embed([Image.fromarray(array)]).concat
+    from_tensor = embedder.embed(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255).concat
+    assert np.allclose(from_path, from_pil) and np.allclose(from_path, from_tensor, atol=1e-5)
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(Exception, match="bad.png: not a recognised image format"):
+        embedder.embed([tmp_path / "x.png", tmp_path / "bad.png"])
+
+
+@pytest.mark.unit
+def test_resume_continues_where_it_stopped(tmp_path):
+    images, labels, hierarchy = tiny_data()
+    config = tiny_config(hierarchy)
+    out = tmp_path / "m.pt"
+    train(images, labels, hierarchy, config, TINY_TRAIN, out=out)
+    two_epochs = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 2})
+    lines = []
+    result = train(images, labels, hierarchy, config, two_epochs, out=out, resume=True, log=lines.append)
+    assert lines[0] == f"resuming {out} after epoch 1"
+    assert result.checkpoint.epoch == 2 and [h["epoch"] for h in result.history] == [1, 2]
+    with pytest.raises(CheckpointError, match="another model config"):
+        train(images, labels, hierarchy, tiny_config(hierarchy, fpn_channels=8), two_epochs, out=out, resume=True)
+
+
+@pytest.mark.unit
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not a hiervec checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.unit
+def test_train_rejects_mismatched_inputs(tmp_path):
+    images, labels, hierarchy = tiny_data()
+    with pytest.raises(ValueError, match=r"images must be uint8 \(n, 3, 32, 32\)"):
+        train(images.float(), labels, hierarchy, tiny_config(hierarchy), TINY_TRAIN, out=tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="per_class must be at least 2"):
+        TrainConfig(per_class=1)
+
+
+def fashion_subset(split, n, size):
+    raw, classes = fashion_mnist.load(split)
+    x = torch.from_numpy(raw[:n].copy())[:, None].float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    images = x.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+    hierarchy = fashion_mnist.hierarchy()
+    return images, hierarchy.encode_many([fashion_mnist.CLASS_PATHS[c] for c in classes[:n]]), hierarchy
+
+
+@pytest.mark.slow
+def test_fashion_mnist_training_lowers_the_loss_and_beats_the_untrained_model(tmp_path):
+    """A few hundred steps on real data, compared with the same model before training."""
+    size = 32
+    images, labels, hierarchy = fashion_subset("train", 6000, size)
+    test_images, test_labels, _ = fashion_subset("test", 1000, size)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=32, backbone="resnet18", fpn_channels=64, image_size=size)
+    tc = TrainConfig(epochs=2, steps_per_epoch=100, val_fraction=0.05, lr=2e-3, seed=1)
+    torch.manual_seed(tc.seed)
+    untrained = PyramidEmbedder(config)  # the same initial weights train() starts from
+    before = evaluate(untrained, test_images, test_labels)
+    result = train(images, labels, hierarchy, config, tc, out=tmp_path / "m.pt")
+    after = evaluate(Embedder.from_checkpoint(tmp_path / "m.pt").model, test_images, test_labels)
+    first, last = result.history
+    assert last["loss"] < first["loss"]
+    # Beyond two standard errors of R@1 over the test queries, so sampling noise cannot pass it.
+    standard_error = (before["recall@1"] * (1 - before["recall@1"]) / len(test_images)) ** 0.5
+    assert after["recall@1"] > before["recall@1"] + 2 * standard_error
+    assert after["map@r"] > before["map@r"]
+    assert after["consistency@10/department"] > before["consistency@10/department"]
