@@ -1,0 +1,88 @@
+"""Where the store lives and how to authenticate, with secrets kept out of every message.
+
+URI: a Milvus Lite file path ending in ``.db`` (the default, ``./hiervec.db``), or
+``http(s)://host:port`` for a Milvus server or cluster (also ``tcp://``, ``grpc://``,
+``unix:``). Token, or user and password, come from arguments or ``HIERVEC_MILVUS_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import StoreConnectionError
+
+DEFAULT_URI = "./hiervec.db"
+URI_ENV = "HIERVEC_MILVUS_URI"
+TOKEN_ENV = "HIERVEC_MILVUS_TOKEN"
+_REMOTE = re.compile(r"^(https?|tcp|grpcs?|unix)://", re.IGNORECASE)
+_USERINFO = re.compile(r"(//)([^/@]+)@")
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    uri: str
+    token: str | None = field(default=None, repr=False)
+    user: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(
+        cls, uri: str | os.PathLike | None = None, *, token: str | None = None, user: str | None = None,
+        password: str | None = None,
+    ) -> ConnectionSettings:
+        uri = str(uri) if uri is not None else os.environ.get(URI_ENV) or DEFAULT_URI
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        if (user is None) != (password is None):
+            raise StoreConnectionError("give both user and password, or neither")
+        settings = cls(uri, token, user, password)
+        if settings.is_local and not uri.endswith(".db"):
+            raise StoreConnectionError(
+                f"{settings.display_uri!r} is neither a Milvus Lite file path ending in .db nor an "
+                f"http(s):// server address"
+            )
+        return settings
+
+    @property
+    def is_local(self) -> bool:
+        """A Milvus Lite file opened in this process."""
+        return not _REMOTE.match(self.uri)
+
+    @property
+    def display_uri(self) -> str:
+        """The URI with any user:password@ part masked."""
+        return _USERINFO.sub(r"\1***@", self.uri)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        found = [s for s in (self.token, self.password) if s]
+        match = _USERINFO.search(self.uri)
+        if match:
+            found.append(match.group(2))
+            _, _, uri_password = match.group(2).partition(":")
+            if uri_password:
+                found.append(uri_password)
+        return tuple(found)
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret of these settings replaced by ``***``."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    def client_kwargs(self) -> dict:
+        if self.is_local:
+            Path(self.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return {"uri": str(Path(self.uri).expanduser())}
+        kwargs: dict = {"uri": self.uri}
+        if self.token:
+            kwargs["token"] = self.token
+        elif self.user is not None:
+            kwargs["user"], kwargs["password"] = self.user, self.password
+        return kwargs
+
+    def __repr__(self) -> str:
+        auth = "token" if self.token else "user/password" if self.user else "none"
+        return f"ConnectionSettings(uri={self.display_uri!r}, auth={auth})"

@@ -1,0 +1,205 @@
+"""Hierarchy filters built from structured input, never from pasted user strings.
+
+>>> f = (under("clothing/tops") & ~Eq("item", "clothing/tops/coat")) & Meta("colour", "==", "red")
+>>> fields = field_names(("department", "category", "item"))
+>>> render(f, fields, templates=True)
+('((category == {p0} and not (item == {p1})) and meta["colour"] == {p2})', {'p0': 'clothing/tops', 'p1': 'clothing/tops/coat', 'p2': 'red'})
+>>> render(f, fields, templates=False)[0]
+'((category == "clothing/tops" and not (item == "clothing/tops/coat")) and meta["colour"] == "red")'
+
+Level fields hold the category's path from the root, so a subtree is one equality on
+one field. Values travel as templated ``filter_params`` on Milvus servers; Milvus Lite
+has no templates, so there every value goes through `quote_literal`, the one quoting
+function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import FilterError
+from .spec import SEPARATOR, FieldNames, field_names  # noqa: F401  (field_names: doctest)
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+META_OPERATORS = ("==", "!=", "<", "<=", ">", ">=", "in")
+
+
+def quote_literal(value) -> str:
+    """A Milvus expression literal for a str, int, float, bool or a list of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise FilterError(f"filter values must be finite numbers, got {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(quote_literal(v) for v in value) + "]"
+    raise FilterError(f"filter values must be strings, numbers, booleans or lists of them, got {value!r}")
+
+
+class _Values:
+    """Collects values: placeholders plus params (templates), or quoted literals."""
+
+    def __init__(self, templates: bool):
+        self.templates = templates
+        self.params: dict[str, object] = {}
+
+    def add(self, value) -> str:
+        quoted = quote_literal(value)  # validates the type either way
+        if not self.templates:
+            return quoted
+        name = f"p{len(self.params)}"
+        self.params[name] = list(value) if isinstance(value, tuple) else value
+        return "{" + name + "}"
+
+
+class Filter:
+    """A node of a filter tree; combine with ``&``, ``|`` and ``~``."""
+
+    def __and__(self, other: Filter) -> Filter:
+        return And((self, other))
+
+    def __or__(self, other: Filter) -> Filter:
+        return Or((self, other))
+
+    def __invert__(self) -> Filter:
+        return Not(self)
+
+    def _render(self, fields: FieldNames, values: _Values) -> str:
+        raise NotImplementedError
+
+
+def _level_field(fields: FieldNames, level: str) -> str:
+    if level not in fields.levels:
+        raise FilterError(f"unknown level {level!r} in filter; levels are {', '.join(fields.levels)}")
+    return fields.levels[level]
+
+
+def _category(value, level: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FilterError(f"a category at level {level!r} must be a non-empty path string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Eq(Filter):
+    """The category at `level` is `value` (a path from the root, e.g. ``clothing/tops``)."""
+
+    level: str
+    value: str
+
+    def _render(self, fields, values):
+        return f"{_level_field(fields, self.level)} == {values.add(_category(self.value, self.level))}"
+
+
+@dataclass(frozen=True)
+class In(Filter):
+    """The category at `level` is one of `values`."""
+
+    level: str
+    values: tuple[str, ...]
+
+    def _render(self, fields, values):
+        items = [_category(v, self.level) for v in self.values]
+        if not items:
+            raise FilterError(f"'in' filter at level {self.level!r} needs at least one value")
+        return f"{_level_field(fields, self.level)} in {values.add(list(items))}"
+
+
+@dataclass(frozen=True)
+class Under(Filter):
+    """Inside the subtree of a category path prefix (``clothing/tops``): equality at its level."""
+
+    path: str
+
+    def _render(self, fields, values):
+        names = self.path.split(SEPARATOR) if isinstance(self.path, str) else []
+        if not names or any(not n.strip() for n in names):
+            raise FilterError(f"subtree path {self.path!r} must be names separated by {SEPARATOR!r}")
+        levels = list(fields.levels)
+        if len(names) > len(levels):
+            raise FilterError(f"subtree path {self.path!r} has {len(names)} names but there are {len(levels)} levels")
+        return Eq(levels[len(names) - 1], self.path)._render(fields, values)
+
+
+@dataclass(frozen=True)
+class Meta(Filter):
+    """A condition on a key of the ``meta`` JSON field: ``Meta("price", "<", 20)``."""
+
+    key: str
+    op: str
+    value: object
+
+    def _render(self, fields, values):
+        if self.op not in META_OPERATORS:
+            raise FilterError(f"meta operator must be one of {META_OPERATORS}, got {self.op!r}")
+        if not isinstance(self.key, str) or not self.key:
+            raise FilterError(f"meta key must be a non-empty string, got {self.key!r}")
+        # Keys cannot be templated; they go through the same quoting function.
+        key = f"{fields.meta}[{quote_literal(self.key)}]"
+        if self.op == "in":
+            if not isinstance(self.value, (list, tuple)) or not self.value:
+                raise FilterError(f"meta 'in' needs a non-empty list of values, got {self.value!r}")
+            # Milvus takes `in` on fields only, not on JSON keys: spell it as equalities.
+            return "(" + " or ".join(f"{key} == {values.add(v)}" for v in self.value) + ")"
+        return f"{key} {self.op} {values.add(self.value)}"
+
+
+@dataclass(frozen=True)
+class Not(Filter):
+    part: Filter
+
+    def _render(self, fields, values):
+        return f"not ({self.part._render(fields, values)})"
+
+
+@dataclass(frozen=True)
+class And(Filter):
+    parts: tuple[Filter, ...]
+
+    def _render(self, fields, values):
+        return "(" + " and ".join(p._render(fields, values) for p in self.parts) + ")"
+
+
+@dataclass(frozen=True)
+class Or(Filter):
+    parts: tuple[Filter, ...]
+
+    def _render(self, fields, values):
+        return "(" + " or ".join(p._render(fields, values) for p in self.parts) + ")"
+
+
+def under(path: str) -> Filter:
+    return Under(path)
+
+
+WhereInput = Filter | Mapping[str, str | Sequence[str]] | None
+
+
+def as_filter(where: WhereInput) -> Filter | None:
+    """A `Filter` from a Filter, None, or a mapping ``{level: path | [paths]}`` (all must hold)."""
+    if where is None or isinstance(where, Filter):
+        return where
+    if not isinstance(where, Mapping):
+        raise FilterError(f"where must be a Filter or a mapping of level to category, got {type(where).__name__}")
+    parts: list[Filter] = []
+    for level, value in where.items():
+        parts.append(Eq(level, value) if isinstance(value, str) else In(level, tuple(value)))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def render(where: WhereInput, fields: FieldNames, *, templates: bool) -> tuple[str, dict]:
+    """``(expression, filter_params)``; with ``templates=False`` params is empty and values are literals."""
+    node = as_filter(where)
+    if node is None:
+        return "", {}
+    values = _Values(templates)
+    return node._render(fields, values), values.params

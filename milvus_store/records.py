@@ -1,0 +1,140 @@
+"""What goes into a collection (`Record`) and what comes back (`Hit`), and record validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import RecordError
+from .spec import CATEGORY_MAX_LENGTH, ID_MAX_LENGTH, SEPARATOR, URI_MAX_LENGTH, CollectionSpec
+
+
+def content_id(data: bytes) -> str:
+    """The id of an image without a caller id: SHA-256 of its bytes, so a re-ingest is an upsert."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Record:
+    """One image: its leaf category path, its vectors, and where it lives.
+
+    `id` is the caller's; without one, `content` (the image bytes) gives `content_id`.
+    `level_vectors` maps each level name to that level's vector (omit for a flat model).
+    """
+
+    category: str | Sequence[str]
+    vector: Sequence[float] | np.ndarray
+    level_vectors: Mapping[str, Sequence[float] | np.ndarray] = field(default_factory=dict)
+    id: str | None = None
+    uri: str = ""
+    meta: Mapping = field(default_factory=dict)
+    content: bytes | None = field(default=None, repr=False)
+
+    def resolved_id(self) -> str | None:
+        if self.id is not None:
+            return str(self.id)
+        return content_id(self.content) if self.content is not None else None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A stored image returned by a search (with `distance`) or a query (distance None)."""
+
+    id: str
+    distance: float | None
+    uri: str
+    categories: dict[str, str]  # level name -> category path at that level
+    meta: dict
+
+    @property
+    def category(self) -> str | None:
+        """The leaf category path."""
+        return next(reversed(self.categories.values()), None) if self.categories else None
+
+
+def category_levels(category: str | Sequence[str], depth: int) -> list[str]:
+    """Per-level category values of a leaf path: ``a/b/c`` -> ``[a, a/b, a/b/c]``."""
+    names = category.split(SEPARATOR) if isinstance(category, str) else list(category)
+    if len(names) != depth:
+        raise ValueError(f"category path {category!r} has {len(names)} levels, expected {depth}")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or SEPARATOR in name:
+            raise ValueError(f"category path {category!r} has an empty, padded or separator-bearing name {name!r}")
+    return [SEPARATOR.join(names[: i + 1]) for i in range(depth)]
+
+
+def _vector(value, dim: int, what: str) -> list[float]:
+    array = np.asarray(value, dtype=np.float32)
+    if array.shape != (dim,):
+        raise ValueError(f"{what} has shape {array.shape}, expected ({dim},)")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} holds NaN or infinite values")
+    return array.tolist()
+
+
+def to_rows(records: Sequence[Record], spec: CollectionSpec) -> list[dict]:
+    """Validate every record, then build Milvus rows; the first bad record raises `RecordError`."""
+    fields = spec.fields
+    rows, seen = [], {}
+    for position, record in enumerate(records):
+        rid = record.resolved_id() if isinstance(record, Record) else None
+        label = f"record {rid!r}" if rid is not None else f"record #{position}"
+        try:
+            if not isinstance(record, Record):
+                raise ValueError(f"expected a Record, got {type(record).__name__}")
+            if rid is None:
+                raise ValueError("has neither an id nor content to hash")
+            if not rid or len(rid) > ID_MAX_LENGTH:
+                raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
+            if rid in seen:
+                raise ValueError(f"id repeats record #{seen[rid]} of the same batch")
+            seen[rid] = position
+            row = {fields.id: rid}
+            uri = str(record.uri or "")
+            if len(uri) > URI_MAX_LENGTH:
+                raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
+            row[fields.uri] = uri
+            levels = category_levels(record.category, spec.depth)
+            if len(levels[-1]) > CATEGORY_MAX_LENGTH:
+                raise ValueError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
+            row.update(zip(fields.levels.values(), levels))
+            row[fields.vector] = _vector(record.vector, spec.dim, "vector")
+            given = dict(record.level_vectors or {})
+            unknown = sorted(set(given) - set(fields.level_vectors))
+            if unknown:
+                raise ValueError(
+                    f"level vectors for unknown levels {unknown}; the collection has "
+                    f"{list(fields.level_vectors) or 'no per-level vectors'}"
+                )
+            missing = [name for name in fields.level_vectors if name not in given]
+            if missing:
+                raise ValueError(f"missing level vectors for {missing}")
+            for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
+                row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
+            row[fields.meta] = _meta(record.meta)
+        except ValueError as exc:
+            raise RecordError(f"{label}: {exc}") from None
+        rows.append(row)
+    return rows
+
+
+def _meta(meta) -> dict:
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"meta must be a mapping, got {type(meta).__name__}")
+    try:
+        text = json.dumps(dict(meta), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+    return json.loads(text)
+
+
+def hit_from_entity(entity: Mapping, spec: CollectionSpec, *, id_: str, distance: float | None) -> Hit:
+    fields = spec.fields
+    categories = {name: entity[f] for name, f in fields.levels.items() if f in entity}
+    distance = None if distance is None or math.isnan(distance) else float(distance)
+    return Hit(str(id_), distance, entity.get(fields.uri, ""), categories, entity.get(fields.meta) or {})

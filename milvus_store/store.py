@@ -1,0 +1,440 @@
+"""`HierStore`: one Milvus collection per catalogue, on Milvus Lite or a server.
+
+>>> spec = CollectionSpec(("department", "category"), dim=4, level_dims=(2, 2))
+>>> with HierStore("./demo.db", "images", spec=spec) as store:       # doctest: +SKIP
+...     store.upsert([Record("clothing/tops", [.5] * 4, {"department": [1, 0], "category": [0, 1]}, id="a")])
+...     store.search([[.5] * 4], k=1, where=under("clothing"))
+[[Hit(id='a', distance=0.0, uri='', categories={'department': 'clothing', 'category': 'clothing/tops'}, meta={})]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, RRFRanker, WeightedRanker
+
+from .connection import ConnectionSettings
+from .errors import (
+    CollectionNotFoundError,
+    FilterError,
+    SchemaMismatchError,
+    StoreConnectionError,
+    StoreError,
+)
+from .filters import WhereInput, quote_literal, render
+from .records import Hit, Record, hit_from_entity, to_rows
+from .spec import (
+    CATEGORY_MAX_LENGTH,
+    DEFAULT_INDEX,
+    ID_MAX_LENGTH,
+    PROPERTY_FINGERPRINT,
+    PROPERTY_SPEC,
+    URI_MAX_LENGTH,
+    CollectionSpec,
+    check_index,
+    index_build_params,
+    index_search_params,
+)
+
+logger = logging.getLogger(__name__)
+MAX_TOPK = 16384  # Milvus's limit for one search; use `search_iter` beyond it
+
+
+class HierStore:
+    """A hierarchy-aware collection. Open an existing one, or create it when `spec` is given.
+
+    Opening with a `spec` or `fingerprint` other than the recorded ones raises
+    `SchemaMismatchError` before anything is written. Every method takes `timeout` (s).
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike | None = None,
+        collection: str = "images",
+        *,
+        spec: CollectionSpec | None = None,
+        fingerprint: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float | None = None,
+        create: bool = True,
+    ):
+        self.settings = ConnectionSettings.resolve(uri, token=token, user=user, password=password)
+        self.collection = collection
+        self.timeout = timeout
+        try:
+            self._client = MilvusClient(**self.settings.client_kwargs(), timeout=timeout)
+            version = self._client.get_server_version(timeout=timeout)
+        except Exception as exc:  # grpc, OSError (Lite file locked), MilvusException
+            raise StoreConnectionError(
+                f"cannot open Milvus at {self.settings.display_uri!r}: {self._clean(exc)}"
+            ) from None
+        self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
+        self.templates = not self.lite  # Milvus Lite rejects templated filter_params
+        with self._calls("open collection"):
+            exists = self._client.has_collection(collection, timeout=timeout)
+        if exists:
+            self.spec, self.fingerprint = self._open_existing(spec, fingerprint)
+        else:
+            if spec is None or not create:
+                raise CollectionNotFoundError(
+                    f"collection {collection!r} does not exist at {self.settings.display_uri!r}"
+                )
+            self.spec = spec.with_index(spec.index or DEFAULT_INDEX)
+            self.fingerprint = fingerprint
+            check_index(self.spec.index, lite=self.lite)
+            self._create()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"HierStore(uri={self.settings.display_uri!r}, collection={self.collection!r}, spec={self.spec!r})"
+
+    def __enter__(self) -> HierStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    def _clean(self, exc: BaseException) -> str:
+        message = exc.message if isinstance(exc, MilvusException) else str(exc)
+        return self.settings.redact(message or exc.__class__.__name__)
+
+    @contextlib.contextmanager
+    def _calls(self, action: str):
+        try:
+            yield
+        except MilvusException as exc:
+            raise StoreError(f"{action} on {self.collection!r} at {self.settings.display_uri!r} failed: "
+                             f"{self._clean(exc)}") from None
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
+                                       f"{self._clean(exc)}") from None
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # -- schema --------------------------------------------------------------------------
+    def _open_existing(self, spec: CollectionSpec | None, fingerprint: str | None):
+        with self._calls("describe collection"):
+            properties = self._client.describe_collection(self.collection, timeout=self.timeout).get("properties", {})
+        if PROPERTY_SPEC not in properties:
+            raise SchemaMismatchError(self.collection, "hiervec spec", "a hiervec collection", "none recorded")
+        stored = CollectionSpec.from_json(properties[PROPERTY_SPEC])
+        if spec is not None:
+            for name in ("level_names", "dim", "level_dims", "metric"):
+                if getattr(spec, name) != getattr(stored, name):
+                    raise SchemaMismatchError(self.collection, name, getattr(spec, name), getattr(stored, name))
+            if spec.index is not None and spec.index != stored.index:
+                raise SchemaMismatchError(self.collection, "index", spec.index, stored.index)
+        recorded = properties.get(PROPERTY_FINGERPRINT) or None
+        if fingerprint is not None and fingerprint != recorded:
+            raise SchemaMismatchError(self.collection, "model fingerprint", fingerprint, recorded)
+        with self._calls("load collection"):
+            self._client.load_collection(self.collection, timeout=self.timeout)
+        return stored, recorded
+
+    def _create(self) -> None:
+        spec, fields = self.spec, self.spec.fields
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+        schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH)
+        schema.add_field(fields.meta, DataType.JSON)
+        for field in fields.levels.values():
+            schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH)
+        index_params = self._client.prepare_index_params()
+        for field in fields.levels.values():
+            index_params.add_index(field, index_type="INVERTED")
+        for field, dim in spec.vector_dims().items():
+            schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
+            index_params.add_index(field, index_type=spec.index, metric_type=spec.metric,
+                                   params=index_build_params(spec.index, dim))
+        properties = {PROPERTY_SPEC: spec.to_json()}
+        if self.fingerprint:
+            properties[PROPERTY_FINGERPRINT] = self.fingerprint
+        with self._calls("create collection"):
+            self._client.create_collection(self.collection, schema=schema, properties=properties,
+                                           consistency_level="Strong", timeout=self.timeout)
+            # The collection is empty, so its indexes are built at once: skip pymilvus's
+            # 0.5 s poll per index (3.5 s for a 3-level collection).
+            self._client.create_index(self.collection, index_params, timeout=self.timeout, sync=False)
+            self._client.load_collection(self.collection, timeout=self.timeout)
+
+    def drop(self, *, timeout: float | None = None) -> None:
+        """Delete the whole collection and everything in it."""
+        with self._calls("drop collection"):
+            self._client.drop_collection(self.collection, timeout=self._timeout(timeout))
+
+    # -- writes --------------------------------------------------------------------------
+    def upsert(self, records: Iterable[Record], *, batch_size: int = 512, timeout: float | None = None) -> int:
+        """Insert or replace records by id; every record is validated before the first write."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        rows = to_rows(list(records), self.spec)
+        for start in range(0, len(rows), batch_size):
+            with self._calls("upsert"):
+                self._client.upsert(self.collection, rows[start : start + batch_size], timeout=self._timeout(timeout))
+        return len(rows)
+
+    def delete(self, ids: Sequence[str] | None = None, *, where: WhereInput = None, timeout: float | None = None) -> int:
+        """Delete by ids or by filter (exactly one); returns how many were deleted."""
+        if (ids is None) == (where is None):
+            raise FilterError("delete needs either ids or where, not both and not neither")
+        expr, params = self._filter(where) if where is not None else self._ids_filter(ids)
+        if not expr:
+            raise FilterError("refusing to delete with an empty filter; use drop() to remove everything")
+        with self._calls("delete"):
+            before = self.count(timeout=timeout)
+            self._client.delete(self.collection, filter=expr, timeout=self._timeout(timeout), **self._params(params))
+            return before - self.count(timeout=timeout)
+
+    def flush(self, *, timeout: float | None = None) -> None:
+        with self._calls("flush"):
+            self._client.flush(self.collection, timeout=self._timeout(timeout))
+
+    # -- reads ---------------------------------------------------------------------------
+    def count(self, where: WhereInput = None, *, timeout: float | None = None) -> int:
+        expr, params = self._filter(where)
+        with self._calls("count"):
+            rows = self._client.query(self.collection, filter=expr, output_fields=["count(*)"],
+                                      timeout=self._timeout(timeout), **self._params(params))
+        return int(rows[0]["count(*)"])
+
+    def get(self, ids: Sequence[str], *, timeout: float | None = None) -> list[Hit]:
+        """The stored records of `ids` that exist (in no particular order)."""
+        if not ids:
+            return []
+        expr, params = self._ids_filter(ids)
+        with self._calls("get"):
+            rows = self._client.query(self.collection, filter=expr, output_fields=self._outputs(None),
+                                      timeout=self._timeout(timeout), **self._params(params))
+        return [hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None) for row in rows]
+
+    def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
+        """Which of `ids` are stored already (for skip-if-present ingest)."""
+        if not ids:
+            return set()
+        expr, params = self._ids_filter(ids)
+        with self._calls("query ids"):
+            rows = self._client.query(self.collection, filter=expr, output_fields=[self.spec.fields.id],
+                                      timeout=self._timeout(timeout), **self._params(params))
+        return {row[self.spec.fields.id] for row in rows}
+
+    def search(
+        self,
+        vectors,
+        k: int = 10,
+        *,
+        level: str | None = None,
+        where: WhereInput = None,
+        output: Sequence[str] | None = None,
+        group_by: str | None = None,
+        group_size: int = 1,
+        radius: float | None = None,
+        range_filter: float | None = None,
+        search_params: Mapping | None = None,
+        timeout: float | None = None,
+    ) -> list[list[Hit]]:
+        """Top-`k` hits per query vector, on the image vector or on one `level`'s vector.
+
+        `group_by` a level returns at most `group_size` hits per category of that level.
+        `radius`/`range_filter` make it a range search (for L2: squared distances in
+        ``[range_filter, radius)``). `output` limits the returned fields (``uri``,
+        ``meta``, level names); by default all of them come back.
+        """
+        field, data = self._vector_field(level), self._queries(vectors, level)
+        if not 1 <= k <= MAX_TOPK:
+            raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
+        params = {"metric_type": self.spec.metric, "params": dict(index_search_params(self.spec.index, k))}
+        if radius is not None:
+            params["params"]["radius"] = radius
+        if range_filter is not None:
+            params["params"]["range_filter"] = range_filter
+        if search_params:
+            params["params"].update(search_params)
+        extra = {}
+        if group_by is not None:
+            if group_by not in self.spec.fields.levels:
+                raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
+            if group_size < 1:
+                raise ValueError(f"group_size must be positive, got {group_size}")
+            extra = {"group_by_field": self.spec.fields.levels[group_by], "group_size": group_size,
+                     "strict_group_size": False}
+        expr, fparams = self._filter(where)
+        with self._calls("search"):
+            result = self._client.search(
+                self.collection, data=data, anns_field=field, limit=k, filter=expr,
+                output_fields=self._outputs(output), search_params=params, timeout=self._timeout(timeout),
+                **self._params(fparams), **extra,
+            )
+        return [self._hits(hits) for hits in result]
+
+    def hybrid_search(
+        self,
+        level_vectors: Mapping[str, object],
+        k: int = 10,
+        *,
+        ranker: str = "rrf",
+        weights: Mapping[str, float] | None = None,
+        rrf_k: int = 60,
+        where: WhereInput = None,
+        candidates: int | None = None,
+        output: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[list[Hit]]:
+        """Search several level vectors at once and fuse the rankings.
+
+        ``ranker="rrf"`` (reciprocal rank fusion) or ``"weighted"`` with `weights`
+        ``{level: w}``. Each level contributes its top `candidates` (default ``2 * k``).
+        """
+        if not level_vectors:
+            raise ValueError("hybrid_search needs vectors for at least one level")
+        levels = list(level_vectors)
+        expr, fparams = self._filter(where)
+        requests = [
+            AnnSearchRequest(
+                data=self._queries(level_vectors[level], level), anns_field=self._vector_field(level),
+                param={"metric_type": self.spec.metric, "params": index_search_params(self.spec.index, k)},
+                limit=candidates or 2 * k, expr=expr or None, expr_params=fparams or None,
+            )
+            for level in levels
+        ]
+        if len({len(r.data) for r in requests}) != 1:
+            raise ValueError("every level needs the same number of query vectors")
+        if ranker == "rrf":
+            fusion = RRFRanker(rrf_k)
+        elif ranker == "weighted":
+            if not weights or set(weights) != set(levels):
+                raise ValueError(f"weighted ranking needs one weight per searched level {levels}, got {weights}")
+            fusion = WeightedRanker(*(float(weights[level]) for level in levels))
+        else:
+            raise ValueError(f"ranker must be 'rrf' or 'weighted', got {ranker!r}")
+        with self._calls("hybrid search"):
+            result = self._client.hybrid_search(self.collection, requests, ranker=fusion, limit=k,
+                                                output_fields=self._outputs(output), timeout=self._timeout(timeout))
+        return [self._hits(hits) for hits in result]
+
+    def search_iter(
+        self,
+        vector,
+        *,
+        limit: int | None = None,
+        level: str | None = None,
+        where: WhereInput = None,
+        batch_size: int = 1000,
+        output: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Hit]:
+        """Hits of one query vector, nearest first, past Milvus's 16,384 limit."""
+        data = self._queries(vector, level)
+        if len(data) != 1:
+            raise ValueError(f"search_iter takes one query vector, got {len(data)}")
+        # pymilvus iterators forward no filter_params: values go through quote_literal.
+        expr, _ = render(where, self.spec.fields, templates=False)
+        with self._calls("search iterator"):
+            iterator = self._client.search_iterator(
+                self.collection, data=data, anns_field=self._vector_field(level), batch_size=batch_size,
+                limit=limit if limit is not None else -1, filter=expr, output_fields=self._outputs(output),
+                search_params={"metric_type": self.spec.metric,
+                               "params": index_search_params(self.spec.index, batch_size)},
+                timeout=self._timeout(timeout),
+            )
+        try:
+            while True:
+                with self._calls("search iterator"):
+                    batch = iterator.next()
+                if not batch:
+                    return
+                yield from self._hits(batch)
+        finally:
+            iterator.close()
+
+    def iterate(
+        self, where: WhereInput = None, *, output: Sequence[str] | None = None, batch_size: int = 1000,
+        timeout: float | None = None,
+    ) -> Iterator[Hit]:
+        """Every stored record matching `where` (distance None), in batches."""
+        # pymilvus iterators forward no filter_params: values go through quote_literal.
+        expr, _ = render(where, self.spec.fields, templates=False)
+        with self._calls("query iterator"):
+            iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter=expr,
+                                                   output_fields=self._outputs(output), timeout=self._timeout(timeout))
+        try:
+            while True:
+                with self._calls("query iterator"):
+                    batch = iterator.next()
+                if not batch:
+                    return
+                for row in batch:
+                    yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
+        finally:
+            iterator.close()
+
+    def category_counts(self, level: str, *, where: WhereInput = None) -> Counter:
+        """How many records each category of `level` holds."""
+        if level not in self.spec.fields.levels:
+            raise FilterError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
+        return Counter(hit.categories[level] for hit in self.iterate(where, output=[level]))
+
+    # -- helpers -------------------------------------------------------------------------
+    def _filter(self, where: WhereInput) -> tuple[str, dict]:
+        return render(where, self.spec.fields, templates=self.templates)
+
+    def _ids_filter(self, ids: Sequence[str]) -> tuple[str, dict]:
+        ids = [str(i) for i in ids]
+        if self.templates:
+            return f"{self.spec.fields.id} in {{ids}}", {"ids": ids}
+        return f"{self.spec.fields.id} in {quote_literal(ids)}", {}
+
+    @staticmethod
+    def _params(params: dict) -> dict:
+        return {"filter_params": params} if params else {}
+
+    def _vector_field(self, level: str | None) -> str:
+        fields = self.spec.fields
+        if level is None:
+            return fields.vector
+        if level not in fields.levels:
+            raise FilterError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
+        if level not in fields.level_vectors:
+            raise FilterError(f"collection {self.collection!r} holds no per-level vectors (a flat model)")
+        return fields.level_vectors[level]
+
+    def _queries(self, vectors, level: str | None) -> list[list[float]]:
+        dim = self.spec.dim if level is None else self.spec.level_dims[self.spec.level_names.index(level)]
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != dim or len(array) == 0:
+            what = "image vectors" if level is None else f"{level!r} vectors"
+            raise ValueError(f"query {what} must have shape (n, {dim}), got {np.asarray(vectors).shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("query vectors hold NaN or infinite values")
+        return array.tolist()
+
+    def _outputs(self, output: Sequence[str] | None) -> list[str]:
+        fields = self.spec.fields
+        known = {"uri": fields.uri, "meta": fields.meta, **fields.levels}
+        names = list(known) if output is None else list(output)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise FilterError(f"unknown output fields {unknown}; choose from {sorted(known)}")
+        return [known[n] for n in names]
+
+    def _hits(self, hits) -> list[Hit]:
+        out = []
+        for hit in hits:
+            hit = dict(hit)
+            entity = hit.get("entity", hit)
+            out.append(hit_from_entity(entity, self.spec, id_=hit.get("id", entity.get("id")),
+                                       distance=hit.get("distance")))
+        return out

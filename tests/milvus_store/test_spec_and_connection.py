@@ -1,0 +1,82 @@
+import pytest
+
+from milvus_store import (
+    CollectionSpec, ConnectionSettings, HierStore, StoreConnectionError, StoreError, UnsupportedIndexError, field_names,
+)
+from milvus_store.spec import check_index, index_build_params
+
+pytestmark = pytest.mark.unit
+
+
+def test_field_names_come_from_one_function():
+    fields = field_names(("department", "category"))
+    assert (fields.id, fields.uri, fields.meta, fields.vector) == ("id", "uri", "meta", "vec")
+    assert fields.levels == {"department": "department", "category": "category"}
+    assert fields.level_vectors == {"department": "vec_department", "category": "vec_category"}
+    spec = CollectionSpec(("department", "category"), dim=8, level_dims=(4, 4))
+    assert spec.fields == fields
+    assert spec.vector_dims() == {"vec": 8, "vec_department": 4, "vec_category": 4}
+    flat = CollectionSpec(("department", "category"), dim=8)
+    assert flat.fields.level_vectors == {} and flat.vector_dims() == {"vec": 8}
+
+
+def test_spec_json_round_trip():
+    spec = CollectionSpec(("a", "b", "c"), dim=12, level_dims=(4, 4, 4), metric="IP", index="HNSW")
+    assert CollectionSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(level_names=("id", "b")), "must be an identifier that is not one of"),
+        (dict(level_names=("vec_a", "b")), "does not start with 'vec_'"),
+        (dict(level_names=("a", "a")), "distinct"),
+        (dict(dim=0), "dim must be a positive integer"),
+        (dict(level_dims=(4,)), "one positive size per level"),
+        (dict(metric="HAMMING"), "metric must be one of"),
+        (dict(index="SCANN"), "index must be one of"),
+    ],
+)
+def test_spec_validation(kwargs, message):
+    base = dict(level_names=("a", "b"), dim=8, level_dims=(4, 4))
+    with pytest.raises(StoreError, match=message):
+        CollectionSpec(**(base | kwargs))
+
+
+def test_lite_refuses_indexes_it_cannot_load():
+    check_index("HNSW", lite=True)
+    check_index("DISKANN", lite=False)
+    with pytest.raises(UnsupportedIndexError, match="Lite accepts it but fails when loading it"):
+        check_index("IVF_PQ", lite=True)
+    assert index_build_params("IVF_PQ", 192)["m"] == 48
+    assert index_build_params("IVF_PQ", 10)["m"] == 2
+
+
+def test_uri_and_token_from_environment(monkeypatch):
+    monkeypatch.delenv("HIERVEC_MILVUS_URI", raising=False)
+    monkeypatch.delenv("HIERVEC_MILVUS_TOKEN", raising=False)
+    assert ConnectionSettings.resolve().uri == "./hiervec.db"
+    monkeypatch.setenv("HIERVEC_MILVUS_URI", "http://milvus:19530")
+    monkeypatch.setenv("HIERVEC_MILVUS_TOKEN", "root:Milvus")
+    settings = ConnectionSettings.resolve()
+    assert (settings.uri, settings.token, settings.is_local) == ("http://milvus:19530", "root:Milvus", False)
+    assert ConnectionSettings.resolve("x.db", token="t").token == "t"
+    with pytest.raises(StoreConnectionError, match="neither a Milvus Lite file path ending in .db"):
+        ConnectionSettings.resolve("./catalogue")
+    with pytest.raises(StoreConnectionError, match="give both user and password"):
+        ConnectionSettings.resolve("x.db", user="me")
+
+
+def test_secrets_never_show():
+    settings = ConnectionSettings.resolve("https://bob:hunter2@milvus.example:443", token="tok-123")
+    shown = repr(settings) + settings.display_uri + settings.redact("failed with tok-123 and hunter2")
+    assert "tok-123" not in shown and "hunter2" not in shown
+    assert settings.redact("failed with tok-123") == "failed with ***"
+    assert repr(settings) == "ConnectionSettings(uri='https://***@milvus.example:443', auth=token)"
+
+
+def test_unreachable_server_names_the_uri_but_not_the_token():
+    with pytest.raises(StoreConnectionError) as info:
+        HierStore("http://127.0.0.1:9", "images", token="s3cret-token", timeout=2)
+    message = str(info.value)
+    assert "http://127.0.0.1:9" in message and "s3cret-token" not in message

@@ -1,0 +1,258 @@
+"""The store's contract, run against every target (Lite, milvus-lite server, Docker's Milvus)."""
+
+import numpy as np
+import pytest
+
+from milvus_store import (
+    CollectionNotFoundError, CollectionSpec, Eq, HierStore, In, Meta, Record, RecordError, SchemaMismatchError,
+    UnsupportedIndexError, content_id, under,
+)
+from milvus_store.spec import LITE_INDEXES, SERVER_INDEXES
+
+from .conftest import fresh_collection
+from .helpers import LEVELS, SPEC, assert_same_neighbours, brute_force, levels_of, make_records
+
+
+@pytest.fixture
+def make_store(target):
+    opened = []
+
+    def make(spec=SPEC, collection=None, **kwargs):
+        store = HierStore(target.uri, collection or fresh_collection(), spec=spec, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def filled(make_store):
+    records = make_records(300)
+    store = make_store()
+    assert store.upsert(records, batch_size=128) == 300
+    return store, records
+
+
+class TestStoreContract:
+    def test_flat_search_equals_brute_force(self, filled):
+        store, records = filled
+        queries = np.random.default_rng(1).normal(size=(5, SPEC.dim)).astype(np.float32)
+        results = store.search(queries, k=10)
+        assert len(results) == 5
+        for query, hits in zip(queries, results):
+            assert_same_neighbours(hits, records, query, 10)
+            assert all(set(h.categories) == set(LEVELS) and h.uri.startswith("file:///") for h in hits)
+
+    def test_search_on_one_level_vector(self, filled):
+        store, records = filled
+        query = np.random.default_rng(2).normal(size=4).astype(np.float32)
+        [hits] = store.search(query, k=7, level="category")
+        assert_same_neighbours(hits, records, query, 7, level="category")
+
+    @pytest.mark.parametrize(
+        "where, keep",
+        [
+            (Eq("department", "d1"), lambda lv, m: lv["department"] == "d1"),
+            (In("item", ("d0/c00/i000", "d2/c21/i211")), lambda lv, m: lv["item"] in ("d0/c00/i000", "d2/c21/i211")),
+            (under("d2/c20"), lambda lv, m: lv["category"] == "d2/c20"),
+            (~under("d0"), lambda lv, m: lv["department"] != "d0"),
+            (Meta("price", "<", 30), lambda lv, m: m["price"] < 30),
+            (Meta("colour", "in", ["red", "green"]), lambda lv, m: m["colour"] in ("red", "green")),
+            (under("d1") & Meta("colour", "==", "blue"), lambda lv, m: lv["department"] == "d1" and m["colour"] == "blue"),
+            (under("d0/c01") | ~Meta("price", ">=", 10), lambda lv, m: lv["category"] == "d0/c01" or m["price"] < 10),
+            ({"department": "d2", "category": ["d2/c21", "d0/c00"]}, lambda lv, m: lv["category"] == "d2/c21"),
+        ],
+        ids=["eq", "in", "under", "not", "meta-lt", "meta-in", "and", "or", "mapping"],
+    )
+    def test_filters_match_a_python_oracle(self, filled, where, keep):
+        store, records = filled
+        expected = {r.id for r in records if keep(levels_of(r), r.meta)}
+        assert 0 < len(expected) < len(records)
+        assert store.count(where) == len(expected)
+        assert {h.id for h in store.iterate(where)} == expected
+        query = np.random.default_rng(3).normal(size=SPEC.dim).astype(np.float32)
+        [hits] = store.search(query, k=10, where=where)
+        assert_same_neighbours(hits, records, query, min(10, len(expected)),
+                               keep=lambda r: r.id in expected)
+
+    def test_group_by_caps_hits_per_category(self, filled):
+        store, records = filled
+        query = np.random.default_rng(4).normal(size=SPEC.dim).astype(np.float32)
+        [hits] = store.search(query, k=4, group_by="category", group_size=2)
+        per_category = {}
+        for hit in hits:
+            per_category.setdefault(hit.categories["category"], []).append(hit)
+        assert len(per_category) == 4 and all(len(v) <= 2 for v in per_category.values())
+        # The first group is the nearest record's category and holds its 2 nearest members.
+        nearest_id, _ = brute_force(records, query, 1)
+        first = next(r for r in records if r.id == nearest_id[0])
+        group = levels_of(first)["category"]
+        ids, _ = brute_force(records, query, 2, keep=lambda r: levels_of(r)["category"] == group)
+        assert [h.id for h in per_category[group]] == ids
+
+    def test_range_search_returns_exactly_the_records_inside_the_radius(self, filled):
+        store, records = filled
+        query = np.asarray(records[0].vector)
+        _, dist = brute_force(records, query, len(records))
+        radius = float(dist[20]) + 1e-3
+        inner = float(dist[5]) + 1e-3
+        [hits] = store.search(query, k=100, radius=radius, range_filter=inner)
+        expected = {i for i, d in zip(*brute_force(records, query, len(records))) if inner <= d < radius}
+        assert {h.id for h in hits} == expected
+        assert all(inner <= h.distance < radius for h in hits)
+
+    def test_hybrid_rrf_fuses_the_level_rankings(self, filled):
+        store, records = filled
+        rng = np.random.default_rng(5)
+        queries = {"department": rng.normal(size=4), "item": rng.normal(size=8)}
+        [hits] = store.hybrid_search(queries, k=5, candidates=10)
+        scores = {}
+        for level, query in queries.items():
+            ids, _ = brute_force(records, query, 10, level=level)
+            for rank, rid in enumerate(ids):
+                scores[rid] = scores.get(rid, 0.0) + 1.0 / (60 + rank + 1)
+        expected = sorted(scores.values(), reverse=True)[:5]
+        np.testing.assert_allclose([h.distance for h in hits], expected, rtol=1e-5)
+        assert all(abs(scores[h.id] - h.distance) < 1e-6 for h in hits)
+
+    def test_hybrid_weighted_with_one_weight_follows_that_level(self, filled):
+        store, records = filled
+        rng = np.random.default_rng(6)
+        queries = {"department": rng.normal(size=4), "category": rng.normal(size=4)}
+        [hits] = store.hybrid_search(queries, k=5, ranker="weighted", weights={"department": 1.0, "category": 0.0},
+                                     where=under("d1"))
+        ids, _ = brute_force(records, queries["department"], 5, level="department",
+                             keep=lambda r: levels_of(r)["department"] == "d1")
+        assert [h.id for h in hits] == ids
+
+    def test_iterator_goes_past_one_page(self, filled):
+        store, records = filled
+        query = np.asarray(records[7].vector)
+        hits = list(store.search_iter(query, limit=120, batch_size=50))
+        assert len({h.id for h in hits}) == 120
+        ids, dist = brute_force(records, query, 120)
+        np.testing.assert_allclose(sorted(h.distance for h in hits), dist, rtol=1e-4, atol=1e-4)
+
+    def test_upsert_is_idempotent_and_content_ids_are_stable(self, make_store):
+        store = make_store()
+        records = make_records(20)
+        for record in records[:5]:
+            record.id, record.content = None, record.uri.encode()
+        store.upsert(records)
+        store.upsert(records)
+        assert store.count() == 20
+        assert content_id(records[0].content) in store.existing_ids([content_id(records[0].content), "nope"])
+        changed = make_records(1, seed=9)[0]
+        changed.id = records[10].id
+        store.upsert([changed])
+        assert store.count() == 20
+        [stored] = store.get([records[10].id])
+        assert stored.category == changed.category and stored.meta == changed.meta
+
+    def test_delete_by_ids_and_by_filter(self, filled):
+        store, records = filled
+        assert store.delete(["r0", "r1", "missing"]) == 2
+        d0 = sum(1 for r in records[2:] if levels_of(r)["department"] == "d0")
+        assert store.delete(where=under("d0")) == d0
+        assert store.count() == 298 - d0
+        assert store.count(under("d0")) == 0
+
+    def test_invalid_records_name_the_culprit_and_nothing_is_written(self, make_store):
+        store = make_store()
+        good = make_records(3)
+        bad_cases = [
+            (lambda r: setattr(r, "vector", np.zeros(3)), r"record 'r1': vector has shape \(3,\), expected \(16,\)"),
+            (lambda r: r.vector.__setitem__(0, np.nan), "record 'r1': vector holds NaN"),
+            (lambda r: r.level_vectors.pop("item"), r"record 'r1': missing level vectors for \['item'\]"),
+            (lambda r: r.level_vectors.__setitem__("colour", [1]), r"unknown levels \['colour'\]"),
+            (lambda r: setattr(r, "category", "d0/c00"), "record 'r1': category path 'd0/c00' has 2 levels, expected 3"),
+            (lambda r: setattr(r, "category", "d0/ /x"), "empty, padded or separator-bearing name"),
+            (lambda r: setattr(r, "meta", {"x": float("nan")}), "meta is not JSON-serialisable"),
+            (lambda r: setattr(r, "id", None), "record #1: has neither an id nor content"),
+            (lambda r: setattr(r, "id", "r0"), "record 'r0': id repeats record #0 of the same batch"),
+        ]
+        for spoil, message in bad_cases:
+            records = make_records(3)
+            spoil(records[1])
+            with pytest.raises(RecordError, match=message):
+                store.upsert(records)
+            assert store.count() == 0
+        store.upsert(good)
+        assert store.count() == 3
+
+    def test_mismatched_spec_or_fingerprint_is_refused_before_writing(self, make_store):
+        name = fresh_collection()
+        store = make_store(collection=name, fingerprint="model-a")
+        store.upsert(make_records(4))
+        other_dims = CollectionSpec(LEVELS, dim=16, level_dims=(4, 4, 4))
+        with pytest.raises(SchemaMismatchError, match=r"level_dims is \(4, 4, 8\) in the collection but \(4, 4, 4\)"):
+            make_store(other_dims, collection=name)
+        with pytest.raises(SchemaMismatchError, match="level_names"):
+            make_store(CollectionSpec(("a", "b", "c"), dim=16, level_dims=(4, 4, 8)), collection=name)
+        with pytest.raises(SchemaMismatchError, match="metric is 'L2' in the collection but 'IP'"):
+            make_store(CollectionSpec(LEVELS, dim=16, level_dims=(4, 4, 8), metric="IP"), collection=name)
+        with pytest.raises(SchemaMismatchError) as info:
+            make_store(collection=name, fingerprint="model-b")
+        assert (info.value.field, info.value.expected, info.value.actual) == ("model fingerprint", "model-b", "model-a")
+        reopened = make_store(spec=None, collection=name)
+        assert reopened.spec == SPEC and reopened.fingerprint == "model-a" and reopened.count() == 4
+
+    def test_reopening_keeps_every_record(self, target, make_store):
+        name = fresh_collection()
+        records = make_records(50)
+        store = make_store(collection=name)
+        store.upsert(records)
+        store.flush()
+        store.close()
+        again = make_store(spec=None, collection=name)
+        assert again.count() == 50
+        assert {h.id for h in again.iterate()} == {r.id for r in records}
+        query = np.asarray(records[3].vector)
+        assert again.search(query, k=1)[0][0].id == "r3"
+
+    def test_missing_collection_without_spec(self, make_store):
+        with pytest.raises(CollectionNotFoundError, match="does not exist"):
+            make_store(spec=None)
+
+    def test_offered_indexes_serve_searches(self, target, make_store):
+        offered = LITE_INDEXES if target.lite_engine else SERVER_INDEXES
+        records = make_records(200)
+        for index in offered:
+            store = make_store(CollectionSpec(LEVELS, dim=16, level_dims=(4, 4, 8), index=index))
+            store.upsert(records)
+            [hits] = store.search(np.asarray(records[11].vector), k=3)
+            assert hits[0].id == "r11", index
+
+    def test_indexes_the_target_cannot_serve_are_refused_before_creation(self, target, make_store):
+        if not target.lite_engine:
+            pytest.skip("a full Milvus server serves every index hiervec offers")
+        name = fresh_collection()
+        for index in ("IVF_PQ", "DISKANN"):
+            with pytest.raises(UnsupportedIndexError, match=f"index '{index}' is not offered on Milvus Lite"):
+                make_store(CollectionSpec(LEVELS, dim=16, level_dims=(4, 4, 8), index=index), collection=name)
+        with pytest.raises(CollectionNotFoundError):
+            make_store(spec=None, collection=name)
+
+    def test_category_counts(self, filled):
+        store, records = filled
+        expected = {}
+        for r in records:
+            expected[levels_of(r)["department"]] = expected.get(levels_of(r)["department"], 0) + 1
+        assert dict(store.category_counts("department")) == expected
+
+
+@pytest.mark.lite
+def test_iterator_beyond_milvus_topk_limit(tmp_path):
+    spec = CollectionSpec(("a", "b"), dim=2)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(17_000, 2)).astype(np.float32)
+    with HierStore(str(tmp_path / "big.db"), "big", spec=spec.with_index("FLAT")) as store:
+        store.upsert([Record("x/y", v, id=str(i)) for i, v in enumerate(vectors)], batch_size=5000)
+        with pytest.raises(ValueError, match="use search_iter"):
+            store.search(vectors[0], k=16_385)
+        hits = list(store.search_iter(vectors[0], limit=16_500, batch_size=4000, output=[]))
+    assert len({h.id for h in hits}) == 16_500
+    dist = ((vectors - vectors[0]) ** 2).sum(1)
+    np.testing.assert_allclose(sorted(h.distance for h in hits), np.sort(dist)[:16_500], rtol=1e-4, atol=1e-5)
