@@ -1,12 +1,15 @@
-"""Retrieval metrics over hierarchical labels, from ranked neighbour lists (numpy only).
+"""Retrieval metrics over hierarchical labels (numpy only).
 
-`labels` is an ``(n, levels)`` code array (coarsest first); `neighbours` is an
-``(n, K)`` index array of each query's ranked hits with the query itself excluded.
+Every metric reads an *agreement* array ``same`` of shape ``(queries, K, levels)``:
+``same[q, j, l]`` says whether query q's j-th hit (self excluded, ranked) shares its
+category at level l (coarsest first). `agreement` builds it from an ``(n, levels)``
+label array and ranked neighbour indices; `agreement_from_paths` from category paths,
+as Milvus hits return them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -29,64 +32,77 @@ def exact_neighbours(vectors: np.ndarray, k: int, *, chunk: int = 2048) -> np.nd
     return out
 
 
-def same_at_level(labels: np.ndarray, neighbours: np.ndarray, level: int) -> np.ndarray:
-    """``(n, K)`` booleans: hit j shares the query's category at `level`."""
-    return labels[neighbours, level] == labels[:, None, level]
+def agreement(labels: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """``(n, K, levels)`` booleans from labels ``(n, levels)`` and neighbours ``(n, K)`` of every item."""
+    return labels[neighbours] == labels[:, None, :]
 
 
-def recall_at_k(labels: np.ndarray, neighbours: np.ndarray, k: int, level: int = -1) -> float:
+def agreement_from_paths(
+    queries: Sequence[Mapping[str, str]], hits: Sequence[Sequence[Mapping[str, str]]], levels: Sequence[str]
+) -> np.ndarray:
+    """The same from per-level category paths: one dict per query, ranked dicts per query's hits."""
+    width = min(len(h) for h in hits) if hits else 0
+    same = np.zeros((len(queries), width, len(levels)), dtype=bool)
+    for q, (query, ranked) in enumerate(zip(queries, hits)):
+        for j, hit in enumerate(ranked[:width]):
+            same[q, j] = [hit[level] == query[level] for level in levels]
+    return same
+
+
+def recall_at_k(same: np.ndarray, k: int, level: int = -1) -> float:
     """Share of queries with at least one same-category hit in the top `k`."""
-    return float(same_at_level(labels, neighbours[:, :k], level).any(1).mean())
+    return float(same[:, :k, level].any(1).mean())
 
 
-def consistency_at_k(labels: np.ndarray, neighbours: np.ndarray, k: int, level: int) -> float:
+def consistency_at_k(same: np.ndarray, k: int, level: int) -> float:
     """Mean share of the top `k` hits in the query's category at `level`."""
-    return float(same_at_level(labels, neighbours[:, :k], level).mean())
+    return float(same[:, :k, level].mean())
 
 
-def map_at_r(labels: np.ndarray, neighbours: np.ndarray, level: int = -1) -> float:
-    """MAP@R (Musgrave et al., 2020): R = number of other items in the query's category.
+def map_at_r(same: np.ndarray, r: np.ndarray, level: int = -1) -> float:
+    """MAP@R (Musgrave et al., 2020); `r[q]` = other items in query q's category.
 
-    Needs ``neighbours.shape[1] >= max R``; queries alone in their category are skipped.
+    Needs ``same.shape[1] >= max(r)``; queries alone in their category are skipped.
     """
-    leaf = labels[:, level]
-    _, inverse, counts = np.unique(leaf, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1
-    if r.max() > neighbours.shape[1]:
-        raise ValueError(f"MAP@R needs {r.max()} neighbours per query, got {neighbours.shape[1]}")
-    same = same_at_level(labels, neighbours[:, : r.max()], level)
-    ranks = np.arange(1, same.shape[1] + 1)
-    precision = np.cumsum(same, axis=1) / ranks
+    r = np.asarray(r)
+    if r.max() > same.shape[1]:
+        raise ValueError(f"MAP@R needs {r.max()} hits per query, got {same.shape[1]}")
+    hit = same[:, : r.max(), level]
+    ranks = np.arange(1, hit.shape[1] + 1)
+    precision = np.cumsum(hit, axis=1) / ranks
     within = ranks[None, :] <= r[:, None]
-    ap = (precision * same * within).sum(1) / np.maximum(r, 1)
+    ap = (precision * hit * within).sum(1) / np.maximum(r, 1)
     return float(ap[r > 0].mean())
 
 
-def hierarchical_distance(labels: np.ndarray, neighbours: np.ndarray, k: int) -> float:
+def hierarchical_distance(same: np.ndarray, k: int) -> float:
     """Mean height of the lowest common ancestor of query and each top-`k` hit.
 
-    0 = same leaf, L = different at the coarsest level. Codes are per-level paths, so the
+    0 = same leaf, L = different at the coarsest level. Categories are paths, so the
     number of shared levels is the number of levels that agree.
     """
-    depth = labels.shape[1]
-    shared = sum(same_at_level(labels, neighbours[:, :k], level) for level in range(depth))
-    return float((depth - shared).mean())
+    return float((same.shape[2] - same[:, :k].sum(-1)).mean())
+
+
+def others_in_category(labels: np.ndarray, level: int = -1) -> np.ndarray:
+    """R per item: how many other items share its category at `level`."""
+    _, inverse, counts = np.unique(labels[:, level], return_inverse=True, return_counts=True)
+    return counts[inverse] - 1
 
 
 def retrieval_report(
-    labels: np.ndarray,
-    neighbours: np.ndarray,
+    same: np.ndarray,
     level_names: Sequence[str],
     *,
     ks: Sequence[int] = (1, 10),
     consistency_k: int = 10,
-    with_map: bool = True,
+    r: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The standard set: leaf R@k, MAP@R, consistency@K per level, hierarchical distance@K."""
-    report = {f"recall@{k}": recall_at_k(labels, neighbours, k) for k in ks}
-    if with_map:
-        report["map@r"] = map_at_r(labels, neighbours)
+    """Leaf R@k, MAP@R (when `r` is given), consistency@K per level, hierarchical distance@K."""
+    report = {f"recall@{k}": recall_at_k(same, k) for k in ks}
+    if r is not None and r.max() > 0:
+        report["map@r"] = map_at_r(same, r)
     for level, name in enumerate(level_names):
-        report[f"consistency@{consistency_k}/{name}"] = consistency_at_k(labels, neighbours, consistency_k, level)
-    report[f"hier_distance@{consistency_k}"] = hierarchical_distance(labels, neighbours, consistency_k)
+        report[f"consistency@{consistency_k}/{name}"] = consistency_at_k(same, consistency_k, level)
+    report[f"hier_distance@{consistency_k}"] = hierarchical_distance(same, consistency_k)
     return report

@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .hierarchy import Hierarchy
 from .inference import forward_batches
 from .losses import HierarchicalLoss, LossWeights
-from .metrics import exact_neighbours, retrieval_report
+from .metrics import agreement, exact_neighbours, others_in_category, retrieval_report
 from .model import PyramidEmbedder
 
 logger = logging.getLogger(__name__)
@@ -103,11 +103,10 @@ def split_validation(leaf_labels: np.ndarray, fraction: float, seed: int) -> tup
 def evaluate(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray, batch_size: int = 128) -> dict[str, float]:
     """Exact leave-one-out retrieval metrics of `model` on uint8 `images` with `labels`."""
     _, concat = forward_batches(model, images, batch_size)
-    leaf = labels[:, -1]
-    max_r = int(np.unique(leaf, return_counts=True)[1].max()) - 1
-    k = min(len(images) - 1, max(10, max_r))
-    neighbours = exact_neighbours(concat, k)
-    return retrieval_report(labels, neighbours, model.config.level_names, with_map=max_r > 0)
+    r = others_in_category(labels)
+    k = min(len(images) - 1, max(10, int(r.max())))
+    same = agreement(labels, exact_neighbours(concat, k))
+    return retrieval_report(same, model.config.level_names, r=r)
 
 
 def _augmenter(size: int) -> v2.Transform:

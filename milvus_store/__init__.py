@@ -12,11 +12,12 @@ from .errors import (
 )
 from .filters import And, Eq, Filter, In, Meta, Not, Or, Under, as_filter, quote_literal, render, under
 from .records import Hit, Record, content_id
+from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
 from .store import HierStore
 
 __all__ = [
-    "And", "CollectionNotFoundError", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
+    "And", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Record", "RecordError",
     "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "content_id", "field_names", "quote_literal", "render", "under",

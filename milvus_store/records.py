@@ -77,50 +77,62 @@ def _vector(value, dim: int, what: str) -> list[float]:
     return array.tolist()
 
 
-def to_rows(records: Sequence[Record], spec: CollectionSpec) -> list[dict]:
-    """Validate every record, then build Milvus rows; the first bad record raises `RecordError`."""
-    fields = spec.fields
-    rows, seen = [], {}
+def validate_records(records: Sequence[Record], spec: CollectionSpec) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Milvus rows of the valid records, and ``(position, "record 'id': problem")`` for the others."""
+    rows, problems, seen = [], [], {}
     for position, record in enumerate(records):
         rid = record.resolved_id() if isinstance(record, Record) else None
         label = f"record {rid!r}" if rid is not None else f"record #{position}"
         try:
-            if not isinstance(record, Record):
-                raise ValueError(f"expected a Record, got {type(record).__name__}")
-            if rid is None:
-                raise ValueError("has neither an id nor content to hash")
-            if not rid or len(rid) > ID_MAX_LENGTH:
-                raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
             if rid in seen:
                 raise ValueError(f"id repeats record #{seen[rid]} of the same batch")
+            rows.append(_row(record, rid, spec))
             seen[rid] = position
-            row = {fields.id: rid}
-            uri = str(record.uri or "")
-            if len(uri) > URI_MAX_LENGTH:
-                raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
-            row[fields.uri] = uri
-            levels = category_levels(record.category, spec.depth)
-            if len(levels[-1]) > CATEGORY_MAX_LENGTH:
-                raise ValueError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
-            row.update(zip(fields.levels.values(), levels))
-            row[fields.vector] = _vector(record.vector, spec.dim, "vector")
-            given = dict(record.level_vectors or {})
-            unknown = sorted(set(given) - set(fields.level_vectors))
-            if unknown:
-                raise ValueError(
-                    f"level vectors for unknown levels {unknown}; the collection has "
-                    f"{list(fields.level_vectors) or 'no per-level vectors'}"
-                )
-            missing = [name for name in fields.level_vectors if name not in given]
-            if missing:
-                raise ValueError(f"missing level vectors for {missing}")
-            for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
-                row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
-            row[fields.meta] = _meta(record.meta)
         except ValueError as exc:
-            raise RecordError(f"{label}: {exc}") from None
-        rows.append(row)
+            problems.append((position, f"{label}: {exc}"))
+    return rows, problems
+
+
+def to_rows(records: Sequence[Record], spec: CollectionSpec) -> list[dict]:
+    """Rows of `records`, all validated first; the first bad record raises `RecordError`."""
+    rows, problems = validate_records(records, spec)
+    if problems:
+        raise RecordError(problems[0][1])
     return rows
+
+
+def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
+    fields = spec.fields
+    if not isinstance(record, Record):
+        raise ValueError(f"expected a Record, got {type(record).__name__}")
+    if rid is None:
+        raise ValueError("has neither an id nor content to hash")
+    if not rid or len(rid) > ID_MAX_LENGTH:
+        raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
+    row = {fields.id: rid}
+    uri = str(record.uri or "")
+    if len(uri) > URI_MAX_LENGTH:
+        raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
+    row[fields.uri] = uri
+    levels = category_levels(record.category, spec.depth)
+    if len(levels[-1]) > CATEGORY_MAX_LENGTH:
+        raise ValueError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
+    row.update(zip(fields.levels.values(), levels))
+    row[fields.vector] = _vector(record.vector, spec.dim, "vector")
+    given = dict(record.level_vectors or {})
+    unknown = sorted(set(given) - set(fields.level_vectors))
+    if unknown:
+        raise ValueError(
+            f"level vectors for unknown levels {unknown}; the collection has "
+            f"{list(fields.level_vectors) or 'no per-level vectors'}"
+        )
+    missing = [name for name in fields.level_vectors if name not in given]
+    if missing:
+        raise ValueError(f"missing level vectors for {missing}")
+    for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
+        row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
+    row[fields.meta] = _meta(record.meta)
+    return row
 
 
 def _meta(meta) -> dict:

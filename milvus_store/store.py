@@ -177,9 +177,12 @@ class HierStore:
     # -- writes --------------------------------------------------------------------------
     def upsert(self, records: Iterable[Record], *, batch_size: int = 512, timeout: float | None = None) -> int:
         """Insert or replace records by id; every record is validated before the first write."""
+        return self.upsert_rows(to_rows(list(records), self.spec), batch_size=batch_size, timeout=timeout)
+
+    def upsert_rows(self, rows: Sequence[dict], *, batch_size: int = 512, timeout: float | None = None) -> int:
+        """Write rows already validated by `records.validate_records` (callers that skip bad records)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        rows = to_rows(list(records), self.spec)
         for start in range(0, len(rows), batch_size):
             with self._calls("upsert"):
                 self._client.upsert(self.collection, rows[start : start + batch_size], timeout=self._timeout(timeout))
@@ -218,6 +221,17 @@ class HierStore:
             rows = self._client.query(self.collection, filter=expr, output_fields=self._outputs(None),
                                       timeout=self._timeout(timeout), **self._params(params))
         return [hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None) for row in rows]
+
+    def vectors(self, ids: Sequence[str], *, level: str | None = None, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The stored image vectors (or one level's vectors) of `ids` that exist."""
+        if not ids:
+            return {}
+        field = self._vector_field(level)
+        expr, params = self._ids_filter(ids)
+        with self._calls("get vectors"):
+            rows = self._client.query(self.collection, filter=expr, output_fields=[self.spec.fields.id, field],
+                                      timeout=self._timeout(timeout), **self._params(params))
+        return {row[self.spec.fields.id]: np.asarray(row[field], dtype=np.float32) for row in rows}
 
     def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
         """Which of `ids` are stored already (for skip-if-present ingest)."""

@@ -1,0 +1,402 @@
+"""The `hiervec` command: data, train, ingest, search, eval, info, delete.
+
+Commands parse options, call the library and render the result: a readable table by
+default, one JSON document on stdout with `--json` (progress then stays silent; it
+always goes to stderr). Library errors become one line on stderr and exit status 1.
+Heavy imports (torch, pymilvus) happen inside commands, so `hiervec --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+DEFAULT_COLLECTION = "images"
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Our packages' error bases, from the modules already imported (no import cost)."""
+    found = []
+    for module, name in (("embedder.errors", "EmbedderError"), ("milvus_store.errors", "StoreError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+class HiervecGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (ValueError, FileNotFoundError, *_library_errors()) as exc:
+            if os.environ.get("HIERVEC_DEBUG"):
+                raise
+            message = " ".join(str(exc).split()) or exc.__class__.__name__
+            raise click.ClickException(message) from None
+
+
+def json_option(func):
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def store_options(func):
+    @click.option("--uri", default=None, metavar="URI",
+                  help="Milvus Lite file (*.db) or http(s)://host:port. [default: $HIERVEC_MILVUS_URI, else ./hiervec.db]")
+    @click.option("--collection", default=DEFAULT_COLLECTION, show_default=True, help="Collection name.")
+    @click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True,
+                  help="Token for a Milvus server (user:password or an API key).")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def uses_milvus(func):
+    """Errors reach the user once, as one line from us: pymilvus's own logging (a traceback
+    per failed RPC, warnings about Lite's iterator timestamps) is silenced. Its import
+    configures its loggers, so the levels are set after it, when the command runs."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        import pymilvus  # noqa: F401
+
+        for name in ("pymilvus", "pymilvus.milvus_client"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def model_option(func):
+    return click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                        help="Checkpoint written by `hiervec train`.")(func)
+
+
+def emit(as_json: bool, data, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False))
+    elif text is not None:
+        click.echo(text)
+
+
+def note(as_json: bool, message: str) -> None:
+    if not as_json:
+        click.echo(message, err=True)
+
+
+def load_embedder(model_path: Path):
+    from embedder import Embedder
+
+    return Embedder.from_checkpoint(model_path)
+
+
+@click.group(cls=HiervecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hiervec")
+def cli():
+    """Hierarchical-category image retrieval on Milvus.
+
+    \b
+    A typical session:
+      hiervec data fashion-mnist data/train --split train
+      hiervec train data/train --out model.pt --levels department,category,item
+      hiervec ingest data/test --model model.pt
+      hiervec search query.png --model model.pt --under clothing/tops --sheet hits.png
+    """
+
+
+# -- data --------------------------------------------------------------------------------
+@cli.group()
+def data():
+    """Export real data sets as labelled folder trees."""
+
+
+@data.command("fashion-mnist")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images of each split.")
+@json_option
+def data_fashion_mnist(out: Path, split: str, limit: int | None, as_json: bool):
+    """Fashion-MNIST as OUT/<department>/<category>/<item>/<image>.png.
+
+    Levels: department > category > item, e.g. clothing/tops/shirt. Read from Debian's
+    dataset-fashion-mnist package when installed, else downloaded by torchvision.
+    """
+    from embedder import fashion_mnist
+
+    started = time.perf_counter()
+    count = fashion_mnist.export_folder_tree(out, split=split, limit=limit)
+    emit(as_json, {"out": str(out), "split": split, "images": count, "levels": list(fashion_mnist.LEVEL_NAMES)},
+         f"wrote {count} images to {out} ({time.perf_counter() - started:.1f}s); "
+         f"levels: {', '.join(fashion_mnist.LEVEL_NAMES)}")
+
+
+# -- train -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
+@click.option("--levels", default=None, help="Comma-separated level names, coarsest first. [default: level1,level2,...]")
+@click.option("--pad", is_flag=True, help="Accept shorter category paths by repeating their leaf.")
+@click.option("--backbone", type=click.Choice(["mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50"]),
+              default="mobilenet_v2", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet', a torchvision weights name, a state-dict PATH, or 'none' for random initialisation.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="[default: one pass over the data]")
+@click.option("--image-size", type=click.IntRange(min=32), default=64, show_default=True)
+@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Vector size per level.")
+@click.option("--mode", type=click.Choice(["pyramid", "flat"]), default="pyramid", show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is at --out.")
+@json_option
+def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr, seed,
+          val_fraction, resume, as_json):
+    """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest."""
+    from embedder import EmbedderConfig, Hierarchy, TrainConfig, load_images, read_source
+    from embedder import train as train_model
+
+    listing = read_source(source)
+    labelled = [item for item in listing.items if item.category is not None]
+    for failure in listing.failures[:5]:
+        note(as_json, f"skipped {failure.source}: {failure.reason}")
+    if not labelled:
+        raise click.ClickException(f"no labelled images in {source}")
+    level_names = tuple(name.strip() for name in levels.split(",")) if levels else None
+    hierarchy = Hierarchy.from_paths([item.category for item in labelled], level_names, pad=pad)
+    note(as_json, f"decoding {len(labelled)} images at {image_size}px ...")
+    images, kept, failures = load_images([item.path for item in labelled], image_size)
+    for failure in failures[:5]:
+        note(as_json, f"skipped {failure.source}: {failure.reason}")
+    labels = hierarchy.encode_many([labelled[i].category for i in kept], pad=pad)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
+    train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, seed=seed,
+                               val_fraction=val_fraction)
+    note(as_json, f"training {mode} {backbone} on {len(kept)} images, levels "
+                  f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
+    started = time.perf_counter()
+    result = train_model(images, labels, hierarchy, config, train_config, out=out,
+                         backbone_weights=None if weights == "none" else weights, resume=resume,
+                         log=(lambda line: None) if as_json else (lambda line: click.echo(line, err=True)))
+    checkpoint = result.checkpoint
+    summary = {"checkpoint": str(out), "fingerprint": checkpoint.fingerprint, "epochs": checkpoint.epoch,
+               "images": len(kept), "skipped": len(listing.failures) + len(failures),
+               "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics}
+    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.fingerprint}) in {summary['seconds']}s\n"
+         + "\n".join(f"  {k:<32} {v:.4f}" for k, v in checkpoint.metrics.items()))
+
+
+# -- ingest ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@model_option
+@store_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--index", type=click.Choice(["FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN"]),
+              default=None, help="Vector index when the collection is created. [default: HNSW]")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every file's failure reason and the counts here (JSON).")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@json_option
+@uses_milvus
+def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, as_json):
+    """Embed a folder tree or manifest into the collection; already stored images are skipped."""
+    from embedder import read_source
+    from milvus_store import FailedItem, ImageIndex, IngestItem
+
+    listing = read_source(source)
+    embedder = load_embedder(model_path)
+    items = [IngestItem(item.path, item.category, item.id, item.meta, str(item.path.resolve()))
+             for item in listing.items]
+    with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
+        with click.progressbar(length=len(items), label="ingest", file=sys.stderr, show_eta=True, show_pos=True,
+                               hidden=as_json or not sys.stderr.isatty()) as bar:
+            started = time.perf_counter()
+
+            def advance(n: int) -> None:
+                bar.update(n)
+                bar.label = f"ingest {bar.pos / max(time.perf_counter() - started, 1e-9):.0f} img/s"
+
+            report = image_index.ingest(items, batch_size=batch_size, progress=advance)
+        report.failed = [FailedItem(f.source, f.reason) for f in listing.failures] + report.failed
+        report.seen += len(listing.failures)
+        count = image_index.store.count()
+    result = report.to_dict() | {"collection": collection, "count": count}
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    emit(as_json, result, f"seen {report.seen}, stored {report.stored}, skipped {report.skipped_present} "
+         f"(already present), failed {len(report.failed)}; collection {collection!r} holds {count} "
+         f"({result['images_per_s'] or 0} img/s)")
+    if not as_json:
+        for failure in report.failed[:10]:
+            click.echo(f"  failed {failure.source}: {failure.reason}", err=True)
+        if len(report.failed) > 10:
+            click.echo(f"  ... {len(report.failed) - 10} more" + (f" in {report_path}" if report_path else ""),
+                       err=True)
+    if strict and report.failed:
+        sys.exit(1)
+
+
+# -- search ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_option
+@store_options
+@click.option("-k", "k", type=click.IntRange(1, 16384), default=10, show_default=True, help="Hits per query.")
+@click.option("--where", multiple=True, metavar="LEVEL=VALUE",
+              help="Only this category at LEVEL (a path like clothing/tops, or a unique name). Repeatable.")
+@click.option("--under", default=None, metavar="PATH", help="Only inside this subtree, e.g. clothing/tops.")
+@click.option("--level", default=None, help="Search one level's vector instead of the image vector.")
+@click.option("--group-by", default=None, metavar="LEVEL", help="At most --group-size hits per category of LEVEL.")
+@click.option("--group-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a contact sheet PNG: each query, then its hits with category and distance.")
+@json_option
+@uses_milvus
+def search(images, model_path, uri, collection, token, k, where, under, level, group_by, group_size, sheet, as_json):
+    """Find the images nearest to each IMAGE, optionally inside parts of the hierarchy."""
+    from milvus_store import CollectionNotFoundError, ImageIndex
+
+    from .filters import build_filter
+    from .output import contact_sheet, hit_dict, hits_table
+
+    for image in images:
+        if not image.is_file():
+            raise click.ClickException(f"query image {str(image)!r} does not exist")
+    embedder = load_embedder(model_path)
+    known = {name: set(vocab) for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
+    for option, value in (("--level", level), ("--group-by", group_by)):
+        if value is not None and value not in known:
+            raise click.ClickException(f"unknown level {value!r} for {option}; levels are {', '.join(known)}")
+    filter_ = build_filter(where, under, known)
+    try:
+        image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
+    except CollectionNotFoundError as exc:
+        raise click.ClickException(f"{exc}; run `hiervec ingest` first") from None
+    with image_index:
+        results = image_index.search(list(images), k, level=level, where=filter_, group_by=group_by,
+                                     group_size=group_size)
+    if sheet is not None:
+        contact_sheet(list(zip(map(str, images), results)), sheet)
+        note(as_json, f"contact sheet: {sheet}")
+    emit(as_json, {"queries": [{"image": str(img), "hits": [hit_dict(h) for h in hits]}
+                               for img, hits in zip(images, results)]},
+         "\n\n".join(hits_table(str(img), hits) for img, hits in zip(images, results)))
+
+
+# -- eval --------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@model_option
+@click.option("--uri", default=None, metavar="URI",
+              help="Evaluate in this Milvus (SOURCE is ingested there if missing). [default: a temporary Milvus Lite file]")
+@click.option("--collection", default="eval", show_default=True)
+@click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@json_option
+@uses_milvus
+def eval_(source, model_path, uri, collection, token, k, as_json):
+    """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level."""
+    import tempfile
+
+    from embedder import read_source
+    from milvus_store import ImageIndex, IngestItem, content_id
+
+    from .evaluation import evaluate_collection
+
+    listing = read_source(source)
+    items = [IngestItem(i.path, i.category, i.id, i.meta, str(i.path.resolve())) for i in listing.items if i.category]
+    embedder = load_embedder(model_path)
+    with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
+        target = uri or str(Path(tmp) / "eval.db")
+        with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
+                             token=token) as image_index:
+            started = time.perf_counter()
+            report = image_index.ingest(items)
+            note(as_json, f"ingested {report.stored} images ({report.skipped_present} present, "
+                          f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s; searching ...")
+            failed = {f.source for f in report.failed}
+            query_ids = list(dict.fromkeys(
+                item.id if item.id is not None else content_id(Path(item.source).read_bytes())
+                for item in items if item.name not in failed))
+            metrics = evaluate_collection(image_index.store, query_ids, k)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    emit(as_json, metrics, "\n".join(f"{key:<32} {value:.4f}" if isinstance(value, float) else f"{key:<32} {value}"
+                                     for key, value in metrics.items()))
+
+
+# -- info and delete ---------------------------------------------------------------------
+def _open_store(uri, collection, token):
+    from milvus_store import HierStore
+
+    return HierStore(uri, collection, token=token, create=False)
+
+
+@cli.command()
+@store_options
+@json_option
+@uses_milvus
+def info(uri, collection, token, as_json):
+    """What the collection holds: count, levels, categories, model fingerprint, index."""
+    with _open_store(uri, collection, token) as store:
+        spec = store.spec
+        per_level = {level: dict(sorted(store.category_counts(level).items())) for level in spec.level_names}
+        data = {"uri": store.settings.display_uri, "collection": collection, "count": store.count(),
+                "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
+                "metric": spec.metric, "index": spec.index, "fingerprint": store.fingerprint,
+                "categories": per_level}
+    lines = [f"{key:<12} {data[key]}" for key in ("uri", "collection", "count", "levels", "dim", "level_dims",
+                                                    "metric", "index", "fingerprint")]
+    for level, counts in per_level.items():
+        lines.append(f"{level}:")
+        lines += [f"  {count:>8}  {path}" for path, count in counts.items()]
+    emit(as_json, data, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("ids", nargs=-1)
+@store_options
+@click.option("--where", multiple=True, metavar="LEVEL=VALUE", help="Delete this category at LEVEL. Repeatable.")
+@click.option("--under", default=None, metavar="PATH", help="Delete this whole subtree.")
+@json_option
+@uses_milvus
+def delete(ids, uri, collection, token, where, under, as_json):
+    """Delete images by id, or every image matching --where / --under."""
+    from .filters import build_filter
+
+    if bool(ids) == bool(where or under):
+        raise click.UsageError("give either IDS or --where/--under")
+    with _open_store(uri, collection, token) as store:
+        if ids:
+            deleted = store.delete(list(ids))
+        else:
+            known = {level: set(store.category_counts(level)) for level in store.spec.level_names}
+            deleted = store.delete(where=build_filter(where, under, known))
+        remaining = store.count()
+    emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
+
+
+def main() -> None:
+    # gRPC's C core reports keepalive pings on long Milvus Lite sessions; errors reach
+    # the user from us, once.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    cli(prog_name="hiervec")
+
+
+if __name__ == "__main__":
+    main()

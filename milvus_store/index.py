@@ -1,0 +1,253 @@
+"""`ImageIndex`: images in, hits out. Composes a `HierStore` with any `ImageEmbedder`.
+
+Batching, content-hash ids, skip-if-present and the per-file error report live here,
+once, for the CLI, the HTTP service and apps alike. The embedder is anything with the
+small `ImageEmbedder` protocol (`embedder.Embedder` is one), so this module never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import FilterError
+from .filters import WhereInput
+from .records import Hit, Record, content_id, validate_records
+from .spec import CollectionSpec
+from .store import HierStore
+
+
+@runtime_checkable
+class ImageEmbedder(Protocol):
+    """What `ImageIndex` needs from a model."""
+
+    level_names: tuple[str, ...]
+    level_dims: tuple[int, ...]  # empty when the model has only the image vector
+    dim: int
+    fingerprint: str
+
+    def prepare(self, image: Any) -> Any:
+        """Decode one image (bytes, path, PIL image); raise with a readable reason when it cannot."""
+
+    def embed(self, prepared: Sequence[Any]) -> Any:
+        """Vectors of prepared images: an object with ``.levels`` ({level: (n, d)}) and ``.concat`` ((n, D))."""
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One image to store: a file path (or bytes with a `uri`), its leaf category path, optional id and meta."""
+
+    source: str | os.PathLike | bytes
+    category: str | None
+    id: str | None = None
+    meta: Mapping = field(default_factory=dict)
+    uri: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.uri or (str(self.source) if not isinstance(self.source, bytes) else "<bytes>")
+
+
+@dataclass(frozen=True)
+class FailedItem:
+    source: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    seen: int = 0
+    stored: int = 0
+    skipped_present: int = 0
+    failed: list[FailedItem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {
+            "seen": self.seen, "stored": self.stored, "skipped_present": self.skipped_present,
+            "failed": len(self.failed), "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.stored / self.seconds, 1) if self.seconds else None,
+            "failures": [{"source": f.source, "reason": f.reason} for f in self.failed],
+        }
+
+
+@dataclass
+class _Prepared:
+    item: IngestItem
+    id: str
+    data: Any
+
+
+class ImageIndex:
+    """A `HierStore` plus the model that fills it.
+
+    >>> index = ImageIndex.open(embedder, "./hiervec.db")                     # doctest: +SKIP
+    >>> report = index.ingest([IngestItem("a.jpg", "clothing/tops/shirt")])   # doctest: +SKIP
+    >>> index.search(["query.jpg"], k=5, where=under("clothing"))             # doctest: +SKIP
+    """
+
+    def __init__(self, store: HierStore, embedder: ImageEmbedder):
+        self.store = store
+        self.embedder = embedder
+
+    @classmethod
+    def open(
+        cls,
+        embedder: ImageEmbedder,
+        uri: str | os.PathLike | None = None,
+        collection: str = "images",
+        *,
+        index: str | None = None,
+        metric: str = "L2",
+        create: bool = True,
+        **connection,
+    ) -> ImageIndex:
+        """Open (or create) the collection for `embedder`; a collection of another model is refused."""
+        spec = CollectionSpec(tuple(embedder.level_names), embedder.dim, tuple(embedder.level_dims), metric, index)
+        store = HierStore(uri, collection, spec=spec, fingerprint=embedder.fingerprint, create=create, **connection)
+        return cls(store, embedder)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- ingest --------------------------------------------------------------------------
+    def ingest(
+        self,
+        items: Iterable[IngestItem],
+        *,
+        batch_size: int = 64,
+        skip_existing: bool = True,
+        workers: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestReport:
+        """Store every item that decodes; list the others with their reason.
+
+        Files are read and decoded in a thread pool while the previous batch is embedded;
+        ids already stored are skipped without decoding (re-running never duplicates);
+        the collection is flushed at the end so searches use the built index.
+        `progress(n)` is called with the number of items finished in each batch.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        report = IngestReport()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+            pending: Future | None = None
+            for batch in _batches(items, batch_size):
+                ready = pool.submit(self._prepare_batch, batch, skip_existing, pool)
+                if pending is not None:
+                    self._store_batch(pending.result(), report, progress)
+                pending = ready
+            if pending is not None:
+                self._store_batch(pending.result(), report, progress)
+        self.store.flush()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _prepare_batch(self, batch: list[IngestItem], skip_existing: bool, pool: ThreadPoolExecutor):
+        """Read, hash and decode a batch: (prepared, skipped count, failures, seen)."""
+        failures, loaded = [], []
+        for item in batch:
+            try:
+                data = item.source if isinstance(item.source, bytes) else _read(item.source)
+            except OSError as exc:
+                failures.append(FailedItem(item.name, f"cannot read: {exc.strerror or exc}"))
+                continue
+            if item.category is None:
+                failures.append(FailedItem(item.name, "has no category path"))
+                continue
+            loaded.append((item, item.id if item.id is not None else content_id(data), data))
+        present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
+        todo = [(item, rid, data) for item, rid, data in loaded if rid not in present]
+        skipped = len(loaded) - len(todo)
+        decoded = list(pool.map(self._decode, todo)) if todo else []
+        prepared = [p for p in decoded if isinstance(p, _Prepared)]
+        failures += [p for p in decoded if isinstance(p, FailedItem)]
+        return prepared, skipped, failures, len(batch)
+
+    def _decode(self, entry) -> _Prepared | FailedItem:
+        item, rid, data = entry
+        try:
+            return _Prepared(item, rid, self.embedder.prepare(data))
+        except Exception as exc:  # any decoder failure is this file's, never the batch's
+            reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
+            return FailedItem(item.name, reason)
+
+    def _store_batch(self, prepared_batch, report: IngestReport, progress) -> None:
+        prepared, skipped, failures, seen = prepared_batch
+        report.seen += seen
+        report.skipped_present += skipped
+        report.failed += failures
+        if prepared:
+            vectors = self.embedder.embed([p.data for p in prepared])
+            records = []
+            for row, p in enumerate(prepared):
+                records.append(Record(
+                    category=p.item.category,
+                    vector=vectors.concat[row],
+                    level_vectors={level: v[row] for level, v in vectors.levels.items()},
+                    id=p.id,
+                    uri=p.item.uri or (str(os.path.abspath(p.item.source)) if not isinstance(p.item.source, bytes) else ""),
+                    meta=dict(p.item.meta),
+                ))
+            rows, problems = validate_records(records, self.store.spec)
+            report.failed += [FailedItem(prepared[i].item.name, reason) for i, reason in problems]
+            report.stored += self.store.upsert_rows(rows)
+        if progress is not None:
+            progress(seen)
+
+    # -- search --------------------------------------------------------------------------
+    def embed(self, images: Sequence[Any]):
+        return self.embedder.embed([self.embedder.prepare(image) for image in images])
+
+    def search(
+        self,
+        images: Sequence[Any],
+        k: int = 10,
+        *,
+        level: str | None = None,
+        where: WhereInput = None,
+        group_by: str | None = None,
+        group_size: int = 1,
+    ) -> list[list[Hit]]:
+        """Hits for each query image (path, bytes or PIL image), on the image or one level's vector."""
+        vectors = self.embed(images)
+        query = vectors.concat if level is None else _level_vectors(vectors, level)
+        return self.store.search(query, k, level=level, where=where, group_by=group_by, group_size=group_size)
+
+
+def _level_vectors(vectors, level: str):
+    if level not in vectors.levels:
+        raise FilterError(f"unknown level {level!r}; the model's levels are {', '.join(vectors.levels) or 'none (flat)'}")
+    return vectors.levels[level]
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _batches(items: Iterable[IngestItem], size: int) -> Iterator[list[IngestItem]]:
+    batch: list[IngestItem] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

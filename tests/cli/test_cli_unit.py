@@ -1,0 +1,92 @@
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cli.filters import build_filter, resolve_category
+from cli.main import cli
+
+pytestmark = pytest.mark.unit
+
+COMMANDS = [["data"], ["data", "fashion-mnist"], ["train"], ["ingest"], ["search"], ["eval"], ["info"], ["delete"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and "--help" in result.output
+    if command not in (["data"],):
+        assert "--json" in result.output
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from cli.main import cli; "
+            "r = CliRunner().invoke(cli, ['search', '--help']); assert r.exit_code == 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "x.png"], "Missing option '--model'"),
+        (["search", "x.png", "--model", "m.pt", "-k", "0"], "0 is not in the range 1<=x<=16384"),
+        (["train", "no-such-dir", "--out", "m.pt"], "does not exist"),
+        (["delete"], "give either IDS or --where/--under"),
+        (["data", "fashion-mnist", "out", "--split", "val"], "'val' is not one of"),
+    ],
+)
+def test_option_validation_is_a_usage_error(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_library_errors_become_one_line(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "q.png").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "missing.png"), "--model", str(tmp_path / "m.pt")])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: query image '{tmp_path / 'missing.png'}' does not exist\n"
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "q.png"), "--model", str(tmp_path / "m.pt")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot read checkpoint") and result.stderr.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["train", str(empty), "--out", str(tmp_path / "x.pt")])
+    assert (result.exit_code, result.stderr) == (1, f"Error: no labelled images in {empty}\n")
+
+
+KNOWN = {
+    "gender": {"men", "women"},
+    "kind": {"men/accessories", "women/accessories", "women/dresses"},
+}
+
+
+def test_where_values_resolve_paths_and_unique_names():
+    assert resolve_category("kind", "women/dresses", KNOWN["kind"]) == "women/dresses"
+    assert resolve_category("kind", "dresses", KNOWN["kind"]) == "women/dresses"
+    with pytest.raises(click.ClickException, match="'accessories' is ambiguous at level 'kind': it could be "
+                                                   "men/accessories, women/accessories"):
+        resolve_category("kind", "accessories", KNOWN["kind"])
+    with pytest.raises(click.ClickException, match="unknown category 'hats' at level 'kind'"):
+        resolve_category("kind", "hats", KNOWN["kind"])
+
+
+def test_where_and_under_build_one_filter():
+    from milvus_store import And, Eq, In, Under
+
+    assert build_filter([], None, KNOWN) is None
+    assert build_filter(["gender=men"], None, KNOWN) == Eq("gender", "men")
+    assert build_filter(["kind=dresses", "kind=men/accessories"], "women", KNOWN) == And(
+        (In("kind", ("women/dresses", "men/accessories")), Under("women")))
+    with pytest.raises(click.ClickException, match="unknown level 'colour' in --where"):
+        build_filter(["colour=red"], None, KNOWN)
+    with pytest.raises(click.BadParameter, match="expected LEVEL=VALUE"):
+        build_filter(["gender"], None, KNOWN)
+    with pytest.raises(click.ClickException, match="unknown category 'women/hats' for --under"):
+        build_filter([], "women/hats", KNOWN)
