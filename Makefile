@@ -9,6 +9,16 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
+HIERVEC := $(VENV)/bin/hiervec
+DEMO := runs/demo
+DEMO_EPOCHS ?= 3
+DEMO_TRAIN ?= 20000
+# Fashion-MNIST test images (index: label): 0 ankle boot, 4 shirt, 8 sandal, 2 trouser
+Q_BOOT := $(DEMO)/test/footwear/boots/ankle-boot/test-00000.png
+Q_SHIRT := $(DEMO)/test/clothing/tops/shirt/test-00004.png
+Q_SANDAL := $(DEMO)/test/footwear/sandals-sneakers/sandal/test-00008.png
+Q_TROUSER := $(DEMO)/test/clothing/bottoms/trouser/test-00002.png
+
 .PHONY: test demo venv data clean
 
 venv: $(VENV)/.installed
@@ -30,5 +40,34 @@ data:
 test: venv data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job on the embedded default store (Milvus Lite, ./hiervec.db): export
+# Fashion-MNIST, train the pyramid model, ingest the test split, search, evaluate.
+# Re-running skips what is done (the model, images already stored).
+demo: venv data $(DEMO)/fashion.pt
+	$(HIERVEC) ingest $(DEMO)/test --model $(DEMO)/fashion.pt --report $(DEMO)/ingest-report.json
+	@echo; echo "== nearest neighbours of a shirt, anywhere in the catalogue"
+	$(HIERVEC) search $(Q_SHIRT) --model $(DEMO)/fashion.pt -k 5
+	@echo; echo "== sneakers that look like this ankle boot (a hierarchy filter)"
+	$(HIERVEC) search $(Q_BOOT) --model $(DEMO)/fashion.pt -k 5 --where item=sneaker
+	@echo; echo "== the best two of each item type within tops"
+	$(HIERVEC) search $(Q_SHIRT) --model $(DEMO)/fashion.pt -k 4 --under clothing/tops --group-by item --group-size 2
+	@echo; echo "== contact sheet"
+	$(HIERVEC) search $(Q_BOOT) $(Q_SHIRT) $(Q_SANDAL) $(Q_TROUSER) --model $(DEMO)/fashion.pt -k 8 \
+		--sheet $(DEMO)/contact-sheet.png > /dev/null
+	@echo; echo "== leave-one-out retrieval over the test split, through Milvus"
+	$(HIERVEC) eval $(DEMO)/test --model $(DEMO)/fashion.pt --uri ./hiervec.db --collection images
+	$(HIERVEC) info | head -12
+
+$(DEMO)/train/.done: | venv data
+	$(HIERVEC) data fashion-mnist $(DEMO)/train --split train --limit $(DEMO_TRAIN)
+	touch $@
+
+$(DEMO)/test/.done: | venv data
+	$(HIERVEC) data fashion-mnist $(DEMO)/test --split test
+	touch $@
+
+$(DEMO)/fashion.pt: $(DEMO)/train/.done $(DEMO)/test/.done
+	$(HIERVEC) train $(DEMO)/train --out $@ --levels department,category,item --epochs $(DEMO_EPOCHS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis $(DEMO) hiervec.db

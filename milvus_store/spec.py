@@ -136,18 +136,32 @@ def index_build_params(index: str, dim: int) -> dict:
     if index == "HNSW":
         return {"M": 16, "efConstruction": 200}
     if index in ("IVF_FLAT", "IVF_SQ8"):
-        return {"nlist": 1024}
+        return {"nlist": IVF_NLIST}
     if index == "IVF_PQ":
         m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-        return {"nlist": 1024, "m": m, "nbits": 8}
+        return {"nlist": IVF_NLIST, "m": m, "nbits": 8}
     return {}
 
 
-def index_search_params(index: str, k: int) -> dict:
+MAX_EF = 32768
+IVF_NLIST = 1024
+
+
+def index_search_params(index: str, k: int, share: float = 1.0) -> dict:
+    """Search breadth for top-`k` when a `share` (0, 1] of the rows passes the filter.
+
+    A filtered graph or IVF search drops the rows that fail the filter after visiting
+    them, so its breadth must grow as the share shrinks. Measured on Milvus Lite at
+    100,000 vectors (BENCHMARKS.md): with 2% of rows passing, HNSW recall@10 is 0.59 at
+    ef=64 and 0.995 at ef=2048; IVF_FLAT's is 0.75 at nprobe=32 and 1.0 at nprobe=128.
+    """
+    share = min(1.0, max(share, 1e-6))
     if index == "HNSW":
-        return {"ef": max(64, k)}
+        base = max(64, k)
+        return {"ef": int(min(MAX_EF, max(base, base / share)))}
     if index.startswith("IVF"):
-        return {"nprobe": 32}
+        return {"nprobe": int(min(IVF_NLIST, max(32, 3.2 / share)))}
     if index == "DISKANN":
-        return {"search_list": max(100, k)}
+        base = max(100, k)
+        return {"search_list": int(min(MAX_EF, max(base, base / share)))}
     return {}

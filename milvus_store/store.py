@@ -268,7 +268,10 @@ class HierStore:
         field, data = self._vector_field(level), self._queries(vectors, level)
         if not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
-        params = {"metric_type": self.spec.metric, "params": dict(index_search_params(self.spec.index, k))}
+        share = self._share(where, timeout)
+        if share == 0:
+            return [[] for _ in data]
+        params = {"metric_type": self.spec.metric, "params": dict(index_search_params(self.spec.index, k, share))}
         if radius is not None:
             params["params"]["radius"] = radius
         if range_filter is not None:
@@ -314,10 +317,14 @@ class HierStore:
             raise ValueError("hybrid_search needs vectors for at least one level")
         levels = list(level_vectors)
         expr, fparams = self._filter(where)
+        share = self._share(where, timeout)
+        if share == 0:
+            return [[] for _ in level_vectors[levels[0]]] if np.ndim(level_vectors[levels[0]]) == 2 else [[]]
+        breadth = index_search_params(self.spec.index, candidates or 2 * k, share)
         requests = [
             AnnSearchRequest(
                 data=self._queries(level_vectors[level], level), anns_field=self._vector_field(level),
-                param={"metric_type": self.spec.metric, "params": index_search_params(self.spec.index, k)},
+                param={"metric_type": self.spec.metric, "params": breadth},
                 limit=candidates or 2 * k, expr=expr or None, expr_params=fparams or None,
             )
             for level in levels
@@ -400,6 +407,13 @@ class HierStore:
         return Counter(hit.categories[level] for hit in self.iterate(where, output=[level]))
 
     # -- helpers -------------------------------------------------------------------------
+    def _share(self, where: WhereInput, timeout: float | None) -> float:
+        """Share of rows passing `where` (1.0 without one): filtered searches widen by it."""
+        if where is None:
+            return 1.0
+        total = self.count(timeout=timeout)
+        return self.count(where, timeout=timeout) / total if total else 0.0
+
     def _filter(self, where: WhereInput) -> tuple[str, dict]:
         return render(where, self.spec.fields, templates=self.templates)
 

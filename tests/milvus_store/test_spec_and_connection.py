@@ -80,3 +80,16 @@ def test_unreachable_server_names_the_uri_but_not_the_token():
         HierStore("http://127.0.0.1:9", "images", token="s3cret-token", timeout=2)
     message = str(info.value)
     assert "http://127.0.0.1:9" in message and "s3cret-token" not in message
+
+
+def test_search_breadth_grows_as_the_filter_narrows():
+    from milvus_store.spec import index_search_params
+
+    assert index_search_params("HNSW", 10) == {"ef": 64}
+    assert index_search_params("HNSW", 100) == {"ef": 100}
+    assert index_search_params("HNSW", 10, share=0.02) == {"ef": 3200}
+    assert index_search_params("HNSW", 10, share=1e-9) == {"ef": 32768}
+    assert index_search_params("IVF_FLAT", 10) == {"nprobe": 32}
+    assert index_search_params("IVF_SQ8", 10, share=0.02) == {"nprobe": 160}
+    assert index_search_params("IVF_FLAT", 10, share=0.0001) == {"nprobe": 1024}
+    assert index_search_params("FLAT", 10, share=0.02) == {}

@@ -235,6 +235,12 @@ class TestStoreContract:
         with pytest.raises(CollectionNotFoundError):
             make_store(spec=None, collection=name)
 
+    def test_a_filter_nothing_passes_returns_no_hits(self, filled):
+        store, _ = filled
+        query = np.zeros(SPEC.dim, dtype=np.float32)
+        assert store.search([query, query], k=5, where=under("d9")) == [[], []]
+        assert store.hybrid_search({"department": np.zeros(4)}, k=5, where=under("d9")) == [[]]
+
     def test_category_counts(self, filled):
         store, records = filled
         expected = {}
