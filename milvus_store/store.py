@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -43,6 +45,7 @@ from .spec import (
 
 logger = logging.getLogger(__name__)
 MAX_TOPK = 16384  # Milvus's limit for one search; use `search_iter` beyond it
+SHARE_TTL_S = 60.0
 
 
 class HierStore:
@@ -75,6 +78,7 @@ class HierStore:
             raise StoreConnectionError(
                 f"cannot open Milvus at {self.settings.display_uri!r}: {self._clean(exc)}"
             ) from None
+        self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
         self.templates = not self.lite  # Milvus Lite rejects templated filter_params
         with self._calls("open collection"):
@@ -183,6 +187,7 @@ class HierStore:
         """Write rows already validated by `records.validate_records` (callers that skip bad records)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._shares.clear()
         for start in range(0, len(rows), batch_size):
             with self._calls("upsert"):
                 self._client.upsert(self.collection, rows[start : start + batch_size], timeout=self._timeout(timeout))
@@ -195,6 +200,7 @@ class HierStore:
         expr, params = self._filter(where) if where is not None else self._ids_filter(ids)
         if not expr:
             raise FilterError("refusing to delete with an empty filter; use drop() to remove everything")
+        self._shares.clear()
         with self._calls("delete"):
             before = self.count(timeout=timeout)
             self._client.delete(self.collection, filter=expr, timeout=self._timeout(timeout), **self._params(params))
@@ -300,7 +306,7 @@ class HierStore:
         level_vectors: Mapping[str, object],
         k: int = 10,
         *,
-        ranker: str = "rrf",
+        ranker: str | None = None,
         weights: Mapping[str, float] | None = None,
         rrf_k: int = 60,
         where: WhereInput = None,
@@ -310,8 +316,9 @@ class HierStore:
     ) -> list[list[Hit]]:
         """Search several level vectors at once and fuse the rankings.
 
-        ``ranker="rrf"`` (reciprocal rank fusion) or ``"weighted"`` with `weights`
-        ``{level: w}``. Each level contributes its top `candidates` (default ``2 * k``).
+        Reciprocal rank fusion by default; `weights` ``{level: w}`` (or ``ranker="weighted"``)
+        fuse normalised scores instead. Each level contributes its top `candidates`
+        (default ``2 * k``).
         """
         if not level_vectors:
             raise ValueError("hybrid_search needs vectors for at least one level")
@@ -331,6 +338,7 @@ class HierStore:
         ]
         if len({len(r.data) for r in requests}) != 1:
             raise ValueError("every level needs the same number of query vectors")
+        ranker = ranker or ("weighted" if weights else "rrf")
         if ranker == "rrf":
             fusion = RRFRanker(rrf_k)
         elif ranker == "weighted":
@@ -366,18 +374,11 @@ class HierStore:
                 self.collection, data=data, anns_field=self._vector_field(level), batch_size=batch_size,
                 limit=limit if limit is not None else -1, filter=expr, output_fields=self._outputs(output),
                 search_params={"metric_type": self.spec.metric,
-                               "params": index_search_params(self.spec.index, batch_size)},
+                               "params": index_search_params(self.spec.index, batch_size, self._share(where, timeout))},
                 timeout=self._timeout(timeout),
             )
-        try:
-            while True:
-                with self._calls("search iterator"):
-                    batch = iterator.next()
-                if not batch:
-                    return
-                yield from self._hits(batch)
-        finally:
-            iterator.close()
+        for batch in self._drain(iterator, "search iterator"):
+            yield from self._hits(batch)
 
     def iterate(
         self, where: WhereInput = None, *, output: Sequence[str] | None = None, batch_size: int = 1000,
@@ -389,16 +390,9 @@ class HierStore:
         with self._calls("query iterator"):
             iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter=expr,
                                                    output_fields=self._outputs(output), timeout=self._timeout(timeout))
-        try:
-            while True:
-                with self._calls("query iterator"):
-                    batch = iterator.next()
-                if not batch:
-                    return
-                for row in batch:
-                    yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
-        finally:
-            iterator.close()
+        for batch in self._drain(iterator, "query iterator"):
+            for row in batch:
+                yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
 
     def category_counts(self, level: str, *, where: WhereInput = None) -> Counter:
         """How many records each category of `level` holds."""
@@ -407,12 +401,36 @@ class HierStore:
         return Counter(hit.categories[level] for hit in self.iterate(where, output=[level]))
 
     # -- helpers -------------------------------------------------------------------------
+    def _drain(self, iterator, action: str) -> Iterator[list]:
+        """The non-empty batches of a pymilvus iterator, closing it however the caller stops."""
+        try:
+            while True:
+                with self._calls(action):
+                    batch = iterator.next()
+                if not batch:
+                    return
+                yield batch
+        finally:
+            iterator.close()
+
     def _share(self, where: WhereInput, timeout: float | None) -> float:
-        """Share of rows passing `where` (1.0 without one): filtered searches widen by it."""
+        """Share of rows passing `where` (1.0 without one): filtered searches widen by it.
+
+        A count costs as much as a search on Milvus Lite (~100 ms at 100,000 rows), and the
+        share only steers the search breadth, so it is cached per filter for a minute;
+        this store's own writes clear the cache.
+        """
         if where is None:
             return 1.0
+        expr, params = self._filter(where)
+        key = (expr, json.dumps(params, sort_keys=True, default=str))
+        cached = self._shares.get(key)
+        if cached is not None and time.monotonic() - cached[1] < SHARE_TTL_S:
+            return cached[0]
         total = self.count(timeout=timeout)
-        return self.count(where, timeout=timeout) / total if total else 0.0
+        share = self.count(where, timeout=timeout) / total if total else 0.0
+        self._shares[key] = (share, time.monotonic())
+        return share
 
     def _filter(self, where: WhereInput) -> tuple[str, dict]:
         return render(where, self.spec.fields, templates=self.templates)

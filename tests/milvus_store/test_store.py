@@ -121,7 +121,7 @@ class TestStoreContract:
         store, records = filled
         rng = np.random.default_rng(6)
         queries = {"department": rng.normal(size=4), "category": rng.normal(size=4)}
-        [hits] = store.hybrid_search(queries, k=5, ranker="weighted", weights={"department": 1.0, "category": 0.0},
+        [hits] = store.hybrid_search(queries, k=5, weights={"department": 1.0, "category": 0.0},
                                      where=under("d1"))
         ids, _ = brute_force(records, queries["department"], 5, level="department",
                              keep=lambda r: levels_of(r)["department"] == "d1")
