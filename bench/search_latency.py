@@ -50,7 +50,8 @@ def percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(samples, q) * 1000)
 
 
-def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, settle_s: float) -> dict:
+def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, settle_s: float,
+              search_params: dict | None = None) -> dict:
     spec = CollectionSpec(LEVELS, dim=192, level_dims=(64, 64, 64), index=index)
     store = HierStore(str(folder / f"{index}.db"), "bench", spec=spec)
     records = [
@@ -77,7 +78,7 @@ def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, s
         latencies, recalls = [], []
         for query in queries:
             t0 = time.perf_counter()
-            [hits] = store.search(query, k=k, where=where, output=[])
+            [hits] = store.search(query, k=k, where=where, output=[], search_params=search_params)
             latencies.append(time.perf_counter() - t0)
             dist = ((vectors[pool] - query) ** 2).sum(1)
             truth = set(pool[np.argsort(dist)[:k]].astype(str))
@@ -97,20 +98,28 @@ def main(argv=None) -> int:
     parser.add_argument("--indexes", default=",".join(LITE_INDEXES))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--settle", type=float, default=60.0, help="seconds to wait after flush before measuring")
+    parser.add_argument("--search-param", metavar="NAME=INT", default=None,
+                        help="fix the search breadth (e.g. ef=64) instead of the store's filter-aware default")
     parser.add_argument("--smoke", action="store_true", help="2,000 vectors, 10 queries, no settling: seconds")
     args = parser.parse_args(argv)
+    fixed = None
+    if args.search_param:
+        name, _, value = args.search_param.partition("=")
+        fixed = {name: int(value)}
     if args.smoke:
         args.n, args.queries, args.settle = 2000, 10, 0.0
     vectors, queries, leaf, paths = make_data(args.n, args.queries)
     folder = Path(tempfile.mkdtemp(prefix="hiervec-bench-"))
     try:
-        runs = [run_index(index, vectors, queries, leaf, paths, 10, folder, args.settle)
+        runs = [run_index(index, vectors, queries, leaf, paths, 10, folder, args.settle, fixed)
                 for index in args.indexes.split(",")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    command = "python bench/search_latency.py" + (" --smoke" if args.smoke else "")
+    command = "python bench/search_latency.py" + (" --smoke" if args.smoke else "") + (
+        f" --indexes {args.indexes} --search-param {args.search_param}" if fixed else "")
     print(f"# top-10 search on Milvus Lite, {args.n:,} vectors (192-d image + 3 x 64-d level), "
-          f"{args.queries} queries, measured {args.settle:.0f}s after flush\n\n"
+          f"{args.queries} queries, measured {args.settle:.0f}s after flush, search breadth "
+          f"{args.search_param or 'filter-aware (the default)'}\n\n"
           f"machine: {describe()}\ncommand: {command}\n")
     print("| index | insert + flush s | filter | rows passing | p50 ms | p99 ms | recall@10 |")
     print("|---|---|---|---|---|---|---|")

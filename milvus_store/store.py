@@ -81,19 +81,26 @@ class HierStore:
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
         self.templates = not self.lite  # Milvus Lite rejects templated filter_params
+        try:
+            self._open_or_create(spec, fingerprint, create)
+        except BaseException:
+            self.close()  # a Lite file stays locked while its client is open
+            raise
+
+    def _open_or_create(self, spec: CollectionSpec | None, fingerprint: str | None, create: bool) -> None:
         with self._calls("open collection"):
-            exists = self._client.has_collection(collection, timeout=timeout)
+            exists = self._client.has_collection(self.collection, timeout=self.timeout)
         if exists:
             self.spec, self.fingerprint = self._open_existing(spec, fingerprint)
-        else:
-            if spec is None or not create:
-                raise CollectionNotFoundError(
-                    f"collection {collection!r} does not exist at {self.settings.display_uri!r}"
-                )
-            self.spec = spec.with_index(spec.index or DEFAULT_INDEX)
-            self.fingerprint = fingerprint
-            check_index(self.spec.index, lite=self.lite)
-            self._create()
+            return
+        if spec is None or not create:
+            raise CollectionNotFoundError(
+                f"collection {self.collection!r} does not exist at {self.settings.display_uri!r}"
+            )
+        self.spec = spec.with_index(spec.index or DEFAULT_INDEX)
+        self.fingerprint = fingerprint
+        check_index(self.spec.index, lite=self.lite)
+        self._create()
 
     # -- lifecycle -----------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -262,3 +262,15 @@ def test_iterator_beyond_milvus_topk_limit(tmp_path):
     assert len({h.id for h in hits}) == 16_500
     dist = ((vectors - vectors[0]) ** 2).sum(1)
     np.testing.assert_allclose(sorted(h.distance for h in hits), np.sort(dist)[:16_500], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.lite
+def test_a_refused_open_releases_the_lite_file(tmp_path):
+    uri = str(tmp_path / "h.db")
+    with HierStore(uri, "images", spec=SPEC, fingerprint="a") as store:
+        store.upsert(make_records(3))
+    for _ in range(3):
+        with pytest.raises(SchemaMismatchError):
+            HierStore(uri, "images", spec=SPEC, fingerprint="b")
+    with HierStore(uri, "images") as again:
+        assert again.count() == 3

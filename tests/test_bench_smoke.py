@@ -1,0 +1,25 @@
+"""The benchmark scripts run in seconds with --smoke, so they cannot rot."""
+
+import re
+
+import pytest
+
+from bench import search_latency, speed
+
+
+@pytest.mark.lite
+def test_search_latency_smoke(capsys):
+    assert search_latency.main(["--smoke", "--indexes", "FLAT,HNSW"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (FLAT|HNSW) \| [\d.]+ \| (.+?) \| ([\d.]+)% \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$", out, re.M)
+    assert len(rows) == 6
+    assert {(index, share) for index, _, share, _ in rows} >= {("FLAT", "100.0"), ("HNSW", "20.0"), ("HNSW", "2.0")}
+    assert all(recall == "1.000" for index, _, _, recall in rows if index == "FLAT")  # exact search
+
+
+@pytest.mark.unit
+def test_speed_smoke(capsys):
+    assert speed.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^\| 64 \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \|$", out, re.M)
+    assert row and all(float(v) > 0 for v in row.groups())
