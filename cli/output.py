@@ -37,12 +37,17 @@ def _thumbnail(source, size: int) -> Image.Image:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """`text` cut from the left (keeping the leaf end of a path) to fit `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength("..." + text, font=font) > width:
-        text = text[1:]
-    return "..." + text
+    """`text` fitted to `width` pixels: a path loses whole leading names first
+    (``footwear/boots/ankle-boot`` -> ``boots/ankle-boot``), then characters."""
+    names = text.split("/")
+    for start in range(len(names)):
+        candidate = "/".join(names[start:])
+        if draw.textlength(candidate, font=font) <= width:
+            return candidate
+    text = names[-1]
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence]], out: str | Path, *, thumb: int = 112) -> Path:
