@@ -73,10 +73,15 @@ class ConnectionSettings:
         return text
 
     def client_kwargs(self) -> dict:
+        # pymilvus pings idle channels every 10 s; servers on gRPC's default policy
+        # (Milvus Lite's, in process or as `milvus-lite server`) answer with GOAWAY
+        # "too_many_pings" and the shared channel fails the next call. Ping only while
+        # calls are in flight.
+        grpc_options = {"grpc.keepalive_permit_without_calls": 0}
         if self.is_local:
             Path(self.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            return {"uri": str(Path(self.uri).expanduser())}
-        kwargs: dict = {"uri": self.uri}
+            return {"uri": str(Path(self.uri).expanduser()), "grpc_options": grpc_options}
+        kwargs: dict = {"uri": self.uri, "grpc_options": grpc_options}
         if self.token:
             kwargs["token"] = self.token
         elif self.user is not None:

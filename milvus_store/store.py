@@ -104,7 +104,8 @@ class HierStore:
 
     # -- lifecycle -----------------------------------------------------------------------
     def __repr__(self) -> str:
-        return f"HierStore(uri={self.settings.display_uri!r}, collection={self.collection!r}, spec={self.spec!r})"
+        spec = getattr(self, "spec", None)  # absent while opening failed
+        return f"HierStore(uri={self.settings.display_uri!r}, collection={self.collection!r}, spec={spec!r})"
 
     def __enter__(self) -> HierStore:
         return self

@@ -38,16 +38,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+    """Until a client call succeeds: the port is bound before the gRPC service answers."""
+    from pymilvus import MilvusClient
+
     deadline = time.monotonic() + seconds
+    last_error = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"milvus-lite server exited with {process.returncode}: {process.stdout.read()}")
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            listening = sock.connect_ex(("127.0.0.1", port)) == 0
+        if listening:
+            try:
+                client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=5)
+                client.get_server_version()
+                client.close()
                 return
-        time.sleep(0.2)
-    raise RuntimeError(f"milvus-lite server did not listen on port {port} within {seconds}s")
+            except Exception as exc:  # not serving yet
+                last_error = exc
+        time.sleep(0.5)
+    raise RuntimeError(f"milvus-lite server on port {port} did not serve within {seconds}s: {last_error}")
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +74,7 @@ def lite_server(tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        wait_for_port(port, process)
+        wait_until_serving(port, process)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
