@@ -90,3 +90,10 @@ def test_where_and_under_build_one_filter():
         build_filter(["gender"], None, KNOWN)
     with pytest.raises(click.ClickException, match="unknown category 'women/hats' for --under"):
         build_filter([], "women/hats", KNOWN)
+
+
+def test_unreachable_server_is_one_line_naming_the_uri():
+    result = CliRunner().invoke(cli, ["info", "--uri", "http://127.0.0.1:9", "--token", "s3cret"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot open Milvus at 'http://127.0.0.1:9'")
+    assert result.stderr.count("\n") == 1 and "s3cret" not in result.stderr
