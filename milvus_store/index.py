@@ -144,12 +144,17 @@ class ImageIndex:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be positive, got {workers}")
         report = IngestReport()
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        # One thread prepares the next batch (reads, ids, skip-if-present) and hands its
+        # images to the decode pool while this thread embeds and writes the current one.
+        decoders = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
+        with decoders, ThreadPoolExecutor(max_workers=1) as stage:
             pending: Future | None = None
             for batch in _batches(items, batch_size):
-                ready = pool.submit(self._prepare_batch, batch, skip_existing, pool)
+                ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders)
                 if pending is not None:
                     self._store_batch(pending.result(), report, progress)
                 pending = ready

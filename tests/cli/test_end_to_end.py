@@ -183,3 +183,17 @@ def test_interrupted_ingest_resumes_with_every_image_once(workspace, tmp_path):
 
     with HierStore(str(db), "images") as store:
         assert {h.id for h in store.iterate()} == {sha256(p) for p in paths}
+
+
+def test_ingest_with_one_decode_worker_completes(workspace, tmp_path):
+    from embedder import Embedder
+    from milvus_store import ImageIndex, IngestItem
+
+    _, tree, model = workspace
+    paths = all_images(tree)
+    items = [IngestItem(p, "/".join(p.relative_to(tree).parts[:-1])) for p in paths]
+    with ImageIndex.open(Embedder.from_checkpoint(model), str(tmp_path / "h.db"), "images") as index:
+        for workers in (1, 2):
+            report = index.ingest(items, batch_size=3, workers=workers, skip_existing=False)
+            assert (report.stored, report.failed) == (len(paths), [])
+        assert index.store.count() == len(paths)
