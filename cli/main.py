@@ -315,7 +315,7 @@ def eval_(source, model_path, uri, collection, token, k, as_json):
     import tempfile
 
     from embedder import read_source
-    from milvus_store import ImageIndex, IngestItem, content_id
+    from milvus_store import ImageIndex, IngestItem
 
     from .evaluation import evaluate_collection
 
@@ -330,11 +330,7 @@ def eval_(source, model_path, uri, collection, token, k, as_json):
             report = image_index.ingest(items)
             note(as_json, f"ingested {report.stored} images ({report.skipped_present} present, "
                           f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s; searching ...")
-            failed = {f.source for f in report.failed}
-            query_ids = list(dict.fromkeys(
-                item.id if item.id is not None else content_id(Path(item.source).read_bytes())
-                for item in items if item.name not in failed))
-            metrics = evaluate_collection(image_index.store, query_ids, k)
+            metrics = evaluate_collection(image_index.store, list(dict.fromkeys(report.ids)), k)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     emit(as_json, metrics, "\n".join(f"{key:<32} {value:.4f}" if isinstance(value, float) else f"{key:<32} {value}"
                                      for key, value in metrics.items()))

@@ -66,6 +66,7 @@ class IngestReport:
     skipped_present: int = 0
     failed: list[FailedItem] = field(default_factory=list)
     seconds: float = 0.0
+    ids: list[str] = field(default_factory=list)  # of every item now stored, new or already present
 
     @property
     def ok(self) -> bool:
@@ -165,7 +166,7 @@ class ImageIndex:
         return report
 
     def _prepare_batch(self, batch: list[IngestItem], skip_existing: bool, pool: ThreadPoolExecutor):
-        """Read, hash and decode a batch: (prepared, skipped count, failures, seen)."""
+        """Read, hash and decode a batch: (prepared, ids already present, failures, seen)."""
         failures, loaded = [], []
         for item in batch:
             try:
@@ -179,7 +180,7 @@ class ImageIndex:
             loaded.append((item, item.id if item.id is not None else content_id(data), data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
         todo = [(item, rid, data) for item, rid, data in loaded if rid not in present]
-        skipped = len(loaded) - len(todo)
+        skipped = [rid for _, rid, _ in loaded if rid in present]
         decoded = list(pool.map(self._decode, todo)) if todo else []
         prepared = [p for p in decoded if isinstance(p, _Prepared)]
         failures += [p for p in decoded if isinstance(p, FailedItem)]
@@ -196,7 +197,8 @@ class ImageIndex:
     def _store_batch(self, prepared_batch, report: IngestReport, progress) -> None:
         prepared, skipped, failures, seen = prepared_batch
         report.seen += seen
-        report.skipped_present += skipped
+        report.skipped_present += len(skipped)
+        report.ids += skipped
         report.failed += failures
         if prepared:
             vectors = self.embedder.embed([p.data for p in prepared])
@@ -213,6 +215,7 @@ class ImageIndex:
             rows, problems = validate_records(records, self.store.spec)
             report.failed += [FailedItem(prepared[i].item.name, reason) for i, reason in problems]
             report.stored += self.store.upsert_rows(rows)
+            report.ids += [row[self.store.spec.fields.id] for row in rows]
         if progress is not None:
             progress(seen)
 

@@ -196,4 +196,7 @@ def test_ingest_with_one_decode_worker_completes(workspace, tmp_path):
         for workers in (1, 2):
             report = index.ingest(items, batch_size=3, workers=workers, skip_existing=False)
             assert (report.stored, report.failed) == (len(paths), [])
+            assert report.ids == [sha256(p) for p in paths]
+        again = index.ingest(items, batch_size=4)
+        assert (again.stored, again.skipped_present, again.ids) == (0, len(paths), report.ids)
         assert index.store.count() == len(paths)
