@@ -44,25 +44,20 @@ class HiervecGroup(click.Group):
 
 
 def json_option(func):
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout, nothing else.")(func)
 
 
 def store_options(func):
-    @click.option("--uri", default=None, metavar="URI",
-                  help="Milvus Lite file (*.db) or http(s)://host:port. [default: $HIERVEC_MILVUS_URI, else ./hiervec.db]")
-    @click.option("--collection", default=DEFAULT_COLLECTION, show_default=True, help="Collection name.")
-    @click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True,
-                  help="Token for a Milvus server (user:password or an API key).")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
+    for option in reversed((
+        click.option("--uri", default=None, metavar="URI",
+                     help="Milvus Lite file (*.db) or http(s)://host:port. [default: $HIERVEC_MILVUS_URI, else ./hiervec.db]"),
+        click.option("--collection", default=DEFAULT_COLLECTION, show_default=True, help="Collection name."),
+        click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True,
+                     help="Token for a Milvus server (user:password or an API key)."),
+    )):
+        func = option(func)
+    return func
 
 
 def uses_milvus(func):

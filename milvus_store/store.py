@@ -228,34 +228,18 @@ class HierStore:
 
     def get(self, ids: Sequence[str], *, timeout: float | None = None) -> list[Hit]:
         """The stored records of `ids` that exist (in no particular order)."""
-        if not ids:
-            return []
-        expr, params = self._ids_filter(ids)
-        with self._calls("get"):
-            rows = self._client.query(self.collection, filter=expr, output_fields=self._outputs(None),
-                                      timeout=self._timeout(timeout), **self._params(params))
+        rows = self._rows_of(ids, self._outputs(None), "get", timeout)
         return [hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None) for row in rows]
 
     def vectors(self, ids: Sequence[str], *, level: str | None = None, timeout: float | None = None) -> dict[str, np.ndarray]:
         """The stored image vectors (or one level's vectors) of `ids` that exist."""
-        if not ids:
-            return {}
         field = self._vector_field(level)
-        expr, params = self._ids_filter(ids)
-        with self._calls("get vectors"):
-            rows = self._client.query(self.collection, filter=expr, output_fields=[self.spec.fields.id, field],
-                                      timeout=self._timeout(timeout), **self._params(params))
+        rows = self._rows_of(ids, [self.spec.fields.id, field], "get vectors", timeout)
         return {row[self.spec.fields.id]: np.asarray(row[field], dtype=np.float32) for row in rows}
 
     def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
         """Which of `ids` are stored already (for skip-if-present ingest)."""
-        if not ids:
-            return set()
-        expr, params = self._ids_filter(ids)
-        with self._calls("query ids"):
-            rows = self._client.query(self.collection, filter=expr, output_fields=[self.spec.fields.id],
-                                      timeout=self._timeout(timeout), **self._params(params))
-        return {row[self.spec.fields.id] for row in rows}
+        return {row[self.spec.fields.id] for row in self._rows_of(ids, [self.spec.fields.id], "query ids", timeout)}
 
     def search(
         self,
@@ -442,6 +426,15 @@ class HierStore:
 
     def _filter(self, where: WhereInput) -> tuple[str, dict]:
         return render(where, self.spec.fields, templates=self.templates)
+
+    def _rows_of(self, ids: Sequence[str], fields: list[str], action: str, timeout: float | None) -> list[dict]:
+        """The stored rows of `ids` (those that exist), with `fields`."""
+        if not ids:
+            return []
+        expr, params = self._ids_filter(ids)
+        with self._calls(action):
+            return self._client.query(self.collection, filter=expr, output_fields=fields,
+                                      timeout=self._timeout(timeout), **self._params(params))
 
     def _ids_filter(self, ids: Sequence[str]) -> tuple[str, dict]:
         ids = [str(i) for i in ids]
