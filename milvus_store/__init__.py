@@ -10,7 +10,9 @@ from .errors import (
     StoreError,
     UnsupportedIndexError,
 )
-from .filters import And, Eq, Filter, In, Meta, Not, Or, Under, as_filter, quote_literal, render, under
+from .filters import (
+    And, Eq, Filter, Ids, In, Meta, Not, Or, Under, as_filter, category_filter, quote_literal, render, resolve_category, under,
+)
 from .records import Hit, Record, content_id
 from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
@@ -18,7 +20,7 @@ from .store import HierStore
 
 __all__ = [
     "And", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
-    "Filter", "FilterError", "HierStore", "Hit", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Record", "RecordError",
+    "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Record", "RecordError",
     "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
-    "as_filter", "content_id", "field_names", "quote_literal", "render", "under",
+    "as_filter", "category_filter", "content_id", "field_names", "quote_literal", "render", "resolve_category", "under",
 ]

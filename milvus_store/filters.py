@@ -16,7 +16,7 @@ function.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import FilterError
@@ -129,6 +129,18 @@ class Under(Filter):
 
 
 @dataclass(frozen=True)
+class Ids(Filter):
+    """The record's id is one of `values`; ``~Ids((query_id,))`` leaves a stored query out of its own hits."""
+
+    values: tuple[str, ...]
+
+    def _render(self, fields, values):
+        if not self.values or not all(isinstance(v, str) and v for v in self.values):
+            raise FilterError(f"an id filter needs one or more non-empty id strings, got {self.values!r}")
+        return f"{fields.id} in {values.add(list(self.values))}"
+
+
+@dataclass(frozen=True)
 class Meta(Filter):
     """A condition on a key of the ``meta`` JSON field: ``Meta("price", "<", 20)``."""
 
@@ -203,3 +215,50 @@ def render(where: WhereInput, fields: FieldNames, *, templates: bool) -> tuple[s
         return "", {}
     values = _Values(templates)
     return node._render(fields, values), values.params
+
+
+def resolve_category(level: str, value: str, known: Collection[str]) -> str:
+    """`value` as a known category path at `level`: a path from the root, or a name unique at that level."""
+    if value in known:
+        return value
+    if SEPARATOR not in value:
+        matches = sorted(path for path in known if path.rsplit(SEPARATOR, 1)[-1] == value)
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise FilterError(f"category {value!r} is ambiguous at level {level!r}: it could be {', '.join(matches)}")
+    sample = ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
+    raise FilterError(f"unknown category {value!r} at level {level!r}; known: {sample or 'none'}")
+
+
+def category_filter(
+    where: Sequence[tuple[str, str]], under_path: str | None, known: Mapping[str, Collection[str]]
+) -> Filter | None:
+    """One filter from ``(level, category)`` pairs and a subtree path, checked against `known`.
+
+    `known` maps each level, coarsest first, to its category paths. Several pairs on one
+    level mean any of them; different levels and the subtree must all hold.
+
+    >>> known = {"gender": {"men", "women"}, "kind": {"women/dresses", "men/shirts"}}
+    >>> category_filter([("kind", "dresses")], "women", known)
+    And(parts=(Eq(level='kind', value='women/dresses'), Under(path='women')))
+    """
+    by_level: dict[str, list[str]] = {}
+    for level, value in where:
+        if level not in known:
+            raise FilterError(f"unknown level {level!r} in where; levels are {', '.join(known)}")
+        by_level.setdefault(level, []).append(resolve_category(level, value, known[level]))
+    parts: list[Filter] = [Eq(level, values[0]) if len(values) == 1 else In(level, tuple(values))
+                           for level, values in by_level.items()]
+    if under_path is not None:
+        path = under_path.strip(SEPARATOR)
+        levels = list(known)
+        depth = path.count(SEPARATOR) + 1
+        if not path or depth > len(levels):
+            raise FilterError(f"under {under_path!r} is not a category path of at most {len(levels)} levels")
+        if path not in known[levels[depth - 1]]:
+            raise FilterError(f"unknown category {path!r} for under (level {levels[depth - 1]!r})")
+        parts.append(Under(path))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else And(tuple(parts))

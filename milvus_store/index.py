@@ -55,8 +55,12 @@ class IngestItem:
 
 @dataclass(frozen=True)
 class FailedItem:
+    """An item that was not stored: where it came from, why, at which stage, and its id when known."""
+
     source: str
     reason: str
+    stage: str = "invalid"  # "listing", "read" (cannot read the file), "decode" (not an image), "invalid" (rejected record)
+    id: str | None = None
 
 
 @dataclass
@@ -77,7 +81,7 @@ class IngestReport:
             "seen": self.seen, "stored": self.stored, "skipped_present": self.skipped_present,
             "failed": len(self.failed), "seconds": round(self.seconds, 3),
             "images_per_s": round(self.stored / self.seconds, 1) if self.seconds else None,
-            "failures": [{"source": f.source, "reason": f.reason} for f in self.failed],
+            "failures": [{"source": f.source, "reason": f.reason, "stage": f.stage} for f in self.failed],
         }
 
 
@@ -172,10 +176,10 @@ class ImageIndex:
             try:
                 data = item.source if isinstance(item.source, bytes) else _read(item.source)
             except OSError as exc:
-                failures.append(FailedItem(item.name, f"cannot read: {exc.strerror or exc}"))
+                failures.append(FailedItem(item.name, f"cannot read: {exc.strerror or exc}", "read"))
                 continue
             if item.category is None:
-                failures.append(FailedItem(item.name, "has no category path"))
+                failures.append(FailedItem(item.name, "has no category path", "invalid", item.id))
                 continue
             loaded.append((item, item.id if item.id is not None else content_id(data), data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
@@ -192,7 +196,7 @@ class ImageIndex:
             return _Prepared(item, rid, self.embedder.prepare(data))
         except Exception as exc:  # any decoder failure is this file's, never the batch's
             reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
-            return FailedItem(item.name, reason)
+            return FailedItem(item.name, reason, "decode", rid)
 
     def _store_batch(self, prepared_batch, report: IngestReport, progress) -> None:
         prepared, skipped, failures, seen = prepared_batch
@@ -213,7 +217,7 @@ class ImageIndex:
                     meta=dict(p.item.meta),
                 ))
             rows, problems = validate_records(records, self.store.spec)
-            report.failed += [FailedItem(prepared[i].item.name, reason) for i, reason in problems]
+            report.failed += [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
             report.stored += self.store.upsert_rows(rows)
             report.ids += [row[self.store.spec.fields.id] for row in rows]
         if progress is not None:

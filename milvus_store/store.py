@@ -386,11 +386,17 @@ class HierStore:
             for row in batch:
                 yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
 
-    def category_counts(self, level: str, *, where: WhereInput = None) -> Counter:
-        """How many records each category of `level` holds."""
-        if level not in self.spec.fields.levels:
-            raise FilterError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
-        return Counter(hit.categories[level] for hit in self.iterate(where, output=[level]))
+    def category_counts(self, level: str | None = None, *, where: WhereInput = None) -> Counter | dict[str, Counter]:
+        """How many records each category of `level` holds; with no level, every level's counts (one pass)."""
+        levels = self.spec.level_names if level is None else (level,)
+        for name in levels:
+            if name not in self.spec.fields.levels:
+                raise FilterError(f"unknown level {name!r}; levels are {', '.join(self.spec.level_names)}")
+        counts = {name: Counter() for name in levels}
+        for hit in self.iterate(where, output=list(levels)):
+            for name in levels:
+                counts[name][hit.categories[name]] += 1
+        return counts if level is None else counts[level]
 
     # -- helpers -------------------------------------------------------------------------
     def _drain(self, iterator, action: str) -> Iterator[list]:

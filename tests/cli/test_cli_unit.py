@@ -5,7 +5,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cli.filters import build_filter, resolve_category
+from cli.filters import build_filter
+from milvus_store import FilterError, resolve_category
 from cli.main import cli
 
 pytestmark = pytest.mark.unit
@@ -70,10 +71,10 @@ KNOWN = {
 def test_where_values_resolve_paths_and_unique_names():
     assert resolve_category("kind", "women/dresses", KNOWN["kind"]) == "women/dresses"
     assert resolve_category("kind", "dresses", KNOWN["kind"]) == "women/dresses"
-    with pytest.raises(click.ClickException, match="'accessories' is ambiguous at level 'kind': it could be "
+    with pytest.raises(FilterError, match="'accessories' is ambiguous at level 'kind': it could be "
                                                    "men/accessories, women/accessories"):
         resolve_category("kind", "accessories", KNOWN["kind"])
-    with pytest.raises(click.ClickException, match="unknown category 'hats' at level 'kind'"):
+    with pytest.raises(FilterError, match="unknown category 'hats' at level 'kind'"):
         resolve_category("kind", "hats", KNOWN["kind"])
 
 
@@ -84,11 +85,11 @@ def test_where_and_under_build_one_filter():
     assert build_filter(["gender=men"], None, KNOWN) == Eq("gender", "men")
     assert build_filter(["kind=dresses", "kind=men/accessories"], "women", KNOWN) == And(
         (In("kind", ("women/dresses", "men/accessories")), Under("women")))
-    with pytest.raises(click.ClickException, match="unknown level 'colour' in --where"):
+    with pytest.raises(FilterError, match="unknown level 'colour' in where"):
         build_filter(["colour=red"], None, KNOWN)
     with pytest.raises(click.BadParameter, match="expected LEVEL=VALUE"):
         build_filter(["gender"], None, KNOWN)
-    with pytest.raises(click.ClickException, match="unknown category 'women/hats' for --under"):
+    with pytest.raises(FilterError, match="unknown category 'women/hats' for under"):
         build_filter([], "women/hats", KNOWN)
 
 

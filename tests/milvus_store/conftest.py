@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ..ports import free_port
+
 MILVUS_IMAGE = "milvusdb/milvus:v2.5.14"  # pinned: the standalone release docker-compose.yml runs
 
 
@@ -30,12 +32,6 @@ _names = itertools.count()
 
 def fresh_collection() -> str:
     return f"c{next(_names)}_{int(time.time() * 1000) % 100000}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from milvus_store import (
-    CollectionNotFoundError, CollectionSpec, Eq, HierStore, In, Meta, Record, RecordError, SchemaMismatchError,
+    CollectionNotFoundError, CollectionSpec, Eq, FilterError, HierStore, In, Meta, Record, RecordError, SchemaMismatchError,
     UnsupportedIndexError, content_id, under,
 )
 from milvus_store.spec import LITE_INDEXES, SERVER_INDEXES
@@ -243,10 +243,13 @@ class TestStoreContract:
 
     def test_category_counts(self, filled):
         store, records = filled
-        expected = {}
-        for r in records:
-            expected[levels_of(r)["department"]] = expected.get(levels_of(r)["department"], 0) + 1
-        assert dict(store.category_counts("department")) == expected
+        from collections import Counter
+
+        expected = {level: Counter(levels_of(r)[level] for r in records) for level in store.spec.level_names}
+        assert store.category_counts("department") == expected["department"]
+        assert store.category_counts() == expected
+        with pytest.raises(FilterError, match="unknown level 'colour'"):
+            store.category_counts("colour")
 
 
 @pytest.mark.lite
