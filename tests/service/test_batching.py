@@ -1,0 +1,101 @@
+"""The micro-batcher: concurrent callers share calls with equal keys and each gets exactly its own result."""
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from service import MicroBatcher
+from service.batching import split_embeddings
+
+pytestmark = pytest.mark.unit
+
+
+class Recorder:
+    """Answers item i with (key, 10 * i); records each call's key, items and thread."""
+
+    def __init__(self, fail_on=None):
+        self.calls, self.threads, self.fail_on = [], set(), fail_on
+
+    def __call__(self, key, items):
+        import threading
+
+        self.calls.append((key, list(items)))
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on in items:
+            raise RuntimeError(f"cannot run {self.fail_on}")
+        return [(key, 10 * i) for i in items]
+
+
+def run(batcher, coroutine):
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        batcher.close()
+
+
+def test_concurrent_requests_share_calls_up_to_max_batch():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.05, name="t")
+    async def together():
+        return await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+
+    results = run(batcher, together())
+    assert results == [(None, 10 * i) for i in range(20)]
+    assert [len(items) for _, items in model.calls] == [8, 8, 4]
+    assert (batcher.stats.batches, batcher.stats.items, batcher.stats.mean_batch) == (3, 20, 20 / 3)
+    assert model.threads == {"hiervec-t_0"}  # never the event loop's thread
+
+
+def test_only_equal_keys_share_a_call_and_order_is_kept():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch=32, window_s=0.05)
+    keys = ["a", "b", "a", "c", "b", "a"]
+    async def together():
+        return await asyncio.gather(*(batcher.submit(i, key=k) for i, k in enumerate(keys)))
+
+    results = run(batcher, together())
+    assert results == [(k, 10 * i) for i, k in enumerate(keys)]
+    assert model.calls == [("a", [0, 2, 5]), ("b", [1, 4]), ("c", [3])]
+
+
+def test_without_a_window_a_lone_request_goes_at_once():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch=32, window_s=0.0)
+
+    async def one_after_another():
+        return [await batcher.submit(1), await batcher.submit(2)]
+
+    assert run(batcher, one_after_another()) == [(None, 10), (None, 20)]
+    assert model.calls == [(None, [1]), (None, [2])]
+
+
+def test_a_failing_call_fails_its_callers_and_the_worker_lives_on():
+    model = Recorder(fail_on=3)
+    batcher = MicroBatcher(model, max_batch=4, window_s=0.05)
+
+    async def main():
+        failed = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+        return failed, await batcher.submit(7)
+
+    failed, after = run(batcher, main())
+    assert all(isinstance(r, RuntimeError) and "cannot run 3" in str(r) for r in failed)
+    assert after == (None, 70)
+
+
+def test_split_embeddings_gives_each_image_its_rows():
+    values = np.arange(3, dtype=np.float32)
+    out = SimpleNamespace(concat=np.stack([values, 2 * values], 1), levels={"coarse": values[:, None] * 3})
+    parts = split_embeddings(out)
+    assert [p.concat.tolist() for p in parts] == [[0, 0], [1, 2], [2, 4]]
+    assert [p.levels["coarse"].tolist() for p in parts] == [[0], [3], [6]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch": 0}, "max_batch must be positive, got 0"),
+    ({"window_s": -1}, "window_s must not be negative, got -1"),
+])
+def test_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MicroBatcher(Recorder(), **kwargs)

@@ -1,0 +1,96 @@
+"""`hiervec serve` as users run it: a real uvicorn process on loopback, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+
+from ..ports import free_port
+from .conftest import LEAVES, PER_LEAF
+
+pytestmark = pytest.mark.lite
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.fixture
+def server(catalogue, tmp_path):
+    db = tmp_path / "serve.db"
+    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
+    # In its own process: a Milvus Lite file stays locked by the process that opened it.
+    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
+                   check=True, capture_output=True)
+    port = free_port()
+    env = dict(os.environ, HIERVEC_API_KEY="serve-k3y")
+    process = subprocess.Popen(
+        [*hiervec, "serve", "--model", str(catalogue.model),
+         "--uri", str(db), "--port", str(port), "--image-root", str(catalogue.tree), "--media",
+         str(tmp_path / "media"), "--batch-window-ms", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/healthz", process)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_serve_answers_searches_writes_and_batches_concurrent_queries(server, catalogue):
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["count"] == len(LEAVES) * PER_LEAF
+    query = catalogue.files["footwear/boots/boot"][2]
+    hits = httpx.post(f"{server}/search", files={"image": (query.name, query.read_bytes())},
+                      data={"k": 3, "under": "footwear"}).json()["hits"]
+    assert len(hits) == 3 and all(h["category"] == "footwear/boots/boot" for h in hits)
+    assert httpx.get(hits[0]["image_url"]).content == query.read_bytes()
+
+    assert httpx.post(f"{server}/images", files={"images": ("n.png", query.read_bytes())},
+                      data={"category": "a/b/c"}).status_code == 401
+    added = httpx.post(f"{server}/images", files={"images": ("n.png", query.read_bytes())},
+                       data={"category": "footwear/boots/boot", "id": "new"}, headers={"X-API-Key": "serve-k3y"})
+    assert added.json()["stored"] == 1
+
+    images = [p.read_bytes() for paths in catalogue.files.values() for p in paths]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda data: httpx.post(f"{server}/search", files={"image": ("q.png", data)},
+                                                          data={"k": 1}, timeout=60), images))
+    assert all(r.status_code == 200 for r in responses)
+    assert [r.json()["hits"][0]["distance"] < 1e-4 for r in responses] == [True] * len(images)
+    stats = httpx.get(f"{server}/stats").json()
+    assert stats["embedding"]["items"] == len(images) + 1 == stats["searching"]["items"]
+    assert stats["embedding"]["batches"] < stats["embedding"]["items"]  # concurrent queries shared forward passes
+    assert stats["searching"]["batches"] < stats["searching"]["items"]  # ... and Milvus search calls
+
+
+def test_serve_refuses_several_workers_on_a_lite_file(catalogue, tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"),
+                                      "--workers", "2"])
+    assert result.exit_code == 1
+    assert "--workers above 1 needs a Milvus server URI" in result.stderr
+
+
+def test_serve_reports_a_missing_model_as_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "none.pt"), "--uri", str(tmp_path / "x.db")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "none.pt" in result.stderr
