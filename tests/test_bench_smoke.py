@@ -23,3 +23,16 @@ def test_speed_smoke(capsys):
     out = capsys.readouterr().out
     row = re.search(r"^\| 64 \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \|$", out, re.M)
     assert row and all(float(v) > 0 for v in row.groups())
+
+
+@pytest.mark.lite
+def test_serve_load_smoke(capsys):
+    from bench import serve_load
+
+    assert serve_load.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\d+) \| 24 \| 0 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      out, re.M)
+    assert [r[0] for r in rows] == ["1", "4"]
+    assert all(float(qps) > 0 and float(p50) <= float(p99) for _, qps, p50, p99, *_ in rows)
+    assert float(rows[0][4]) == float(rows[0][5]) == 1.0  # one client never shares a batch

@@ -1,0 +1,253 @@
+"""Load on `hiervec serve`: QPS and latency of POST /search under concurrent clients, on loopback.
+
+    .venv/bin/python bench/serve_load.py            # the demo model and test split (run `make demo` first)
+    .venv/bin/python bench/serve_load.py --model M.pt --images DIR --requests 600 --concurrency 1,4,16
+    .venv/bin/python bench/serve_load.py --smoke    # seconds, a tiny untrained model: CI keeps it from rotting
+
+What it does, in a child process (a Lite file is locked by the process that opened it):
+ingests `--ingest` images of DIR into a fresh Milvus Lite file, waits `--settle` seconds
+for Lite's background index build, and measures the offline path on `--queries` of them
+(`ImageIndex.search` in batches of 32: decode, embed, one search call per batch). Then starts `hiervec serve` and, for each concurrency level,
+sends a fixed number of POST /search requests (multipart upload, k=10) from that many
+client threads, each with its own connection. It reports QPS, p50/p99 latency, the
+service's mean embedding batch, and the ratio of service QPS to the offline rate.
+The clients share the machine with the server: on 2 cores they take CPU from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._machine import describe  # noqa: E402
+
+HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
+
+
+def tiny_catalogue(folder: Path) -> tuple[Path, Path]:
+    """An untrained seeded resnet18 (32 px) and 48 generated images in 4 leaves, for --smoke."""
+    import torch
+    from PIL import Image
+
+    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+
+    leaves = ["clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot"]
+    rng = np.random.default_rng(0)
+    for n, leaf in enumerate(leaves):
+        (folder / "images" / leaf).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(60 * n + 30, 30, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / "images" / leaf / f"{i}.png")
+    hierarchy = Hierarchy.from_paths(leaves, ("department", "category", "item"))
+    torch.manual_seed(0)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+    save_checkpoint(folder / "model.pt", PyramidEmbedder(config), hierarchy)
+    return folder / "model.pt", folder / "images"
+
+
+def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str], settle: float, repeats: int,
+                               out) -> None:
+    """In a child process: store `tree`, let Lite build its index, then time `ImageIndex.search` on
+    `queries` in batches of 32 (queries per second). The process ends, so the server can open the file."""
+    from embedder import Embedder, read_source
+    from milvus_store import ImageIndex, IngestItem
+
+    embedder = Embedder.from_checkpoint(model)
+    blobs = [Path(q).read_bytes() for q in queries]
+    with ImageIndex.open(embedder, db, "images") as index:
+        items = [IngestItem(item.path, item.category, uri=str(item.path)) for item in read_source(Path(tree)).items]
+        index.ingest(items)
+        time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
+        index.search(blobs[:32], 10)  # warm-up
+        prepared = [embedder.prepare(b) for b in blobs[:32]]
+        vectors = embedder.embed(prepared).concat
+        parts = {"embed_1_ms": _best_ms(lambda: embedder.embed(prepared[:1])),
+                 "embed_32_ms": _best_ms(lambda: embedder.embed(prepared)),
+                 "search_1_ms": _best_ms(lambda: index.store.search(vectors[:1], 10)),
+                 "search_32_ms": _best_ms(lambda: index.store.search(vectors, 10))}
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for start in range(0, len(blobs), 32):
+                index.search(blobs[start : start + 32], 10)
+            best = min(best, time.perf_counter() - started)
+    out.put((len(blobs) / best, parts))
+
+
+def _best_ms(fn, repeats: int = 20) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return round(1000 * best, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load(base: str, blobs: list[bytes], requests: int, concurrency: int) -> dict:
+    import httpx2 as httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                response = http.post("/search", files={"image": ("q.png", blobs[i % len(blobs)])}, data={"k": 10})
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    if response.status_code != 200:
+                        errors.append(response.text[:200])
+
+    before = _stats(base)
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    after = _stats(base)
+
+    def mean_batch(stage: str) -> float:
+        batches = after[stage]["batches"] - before[stage]["batches"]
+        return round((after[stage]["items"] - before[stage]["items"]) / batches, 2) if batches else 0.0
+
+    return {"concurrency": concurrency, "requests": requests, "errors": len(errors), "seconds": round(seconds, 2),
+            "qps": round(requests / seconds, 1), "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
+            "embed_batch": mean_batch("embedding"), "search_batch": mean_batch("searching"),
+            "first_error": errors[0] if errors else None}
+
+
+def _stats(base: str) -> dict:
+    import httpx2 as httpx
+
+    return httpx.get(f"{base}/stats", timeout=30).json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "runs/demo/fashion.pt"))
+    parser.add_argument("--images", default=str(ROOT / "runs/demo/test"), help="A labelled folder tree.")
+    parser.add_argument("--ingest", type=int, default=10_000, help="How many images of --images to store.")
+    parser.add_argument("--queries", type=int, default=500, help="Distinct query images (from the stored ones).")
+    parser.add_argument("--requests", type=int, default=600, help="Requests per concurrency level.")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=3, help="Offline passes; the best counts.")
+    parser.add_argument("--batch-window-ms", type=float, default=None, help="Passed to `hiervec serve`.")
+    parser.add_argument("--settle", type=float, default=60,
+                        help="Seconds to wait after ingest: Milvus Lite builds the index in the background.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model and data; seconds.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON document instead of the table.")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="hiervec-serve-load-") as tmp:
+        tmp = Path(tmp)
+        if args.smoke:
+            model, images = tiny_catalogue(tmp)
+            args.ingest, args.queries, args.requests, args.repeats, args.settle = 48, 24, 24, 1, 0
+            levels = [1, 4]
+        else:
+            model, images = Path(args.model), Path(args.images)
+            if not model.exists() or not images.is_dir():
+                parser.error(f"{model} or {images} is missing: run `make demo` first, or pass --model and --images")
+        files = sorted(images.rglob("*.png"))
+        step = max(1, len(files) // args.ingest)
+        chosen = files[::step][: args.ingest]
+        tree = tmp / "tree"
+        for path in chosen:  # links keep the category folders, so ingest reads labels from the tree
+            link = tree / path.relative_to(images)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+        db = str(tmp / "load.db")
+        queries = [str(p) for p in chosen[:: max(1, len(chosen) // args.queries)][: args.queries]]
+
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        child = context.Process(target=ingest_and_measure_offline,
+                                args=(str(model), str(tree), db, queries, args.settle, args.repeats, results))
+        child.start()
+        offline_qps, parts = results.get(timeout=1800)
+        child.join()
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([*HIERVEC, "serve", "--model", str(model), "--uri", db, "--port", str(port),
+                                   "--media", str(tmp / "media"),
+                                   *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None
+                                     else [])],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait(base, server)
+            blobs = [Path(q).read_bytes() for q in queries]
+            load(base, blobs, min(20, args.requests), 2)  # warm-up
+            runs = [load(base, blobs, args.requests, c) for c in levels]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    report = {"machine": describe(("torch", "pymilvus", "milvus-lite", "fastapi", "uvicorn")),
+              "command": "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "stored": len(chosen), "queries": len(queries), "offline_qps": round(offline_qps, 1), "parts": parts,
+              "runs": [run | {"vs_offline": round(run["qps"] / offline_qps, 2)} for run in runs]}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"machine: {report['machine']}\ncommand: {report['command']}")
+    print(f"{report['stored']} images stored (Milvus Lite, HNSW); {report['queries']} distinct query images; "
+          f"offline ImageIndex.search: {report['offline_qps']} queries/s")
+    print("parts (best of 20): " + ", ".join(f"{k} {v}" for k, v in parts.items()) + "\n")
+    print("| clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch | QPS / offline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in report["runs"]:
+        print(f"| {run['concurrency']} | {run['requests']} | {run['errors']} | {run['qps']} | {run['p50_ms']} | "
+              f"{run['p99_ms']} | {run['embed_batch']} | {run['search_batch']} | {run['vs_offline']} |")
+    return 0 if all(run["errors"] == 0 for run in report["runs"]) else 1
+
+
+def _wait(base: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    import httpx2 as httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"hiervec serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise RuntimeError(f"hiervec serve did not answer on {base} within {seconds}s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    sys.exit(main())
