@@ -61,15 +61,16 @@ def store_options(func):
 
 
 def uses_milvus(func):
-    """Errors reach the user once, as one line from us: pymilvus's own logging (a traceback
-    per failed RPC, warnings about Lite's iterator timestamps) is silenced. Its import
+    """Errors reach the user once, as one line from us: pymilvus's and Milvus Lite's own
+    logging (a traceback per failed RPC or locked file, warnings about Lite's iterator
+    timestamps) is silenced. Its import
     configures its loggers, so the levels are set after it, when the command runs."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         import pymilvus  # noqa: F401
 
-        for name in ("pymilvus", "pymilvus.milvus_client"):
+        for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         return func(*args, **kwargs)
 
@@ -211,11 +212,11 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
-    from milvus_store import FailedItem, ImageIndex, IngestItem
+    from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
 
     listing = read_source(source)
     embedder = load_embedder(model_path)
-    items = [IngestItem(item.path, item.category, item.id, item.meta, str(item.path.resolve()))
+    items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
     with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
         with click.progressbar(length=len(items), label="ingest", file=sys.stderr, show_eta=True, show_pos=True,
@@ -227,7 +228,8 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
                 bar.label = f"ingest {bar.pos / max(time.perf_counter() - started, 1e-9):.0f} img/s"
 
             report = image_index.ingest(items, batch_size=batch_size, progress=advance)
-        report.failed = [FailedItem(f.source, f.reason, "listing") for f in listing.failures] + report.failed
+        report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
+                         for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
         count = image_index.store.count()
     result = report.to_dict() | {"collection": collection, "count": count}
@@ -310,12 +312,12 @@ def eval_(source, model_path, uri, collection, token, k, as_json):
     import tempfile
 
     from embedder import read_source
-    from milvus_store import ImageIndex, IngestItem
+    from milvus_store import ImageIndex, IngestItem, path_uri
 
     from .evaluation import evaluate_collection
 
     listing = read_source(source)
-    items = [IngestItem(i.path, i.category, i.id, i.meta, str(i.path.resolve())) for i in listing.items if i.category]
+    items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
     embedder = load_embedder(model_path)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
         target = uri or str(Path(tmp) / "eval.db")

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,6 +40,7 @@ class SourceItem:
     category: str | None  # leaf category path, None when unlabelled
     id: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    origin: str | None = None  # the manifest row it came from ("manifest.csv:7"); None in a folder tree
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,19 @@ def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> So
     for folder, dirs, files in os.walk(root, onerror=on_error):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(root).parts
+        undecodable = next((part for part in rel if not _is_utf8(part)), None)
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(folder) / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if undecodable is not None:
+                failures.append(Failure(str(path), f"category folder name '{_shown(undecodable)}' is not valid UTF-8"))
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 failures.append(Failure(str(path), f"not an image file extension ({path.suffix or 'none'})"))
             elif not rel:
                 failures.append(Failure(str(path), "image directly under the root has no category folder"))
+            elif not path.is_file():  # follows links: a broken or looping link, a FIFO, a socket
+                failures.append(Failure(str(path), _not_a_file(path)))
             else:
                 found.append((path, rel))
     if not found:
@@ -129,7 +136,7 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
             continue
         path = Path(raw_path) if Path(raw_path).is_absolute() else manifest.parent / raw_path
         if not path.is_file():
-            failures.append(Failure(where, f"file {str(path)!r} does not exist"))
+            failures.append(Failure(where, f"file {str(path)!r} {_not_a_file(path)}"))
             continue
         category = row.get("category")
         if category is not None and not isinstance(category, str):
@@ -160,7 +167,7 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
         if not isinstance(meta, dict):
             failures.append(Failure(where, f"meta must be a JSON object, got {meta!r}"))
             continue
-        items.append(SourceItem(path, category, item_id, meta))
+        items.append(SourceItem(path, category, item_id, meta, where))
     return SourceListing(items, failures)
 
 
@@ -185,7 +192,46 @@ def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object]]:
             yield number, f"invalid JSON ({exc.msg})"
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # raw bytes of a non-UTF-8 name, kept by Python as surrogates
+        return False
+
+
+def _shown(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` (which is not a regular file) cannot be read, in words."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if path.is_symlink():
+            return f"is a symbolic link that leads nowhere ({exc.strerror or exc})"
+        return "does not exist"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image"
+    return "is not a regular file (a FIFO, socket or device)"
+
+
 # -- decoding ----------------------------------------------------------------------------
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file; a FIFO, socket or device is refused unopened (reading could block forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except OSError as exc:  # a looping link, a name too long, ...
+        raise ImageDecodeError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageDecodeError(str(path), "is not a regular file (a FIFO, socket or device)")
+        return fh.read()
+
+
 def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None) -> Image.Image:
     """An RGB image with its EXIF orientation applied; `ImageDecodeError` says why not.
 
@@ -195,14 +241,21 @@ def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str |
     label = name or (str(source) if not isinstance(source, (bytes, Image.Image)) else "<image>")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Refused below, explicitly: a filter set here would not be thread-safe.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
                 image = source
             else:
-                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+                image = Image.open(io.BytesIO(source if isinstance(source, bytes) else read_regular_file(source)))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and image.width * image.height > limit:
+            raise ImageDecodeError(label, f"refused as a decompression bomb: {image.width}x{image.height} "
+                                          f"is over Pillow's limit of {limit} pixels")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageDecodeError:
+        raise
     except FileNotFoundError:
         raise ImageDecodeError(label, "file does not exist") from None
     except PermissionError:

@@ -13,7 +13,7 @@ from .errors import (
 from .filters import (
     And, Eq, Filter, Ids, In, Meta, Not, Or, Under, as_filter, category_filter, quote_literal, render, resolve_category, under,
 )
-from .records import Hit, Record, content_id
+from .records import Hit, Record, content_id, path_uri, printable, uri_path
 from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
 from .store import HierStore
@@ -22,5 +22,5 @@ __all__ = [
     "And", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Record", "RecordError",
     "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
-    "as_filter", "category_filter", "content_id", "field_names", "quote_literal", "render", "resolve_category", "under",
+    "as_filter", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

@@ -8,7 +8,9 @@ imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import FilterError
 from .filters import WhereInput
-from .records import Hit, Record, content_id, validate_records
+from .records import Hit, Record, content_id, path_uri, printable, validate_records
 from .spec import CollectionSpec
 from .store import HierStore
 
@@ -47,10 +49,13 @@ class IngestItem:
     id: str | None = None
     meta: Mapping = field(default_factory=dict)
     uri: str | None = None
+    origin: str | None = None  # where the item was listed, e.g. a manifest row "m.csv:7"
 
     @property
     def name(self) -> str:
-        return self.uri or (str(self.source) if not isinstance(self.source, bytes) else "<bytes>")
+        """How reports name this item: its origin and uri, else its path (printable), else ``<bytes>``."""
+        where = self.uri or (os.fspath(self.source) if not isinstance(self.source, bytes) else "<bytes>")
+        return printable(f"{self.origin} ({where})" if self.origin else where)
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ class ImageIndex:
                     vector=vectors.concat[row],
                     level_vectors={level: v[row] for level, v in vectors.levels.items()},
                     id=p.id,
-                    uri=p.item.uri or (str(os.path.abspath(p.item.source)) if not isinstance(p.item.source, bytes) else ""),
+                    uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
                     meta=dict(p.item.meta),
                 ))
             rows, problems = validate_records(records, self.store.spec)
@@ -250,8 +255,17 @@ def _level_vectors(vectors, level: str):
 
 
 def _read(path: str | os.PathLike) -> bytes:
-    with open(path, "rb") as fh:
+    """The file's bytes; a FIFO, socket or device is refused before opening (reading one could block forever)."""
+    with open(path, "rb", opener=_regular_file_opener) as fh:
         return fh.read()
+
+
+def _regular_file_opener(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
 
 
 def _batches(items: Iterable[IngestItem], size: int) -> Iterator[list[IngestItem]]:

@@ -5,13 +5,37 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 
 from .errors import RecordError
 from .spec import CATEGORY_MAX_LENGTH, ID_MAX_LENGTH, SEPARATOR, URI_MAX_LENGTH, CollectionSpec
+
+
+def printable(text: str) -> str:
+    """`text` with undecodable file-name bytes (lone surrogates) shown as ``\\xNN``: safe to print and store."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_uri(path: str | os.PathLike) -> str:
+    """The absolute path as stored in ``uri``; a path that is not valid UTF-8 becomes a lossless file:// URL."""
+    absolute = os.path.abspath(os.fspath(path))
+    try:
+        absolute.encode("utf-8")
+        return absolute
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(absolute))
+
+
+def uri_path(uri: str) -> str | None:
+    """The local file a stored ``uri`` names (a path or a file:// URL), or None for other URLs."""
+    if uri.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(uri[len("file://"):]))
+    return None if "://" in uri else uri
 
 
 def content_id(data: bytes) -> str:
@@ -109,12 +133,13 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
         raise ValueError("has neither an id nor content to hash")
     if not rid or len(rid) > ID_MAX_LENGTH:
         raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
-    row = {fields.id: rid}
-    uri = str(record.uri or "")
+    row = {fields.id: _utf8(rid, "id")}
+    uri = _utf8(str(record.uri or ""), "uri")
     if len(uri) > URI_MAX_LENGTH:
         raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
     row[fields.uri] = uri
     levels = category_levels(record.category, spec.depth)
+    _utf8(levels[-1], "category path")
     if len(levels[-1]) > CATEGORY_MAX_LENGTH:
         raise ValueError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
     row.update(zip(fields.levels.values(), levels))
@@ -133,6 +158,14 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
         row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
     row[fields.meta] = _meta(record.meta)
     return row
+
+
+def _utf8(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {printable(text)!r} is not valid UTF-8 (a file name's raw bytes?)") from None
+    return text
 
 
 def _meta(meta) -> dict:

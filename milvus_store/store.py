@@ -16,6 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, RRFRanker, WeightedRanker
@@ -48,6 +49,22 @@ MAX_TOPK = 16384  # Milvus's limit for one search; use `search_iter` beyond it
 SHARE_TTL_S = 60.0
 
 
+def _locked_by_another_process(lite_path: str) -> bool:
+    """Whether Milvus Lite's lock on `lite_path` is held (pymilvus reports only "Open local milvus failed")."""
+    import fcntl  # Milvus Lite runs on Linux and macOS only
+
+    lock = Path(lite_path).expanduser() / "LOCK"
+    try:
+        with open(lock, "rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class HierStore:
     """A hierarchy-aware collection. Open an existing one, or create it when `spec` is given.
 
@@ -74,10 +91,11 @@ class HierStore:
         try:
             self._client = MilvusClient(**self.settings.client_kwargs(), timeout=timeout)
             version = self._client.get_server_version(timeout=timeout)
-        except Exception as exc:  # grpc, OSError (Lite file locked), MilvusException
-            raise StoreConnectionError(
-                f"cannot open Milvus at {self.settings.display_uri!r}: {self._clean(exc)}"
-            ) from None
+        except Exception as exc:  # grpc, OSError, MilvusException
+            reason = self._clean(exc)
+            if self.settings.is_local and _locked_by_another_process(self.settings.uri):
+                reason = "another process has it open (a Milvus Lite file is used by one process at a time)"
+            raise StoreConnectionError(f"cannot open Milvus at {self.settings.display_uri!r}: {reason}") from None
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
         self.templates = not self.lite  # Milvus Lite rejects templated filter_params

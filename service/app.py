@@ -49,6 +49,7 @@ from milvus_store import (
     StoreError,
     category_filter,
     content_id,
+    uri_path,
 )
 
 from .batching import MicroBatcher, split_embeddings
@@ -139,7 +140,7 @@ class Service:
     @classmethod
     def open(cls, settings: ServiceSettings) -> Service:
         """Load the model and open (or create) the default collection: mismatches fail here, before serving."""
-        for name in ("pymilvus", "pymilvus.milvus_client"):  # errors reach clients as JSON, once
+        for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):  # errors reach clients as JSON, once
             logging.getLogger(name).setLevel(logging.CRITICAL)
         embedder = Embedder.from_checkpoint(settings.model)
         index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
@@ -209,9 +210,10 @@ class Service:
 
     def servable_file(self, uri: str) -> Path | None:
         """The stored `uri` as a local file under one of the image roots, else None."""
-        if not uri:
+        local = uri_path(uri) if uri else None
+        if not local:
             return None
-        path = Path(uri).resolve()
+        path = Path(local).resolve()
         if not path.is_file() or not any(path.is_relative_to(root) for root in self.image_roots):
             return None
         return path

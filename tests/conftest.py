@@ -1,7 +1,27 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+LEVELS = ("department", "category", "item")
+LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained, seeded resnet18 checkpoint (32 px, 8 dims per level) for `LEAVES`: fast, deterministic."""
+    import torch
+
+    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+
+    hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
+    torch.manual_seed(0)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+    path = tmp_path_factory.mktemp("tiny-model") / "model.pt"
+    save_checkpoint(path, PyramidEmbedder(config), hierarchy)
+    return path

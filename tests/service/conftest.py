@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-LEVELS = ("department", "category", "item")
+from ..conftest import LEAVES as LEAF_PATHS
+
 LEAVES = {
     "clothing/tops/shirt": (220, 40, 40),
     "clothing/tops/coat": (200, 90, 40),
     "clothing/bottoms/trouser": (40, 40, 220),
     "footwear/boots/boot": (40, 200, 40),
 }
+assert tuple(LEAVES) == LEAF_PATHS
 PER_LEAF = 5
 
 
@@ -38,12 +40,8 @@ class Catalogue:
 
 
 @pytest.fixture(scope="package")
-def catalogue(tmp_path_factory) -> Catalogue:
-    """An untrained (seeded) resnet18 checkpoint and a folder tree of generated images."""
-    import torch
-
-    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
-
+def catalogue(tmp_path_factory, tiny_model) -> Catalogue:
+    """The tiny untrained model and a folder tree of generated images."""
     root = tmp_path_factory.mktemp("service")
     tree = root / "images"
     files: dict[str, list[Path]] = {}
@@ -53,12 +51,7 @@ def catalogue(tmp_path_factory) -> Catalogue:
             path = tree / leaf / f"{i}.png"
             path.write_bytes(png_bytes(colour, seed=100 * n + i))
             files.setdefault(leaf, []).append(path)
-    hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
-    torch.manual_seed(0)
-    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
-    model = root / "model.pt"
-    save_checkpoint(model, PyramidEmbedder(config), hierarchy)
-    return Catalogue(root, model, tree, files)
+    return Catalogue(root, tiny_model, tree, files)
 
 
 def ingest_catalogue(service, catalogue: Catalogue) -> list[str]:

@@ -118,6 +118,8 @@ def test_search_on_a_level_vector_and_grouped(filled, catalogue):
     ({"id": "x", "where": "department=cars"}, None, 400, "bad_filter", "unknown category 'cars' at level "
                                                                        "'department'; known: clothing, footwear"),
     ({"id": "x", "where": "department"}, None, 422, "bad_filter", "where must be LEVEL=CATEGORY, got 'department'"),
+    ({"id": "x", "where": 'department=clothing" or 1==1 or "'}, None, 400, "bad_filter", "unknown category 'clothing"),
+    ({"id": "x", "under": "clothing\\\" or 1==1"}, None, 400, "bad_filter", "for under"),
     ({"id": "x", "under": "clothing/hats"}, None, 400, "bad_filter", "unknown category 'clothing/hats' for under"),
     ({"id": "x", "under": "a/b/c/d"}, None, 400, "bad_filter", "not a category path of at most 3 levels"),
     ({}, {"image": ("notes.jpg", b"plain text, not a picture")}, 415, "not_an_image", "notes.jpg is not an image"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ..ports import free_port
+from ..servers import free_port
 from .conftest import ingest_catalogue
 
 pytestmark = pytest.mark.lite

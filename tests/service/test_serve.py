@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 
-from ..ports import free_port
+from ..servers import free_port
 from .conftest import LEAVES, PER_LEAF
 
 pytestmark = pytest.mark.lite

@@ -1,0 +1,167 @@
+"""Faults: ingest killed at random points, searches during writes, the server gone mid-ingest.
+
+Every check is against the source: the collection must end holding each valid image
+exactly once (content-hash ids), whatever happened on the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from milvus_store import HierStore
+
+from ..conftest import LEAVES
+from ..servers import LiteServer
+from .corpus import encoded
+
+pytestmark = pytest.mark.lite
+HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
+
+
+def make_tree(root: Path, per_leaf: int, seed: int = 0) -> set[str]:
+    """`per_leaf` distinct noise images in each leaf plus one broken file; returns the valid images' ids."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ids = set()
+    for leaf in LEAVES:
+        (root / leaf).mkdir(parents=True)
+        for i in range(per_leaf):
+            data = encoded(Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)), "PNG")
+            (root / leaf / f"{i:04}.png").write_bytes(data)
+            ids.add(hashlib.sha256(data).hexdigest())
+        (root / leaf / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return ids
+
+
+def ingest(tree: Path, model: Path, uri: str, *extra: str) -> list[str]:
+    return [*HIERVEC, "ingest", str(tree), "--model", str(model), "--uri", uri, "--batch-size", "8", "--json", *extra]
+
+
+LIST_IDS = """
+import json, sys
+from milvus_store import CollectionNotFoundError, HierStore
+try:
+    with HierStore(sys.argv[1], "images", create=False) as store:
+        ids = [hit.id for hit in store.iterate()]
+        print(json.dumps({"ids": ids, "count": store.count()}))
+except CollectionNotFoundError:
+    print(json.dumps({"ids": [], "count": 0}))
+"""
+
+
+def stored_ids(uri: str) -> list[str]:
+    """Every id in the collection, read in a child process (a Lite file stays locked by its opener)."""
+    listed = subprocess.run([sys.executable, "-c", LIST_IDS, uri], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    result = json.loads(listed.stdout)
+    assert result["count"] == len(result["ids"])
+    return result["ids"]
+
+
+def test_sigkill_at_random_points_then_rerun_stores_each_image_once(tmp_path, tiny_model):
+    expected = make_tree(tmp_path / "tree", per_leaf=200)
+    db = str(tmp_path / "killed.db")
+    started = time.monotonic()
+    full = subprocess.run(ingest(tmp_path / "tree", tiny_model, str(tmp_path / "timing.db")), capture_output=True,
+                          text=True, timeout=300)
+    duration = time.monotonic() - started
+    assert full.returncode == 0, full.stderr
+
+    rng = random.Random(7)
+    seen_counts = []
+    for _ in range(4):  # kill during start-up, embedding, writing or flushing: wherever the dice fall
+        process = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, db), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.45, 1.0) * duration)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        ids = stored_ids(db)
+        assert len(ids) == len(set(ids)) and set(ids) <= expected  # nothing torn, nothing foreign
+        seen_counts.append(len(ids))
+
+    finish = subprocess.run(ingest(tmp_path / "tree", tiny_model, db), capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    report = json.loads(finish.stdout)
+    assert report["stored"] + report["skipped_present"] == len(expected)
+    assert report["failed"] == len(LEAVES)  # the broken files, reported again, never stored
+    ids = stored_ids(db)
+    assert sorted(ids) == sorted(expected)
+    print("counts after each kill:", seen_counts, "of", len(expected))
+    assert seen_counts == sorted(seen_counts)  # killed runs only ever added
+    assert any(0 < count < len(expected) for count in seen_counts)  # at least one kill landed mid-write
+
+
+def test_searches_during_an_ingest_see_counts_grow_and_hits_resolve(tmp_path, tiny_model):
+    expected = make_tree(tmp_path / "tree", per_leaf=100)
+    with LiteServer(tmp_path / "server-data") as server:
+        writer = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, server.uri), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        counts, searches, errors = [], 0, []
+        deadline = time.monotonic() + 300
+        store = None
+        rng = np.random.default_rng(0)
+        while writer.poll() is None and time.monotonic() < deadline:
+            try:
+                if store is None:
+                    store = HierStore(server.uri, "images", create=False)
+                counts.append(store.count())
+                hits = store.search(rng.normal(size=(2, store.spec.dim)).astype(np.float32), 10)
+                ids = {hit.id for hit_list in hits for hit in hit_list}
+                found = {hit.id for hit in store.get(sorted(ids))}
+                if found != ids:
+                    errors.append(f"hits that do not resolve: {sorted(ids - found)}")
+                searches += 1
+            except Exception as exc:  # noqa: BLE001 - the collection may not exist yet
+                if store is not None or "does not exist" not in str(exc):
+                    errors.append(repr(exc))
+            time.sleep(0.05)
+        out, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        assert errors == [] and searches >= 5
+        print("counts seen while writing:", counts[:3], "...", counts[-3:], len(counts))
+        assert counts == sorted(counts) and counts[-1] <= len(expected)
+        assert sorted(stored_ids(server.uri)) == sorted(expected)
+        store.close()
+
+
+def test_server_gone_mid_ingest_is_a_clear_error_and_a_rerun_completes(tmp_path, tiny_model):
+    expected = make_tree(tmp_path / "tree", per_leaf=150)
+    server = LiteServer(tmp_path / "server-data").start()
+    try:
+        writer = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, server.uri), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until writing has begun
+            try:
+                with HierStore(server.uri, "images", create=False) as store:
+                    if store.count() > 0:
+                        break
+            except Exception:  # noqa: BLE001 - not created yet
+                pass
+            time.sleep(0.1)
+        server.stop(kill=True)
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 1 and out == ""
+        assert err.startswith("Error: ") and err.count("\n") == 1, err
+        assert server.uri in err
+
+        server.start()
+        rerun = subprocess.run(ingest(tmp_path / "tree", tiny_model, server.uri), capture_output=True, text=True,
+                               timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert json.loads(rerun.stdout)["skipped_present"] > 0  # what was written before the crash survived
+        assert sorted(stored_ids(server.uri)) == sorted(expected)
+    finally:
+        server.stop()
+
