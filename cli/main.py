@@ -1,4 +1,4 @@
-"""The `hiervec` command: data, train, ingest, search, eval, info, delete, serve.
+"""The `hiervec` command: data, train, ingest, search, eval, info, delete, relabel, serve.
 
 Commands parse options, call the library and render the result: a readable table by
 default, one JSON document on stdout with `--json` (progress then stays silent; it
@@ -189,10 +189,12 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
                          backbone_weights=None if weights == "none" else weights, resume=resume,
                          log=(lambda line: None) if as_json else (lambda line: click.echo(line, err=True)))
     checkpoint = result.checkpoint
-    summary = {"checkpoint": str(out), "fingerprint": checkpoint.fingerprint, "epochs": checkpoint.epoch,
+    summary = {"checkpoint": str(out), "fingerprint": checkpoint.vector_fingerprint, "epochs": checkpoint.epoch,
                "images": len(kept), "skipped": len(listing.failures) + len(failures),
                "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics}
-    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.fingerprint}) in {summary['seconds']}s\n"
+    if checkpoint.calibration:
+        summary["calibration"] = checkpoint.calibration
+    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}) in {summary['seconds']}s\n"
          + "\n".join(f"  {k:<32} {v:.4f}" for k, v in checkpoint.metrics.items()))
 
 
@@ -236,7 +238,8 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    emit(as_json, result, f"seen {report.seen}, stored {report.stored}, skipped {report.skipped_present} "
+    emit(as_json, result, f"seen {report.seen}, stored {report.stored} ({report.predicted} with a predicted "
+         f"category), skipped {report.skipped_present} "
          f"(already present), failed {len(report.failed)}; collection {collection!r} holds {count} "
          f"({result['images_per_s'] or 0} img/s)")
     if not as_json:
@@ -261,39 +264,61 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
 @click.option("--level", default=None, help="Search one level's vector instead of the image vector.")
 @click.option("--group-by", default=None, metavar="LEVEL", help="At most --group-size hits per category of LEVEL.")
 @click.option("--group-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--predicted", type=click.Choice(["include", "exclude", "only"]), default="include", show_default=True,
+              help="Stored images whose category was predicted at ingest, not given.")
+@click.option("--min-label-confidence", type=click.FloatRange(0, 1), default=None, metavar="P",
+              help="Only stored images whose category (finest level) has at least this probability.")
+@click.option("--auto", "auto", default=None, metavar="LEVEL",
+              help="Predict each query's category and search only within it at LEVEL when confident enough.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True, metavar="P",
+              help="With --auto: the query's probability at LEVEL needed to route it.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a contact sheet PNG: each query, then its hits with category and distance.")
 @json_option
 @uses_milvus
-def search(images, model_path, uri, collection, token, k, where, under, level, group_by, group_size, sheet, as_json):
+def search(images, model_path, uri, collection, token, k, where, under, level, group_by, group_size, predicted,
+           min_label_confidence, auto, min_confidence, sheet, as_json):
     """Find the images nearest to each IMAGE, optionally inside parts of the hierarchy."""
-    from milvus_store import CollectionNotFoundError, ImageIndex
+    from milvus_store import CollectionNotFoundError, Confident, ImageIndex, Predicted
 
     from .filters import build_filter
-    from .output import contact_sheet, hit_dict, hits_table
+    from .output import contact_sheet, hit_dict, hits_table, route_line
 
     for image in images:
         if not image.is_file():
             raise click.ClickException(f"query image {str(image)!r} does not exist")
     embedder = load_embedder(model_path)
     known = {name: set(vocab) for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
-    for option, value in (("--level", level), ("--group-by", group_by)):
+    for option, value in (("--level", level), ("--group-by", group_by), ("--auto", auto)):
         if value is not None and value not in known:
             raise click.ClickException(f"unknown level {value!r} for {option}; levels are {', '.join(known)}")
     filter_ = build_filter(where, under, known)
+    extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
+    if min_label_confidence is not None:
+        confident = Confident(embedder.hierarchy.level_names[-1], min_label_confidence)
+        extra = confident if extra is None else extra & confident
+    if extra is not None:
+        filter_ = extra if filter_ is None else filter_ & extra
     try:
         image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except CollectionNotFoundError as exc:
         raise click.ClickException(f"{exc}; run `hiervec ingest` first") from None
     with image_index:
-        results = image_index.search(list(images), k, level=level, where=filter_, group_by=group_by,
-                                     group_size=group_size)
+        if auto is None:
+            results = image_index.search(list(images), k, level=level, where=filter_, group_by=group_by,
+                                         group_size=group_size)
+            routes = [None] * len(results)
+        else:
+            routed = image_index.search_routed(list(images), k, auto=auto, min_confidence=min_confidence,
+                                               level=level, where=filter_, group_by=group_by, group_size=group_size)
+            routes, results = [r for r, _ in routed], [h for _, h in routed]
     if sheet is not None:
         contact_sheet(list(zip(map(str, images), results)), sheet)
         note(as_json, f"contact sheet: {sheet}")
     emit(as_json, {"queries": [{"image": str(img), "hits": [hit_dict(h) for h in hits]}
-                               for img, hits in zip(images, results)]},
-         "\n\n".join(hits_table(str(img), hits) for img, hits in zip(images, results)))
+                               | ({"routing": route.to_dict()} if route is not None else {})
+                               for img, hits, route in zip(images, results, routes)]},
+         "\n\n".join(hits_table(str(img), hits, route_line(route)) for img, hits, route in zip(images, results, routes)))
 
 
 # -- eval --------------------------------------------------------------------------------
@@ -382,6 +407,40 @@ def delete(ids, uri, collection, token, where, under, as_json):
             deleted = store.delete(where=build_filter(where, under, known))
         remaining = store.count()
     emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
+
+
+# -- relabel -----------------------------------------------------------------------------
+@cli.command()
+@model_option
+@store_options
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+              help="Write a new prediction only when its finest level has at least this probability.")
+@json_option
+@uses_milvus
+def relabel(model_path, uri, collection, token, min_confidence, as_json):
+    """Predict the stored predicted categories again with an updated MODEL, from the stored vectors.
+
+    Works when MODEL makes the same vectors as the model that filled the collection (its
+    heads retrained or recalibrated: the fingerprints match); otherwise the images must
+    be embedded again, into a new collection. Given categories are never changed.
+    """
+    from milvus_store import ImageIndex, SchemaMismatchError
+
+    embedder = load_embedder(model_path)
+    try:
+        image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
+    except SchemaMismatchError as exc:
+        if exc.field != "model fingerprint":
+            raise
+        raise click.ClickException(
+            f"{model_path} makes other vectors than the model that filled {collection!r} (fingerprint "
+            f"{exc.expected} vs {exc.actual}), so its predictions cannot be computed from the stored vectors: "
+            f"ingest the images again with it, into a new collection (--collection)") from None
+    with image_index:
+        report = image_index.relabel(min_confidence=min_confidence)
+    emit(as_json, report.to_dict() | {"collection": collection},
+         f"examined {report.examined} predicted categories: {report.changed} changed, {report.confirmed} "
+         f"confirmed, {report.kept} kept (new prediction below {min_confidence})")
 
 
 # -- serve -------------------------------------------------------------------------------

@@ -8,21 +8,33 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 
-def hits_table(query: str, hits: Sequence) -> str:
-    lines = [f"query: {query}"]
+def route_line(route) -> str | None:
+    """How an --auto query was routed, in words."""
+    if route is None:
+        return None
+    p = route.prediction.probabilities[route.level]
+    if route.routed:
+        return f"routed: searched within {route.within} (predicted {route.prediction.path}, p={p:.2f} at {route.level})"
+    return (f"not routed: searched everywhere (predicted {route.prediction.path}, p={p:.2f} at {route.level} "
+            f"< {route.min_confidence})")
+
+
+def hits_table(query: str, hits: Sequence, note: str | None = None) -> str:
+    lines = [f"query: {query}"] + ([f"  {note}"] if note else [])
     if not hits:
         return "\n".join(lines + ["  (no hits)"])
     width = max(len(h.category or "") for h in hits)
     lines.append(f"  {'#':>3}  {'distance':>9}  {'category':<{width}}  id")
     for rank, hit in enumerate(hits, start=1):
         short = hit.id if len(hit.id) <= 16 else hit.id[:12] + "..."
-        lines.append(f"  {rank:>3}  {hit.distance:>9.4f}  {hit.category or '':<{width}}  {short}  {hit.uri}")
+        flag = f"  (predicted, p={hit.confidence.get(next(reversed(hit.categories)), 0):.2f})" if hit.predicted else ""
+        lines.append(f"  {rank:>3}  {hit.distance:>9.4f}  {hit.category or '':<{width}}  {short}  {hit.uri}{flag}")
     return "\n".join(lines)
 
 
 def hit_dict(hit) -> dict:
     return {"id": hit.id, "distance": hit.distance, "uri": hit.uri, "category": hit.category,
-            "categories": hit.categories, "meta": hit.meta}
+            "categories": hit.categories, "meta": hit.meta, "predicted": hit.predicted, "confidence": hit.confidence}
 
 
 def _thumbnail(source, size: int) -> Image.Image:

@@ -19,13 +19,14 @@ from .hierarchy import Hierarchy
 from .inference import Embedder, Embeddings
 from .losses import ContrastiveLoss, HierarchicalLoss, LevelCrossEntropy, LossWeights
 from .model import PyramidEmbedder, PyramidOutput
+from .prediction import Prediction, calibrate, decode_paths, expected_calibration_error, fit_temperature
 from .training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "Embedder",
     "EmbedderConfig", "EmbedderError", "Embeddings", "Failure", "HierarchicalLoss", "Hierarchy",
     "HierarchyError", "ImageDecodeError", "LevelCrossEntropy", "LossWeights", "PyramidEmbedder",
-    "PyramidOutput", "SourceItem", "SourceListing", "TrainConfig", "TrainResult", "WeightsNotFoundError",
-    "decode_image", "evaluate", "load_checkpoint", "load_images", "read_folder_tree", "read_manifest",
+    "Prediction", "PyramidOutput", "SourceItem", "SourceListing", "TrainConfig", "TrainResult", "WeightsNotFoundError",
+    "calibrate", "decode_image", "decode_paths", "evaluate", "expected_calibration_error", "fit_temperature", "load_checkpoint", "load_images", "read_folder_tree", "read_manifest",
     "read_source", "save_checkpoint", "train",
 ]

@@ -32,6 +32,16 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     train_state: dict | None = None  # optimizer, scheduler, RNG, train config: what `resume` needs
+    calibration: dict | None = None  # per-level softmax temperatures and their ECE/NLL (see prediction.calibrate)
+
+    @property
+    def vector_fingerprint(self) -> str:
+        return vector_fingerprint(self.config, self.state_dict)
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        found = (self.calibration or {}).get("temperatures")
+        return tuple(found) if found else (1.0,) * self.config.depth
 
 
 def fingerprint(config: EmbedderConfig, hierarchy: Hierarchy, state_dict: dict[str, torch.Tensor]) -> str:
@@ -39,6 +49,27 @@ def fingerprint(config: EmbedderConfig, hierarchy: Hierarchy, state_dict: dict[s
     digest.update(repr(sorted(config.to_dict().items())).encode())
     digest.update(hierarchy.to_json().encode())
     for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+CLASSIFIER_ONLY = ("num_classes", "classifier_scale")  # config fields that change predictions, not vectors
+
+
+def vector_fingerprint(config: EmbedderConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """What the vectors depend on: the config and weights without the classifier heads.
+
+    Collections record it: a model whose heads were retrained or recalibrated writes and
+    searches the same vectors, so it may use (and relabel) the same collection.
+    """
+    digest = hashlib.sha256()
+    digest.update(repr(sorted((k, v) for k, v in config.to_dict().items() if k not in CLASSIFIER_ONLY)).encode())
+    for key in sorted(state_dict):
+        if key.startswith("classifiers."):
+            continue
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
@@ -55,12 +86,14 @@ def save_checkpoint(
     metrics: dict | None = None,
     history: list | None = None,
     train_state: dict | None = None,
+    calibration: dict | None = None,
 ) -> Checkpoint:
     """Write atomically (a crash never leaves a half-written file); returns what was written."""
     config: EmbedderConfig = model.config
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     checkpoint = Checkpoint(
-        config, hierarchy, state, fingerprint(config, hierarchy, state), epoch, metrics or {}, history or [], train_state
+        config, hierarchy, state, fingerprint(config, hierarchy, state), epoch, metrics or {}, history or [], train_state,
+        calibration,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +107,7 @@ def save_checkpoint(
         "metrics": checkpoint.metrics,
         "history": checkpoint.history,
         "train_state": train_state,
+        "calibration": calibration,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -107,4 +141,5 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         payload.get("metrics", {}),
         payload.get("history", []),
         payload.get("train_state"),
+        payload.get("calibration"),
     )

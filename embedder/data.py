@@ -72,8 +72,10 @@ def read_source(source: str | os.PathLike, *, depth: int | None = None) -> Sourc
 def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> SourceListing:
     """Images under `root`; their category is their folder path relative to `root`.
 
-    `depth` is the number of category levels; by default the most common one. Images at
-    another depth, non-image files and folder names the hierarchy rejects are failures.
+    `depth` is the number of category levels; by default the most common one. Images
+    directly under `root` are unlabelled (category None: a model can predict theirs).
+    Images at another depth, non-image files and folder names the hierarchy rejects are
+    failures.
     Symbolic links to folders are not followed (no loops); hidden entries are ignored.
     """
     root = Path(root)
@@ -97,17 +99,19 @@ def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> So
                 failures.append(Failure(str(path), f"category folder name '{_shown(undecodable)}' is not valid UTF-8"))
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 failures.append(Failure(str(path), f"not an image file extension ({path.suffix or 'none'})"))
-            elif not rel:
-                failures.append(Failure(str(path), "image directly under the root has no category folder"))
             elif not path.is_file():  # follows links: a broken or looping link, a FIFO, a socket
                 failures.append(Failure(str(path), _not_a_file(path)))
             else:
                 found.append((path, rel))
-    if not found:
-        return SourceListing([], failures)
-    depth = depth or Counter(len(rel) for _, rel in found).most_common(1)[0][0]
+    labelled = [rel for _, rel in found if rel]
+    if not labelled:
+        return SourceListing([SourceItem(path, None) for path, _ in found], failures)
+    depth = depth or Counter(len(rel) for rel in labelled).most_common(1)[0][0]
     items = []
     for path, rel in found:
+        if not rel:  # directly under the root: no category, for the model to predict
+            items.append(SourceItem(path, None))
+            continue
         if len(rel) != depth:
             failures.append(Failure(str(path), f"category path {join_path(rel)!r} has {len(rel)} levels, expected {depth}"))
             continue

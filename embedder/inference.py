@@ -22,6 +22,7 @@ from .data import decode_image, image_to_tensor, load_images
 from .errors import ImageDecodeError
 from .hierarchy import Hierarchy
 from .model import PyramidEmbedder
+from .prediction import Prediction, decode_paths
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -55,7 +56,9 @@ def forward_batches(model: PyramidEmbedder, images: torch.Tensor, batch_size: in
 class Embedder:
     """Inference over a `PyramidEmbedder`: batched, `torch.inference_mode`, channels_last.
 
-    Satisfies `milvus_store.ImageEmbedder`: `level_names`, `level_dims`, `fingerprint`, `embed`.
+    Satisfies `milvus_store.ImageEmbedder`: `level_names`, `level_dims`, `fingerprint`, `embed`,
+    and `predict_vectors` for category prediction. `fingerprint` is the checkpoint's vector
+    fingerprint: what a collection records, unchanged by retrained or recalibrated heads.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class Embedder:
         *,
         batch_size: int = 64,
         threads: int | None = None,
+        temperatures: tuple[float, ...] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -75,13 +79,17 @@ class Embedder:
         self.hierarchy = hierarchy
         self.fingerprint = fingerprint
         self.batch_size = batch_size
+        self.temperatures = tuple(temperatures) if temperatures else (1.0,) * model.config.depth
+        if len(self.temperatures) != model.config.depth or min(self.temperatures) <= 0:
+            raise ValueError(f"expected {model.config.depth} positive temperatures, got {self.temperatures}")
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> Embedder:
         checkpoint = load_checkpoint(path)
         model = PyramidEmbedder(checkpoint.config)
         model.load_state_dict(checkpoint.state_dict)
-        return cls(model, checkpoint.hierarchy, checkpoint.fingerprint, **kwargs)
+        kwargs.setdefault("temperatures", checkpoint.temperatures)
+        return cls(model, checkpoint.hierarchy, checkpoint.vector_fingerprint, **kwargs)
 
     @property
     def config(self) -> EmbedderConfig:
@@ -114,6 +122,32 @@ class Embedder:
         batch = self._to_batch(images)
         levels, concat = forward_batches(self.model, batch, self.batch_size)
         return Embeddings(dict(zip(self.level_names, levels)), concat)
+
+    def predict(self, images: Sequence[ImageInput] | torch.Tensor, *, top: int = 3) -> list[Prediction]:
+        """The most probable category path of each image, decoded jointly over the tree, calibrated."""
+        out = self.embed(images)
+        return self.predict_vectors(out.levels, out.concat, top=top)
+
+    def predict_vectors(self, levels: dict[str, np.ndarray], concat: np.ndarray, *, top: int = 3) -> list[Prediction]:
+        """Predictions from vectors this model made (e.g. read back from a collection): no image needed.
+
+        The classifiers read the level vectors (the image vector for a flat model), so
+        stored vectors are enough to predict again after the heads changed.
+        """
+        with torch.inference_mode():
+            if self.config.mode == "flat":
+                vectors = [None] * (self.config.depth - 1) + [torch.as_tensor(np.asarray(concat, np.float32))]
+            else:
+                vectors = [torch.as_tensor(np.asarray(levels[name], np.float32)) for name in self.level_names]
+            log_probs = []
+            classifiers = iter(self.model.classifiers)
+            for vector, temperature in zip(vectors, self.temperatures):
+                if vector is None:
+                    log_probs.append(None)
+                    continue
+                logits = next(classifiers)(vector) / temperature
+                log_probs.append(torch.log_softmax(logits, dim=1))
+        return decode_paths(log_probs, self.hierarchy, top=top)
 
     def _to_batch(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         size = self.config.image_size

@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .prediction import calibrate
 from .config import EmbedderConfig
 from .data import balanced_batches
 from .errors import CheckpointError, ConfigError
@@ -208,7 +209,29 @@ def train(
         )
     if checkpoint is None:  # resumed a run that had already finished
         checkpoint = load_checkpoint(out)
+    elif len(val_idx) > 1:
+        calibration = calibrate(validation_logits(model, val_images), val_labels, config.level_names)
+        log("calibration (temperature per level, ECE before -> after): " + ", ".join(
+            f"{name} T={t:.2f} {calibration['ece_before'][name]:.3f} -> {calibration['ece_after'][name]:.3f}"
+            for name, t in zip(config.level_names, calibration["temperatures"]) if name in calibration["ece_before"]))
+        checkpoint = save_checkpoint(out, model, hierarchy, epoch=checkpoint.epoch, metrics=checkpoint.metrics,
+                                     history=history, train_state=checkpoint.train_state, calibration=calibration)
     return TrainResult(checkpoint, history)
+
+
+def validation_logits(model: PyramidEmbedder, images: torch.Tensor, batch_size: int = 128) -> list[torch.Tensor | None]:
+    """Per-level classifier logits of uint8 `images` in eval mode (None where a level has no classifier)."""
+    was_training = model.training
+    model.eval()
+    parts: list[list[torch.Tensor]] = [[] for _ in range(model.config.depth)]
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            out = model(images[start : start + batch_size].float().div_(255))
+            for level, logits in enumerate(out.logits):
+                if logits is not None:
+                    parts[level].append(logits)
+    model.train(was_training)
+    return [torch.cat(p) if p else None for p in parts]
 
 
 def _check_inputs(images: torch.Tensor, labels: np.ndarray, hierarchy: Hierarchy, config: EmbedderConfig) -> None:

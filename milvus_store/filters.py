@@ -129,6 +129,33 @@ class Under(Filter):
 
 
 @dataclass(frozen=True)
+class Predicted(Filter):
+    """Records whose category path was predicted (``Predicted(True)``) or given (``Predicted(False)``)."""
+
+    value: bool = True
+
+    def _render(self, fields, values):
+        if not isinstance(self.value, bool):
+            raise FilterError(f"Predicted takes True or False, got {self.value!r}")
+        return f"{fields.predicted} == {'true' if self.value else 'false'}"
+
+
+@dataclass(frozen=True)
+class Confident(Filter):
+    """Records whose category at `level` has at least probability `minimum` (given paths have 1)."""
+
+    level: str
+    minimum: float
+
+    def _render(self, fields, values):
+        if self.level not in fields.confidence:
+            raise FilterError(f"unknown level {self.level!r} in filter; levels are {', '.join(fields.levels)}")
+        if isinstance(self.minimum, bool) or not isinstance(self.minimum, (int, float)) or not 0 <= self.minimum <= 1:
+            raise FilterError(f"a minimum confidence must be a number in [0, 1], got {self.minimum!r}")
+        return f"{fields.confidence[self.level]} >= {float(self.minimum)!r}"
+
+
+@dataclass(frozen=True)
 class Ids(Filter):
     """The record's id is one of `values`; ``~Ids((query_id,))`` leaves a stored query out of its own hits."""
 

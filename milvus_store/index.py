@@ -17,8 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from .errors import FilterError
-from .filters import WhereInput
+from .filters import Filter, Predicted, Under, WhereInput, as_filter
 from .records import Hit, Record, content_id, path_uri, printable, validate_records
 from .spec import CollectionSpec
 from .store import HierStore
@@ -38,6 +40,10 @@ class ImageEmbedder(Protocol):
 
     def embed(self, prepared: Sequence[Any]) -> Any:
         """Vectors of prepared images: an object with ``.levels`` ({level: (n, d)}) and ``.concat`` ((n, D))."""
+
+    # Optional: `predict_vectors(levels, concat) -> [prediction]`, each with `.path` and
+    # `.probabilities` ({level: p}). With it, images without a category path get the
+    # model's prediction, flagged as predicted; without it they are refused.
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class FailedItem:
 class IngestReport:
     seen: int = 0
     stored: int = 0
+    predicted: int = 0  # of the stored: category path predicted by the model, not given
     skipped_present: int = 0
     failed: list[FailedItem] = field(default_factory=list)
     seconds: float = 0.0
@@ -83,11 +90,42 @@ class IngestReport:
 
     def to_dict(self) -> dict:
         return {
-            "seen": self.seen, "stored": self.stored, "skipped_present": self.skipped_present,
+            "seen": self.seen, "stored": self.stored, "predicted": self.predicted,
+            "skipped_present": self.skipped_present,
             "failed": len(self.failed), "seconds": round(self.seconds, 3),
             "images_per_s": round(self.stored / self.seconds, 1) if self.seconds else None,
             "failures": [{"source": f.source, "reason": f.reason, "stage": f.stage} for f in self.failed],
         }
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one query was routed: its predicted path, and the subtree searched (None: everywhere)."""
+
+    prediction: Any  # .path, .probabilities
+    level: str
+    min_confidence: float
+    within: str | None  # the predicted category at `level` when confident enough
+
+    @property
+    def routed(self) -> bool:
+        return self.within is not None
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "min_confidence": self.min_confidence, "routed": self.routed,
+                "within": self.within, "predicted_path": self.prediction.path,
+                "probabilities": dict(self.prediction.probabilities)}
+
+
+@dataclass
+class RelabelReport:
+    examined: int = 0  # predicted records looked at
+    changed: int = 0  # written with a new path
+    confirmed: int = 0  # same path again (confidences refreshed)
+    kept: int = 0  # new prediction below min_confidence: old path kept
+
+    def to_dict(self) -> dict:
+        return {"examined": self.examined, "changed": self.changed, "confirmed": self.confirmed, "kept": self.kept}
 
 
 @dataclass
@@ -183,8 +221,9 @@ class ImageIndex:
             except OSError as exc:
                 failures.append(FailedItem(item.name, f"cannot read: {exc.strerror or exc}", "read"))
                 continue
-            if item.category is None:
-                failures.append(FailedItem(item.name, "has no category path", "invalid", item.id))
+            if item.category is None and not self.can_predict:
+                failures.append(FailedItem(item.name, "has no category path (and the model cannot predict one)",
+                                           "invalid", item.id))
                 continue
             loaded.append((item, item.id if item.id is not None else content_id(data), data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
@@ -211,22 +250,36 @@ class ImageIndex:
         report.failed += failures
         if prepared:
             vectors = self.embedder.embed([p.data for p in prepared])
+            unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]
+            predictions = dict(zip(unlabelled, self._predict(vectors, unlabelled))) if unlabelled else {}
             records = []
             for row, p in enumerate(prepared):
+                guess = predictions.get(row)
                 records.append(Record(
-                    category=p.item.category,
+                    category=p.item.category if guess is None else guess.path,  # a given path always wins
                     vector=vectors.concat[row],
                     level_vectors={level: v[row] for level, v in vectors.levels.items()},
                     id=p.id,
                     uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
                     meta=dict(p.item.meta),
+                    predicted=guess is not None,
+                    confidence=None if guess is None else guess.probabilities,
                 ))
             rows, problems = validate_records(records, self.store.spec)
             report.failed += [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
             report.stored += self.store.upsert_rows(rows)
+            report.predicted += sum(1 for row in rows if row[self.store.spec.fields.predicted])
             report.ids += [row[self.store.spec.fields.id] for row in rows]
         if progress is not None:
             progress(seen)
+
+    @property
+    def can_predict(self) -> bool:
+        return callable(getattr(self.embedder, "predict_vectors", None))
+
+    def _predict(self, vectors, rows: list[int]) -> list:
+        levels = {level: v[rows] for level, v in vectors.levels.items()}
+        return self.embedder.predict_vectors(levels, vectors.concat[rows])
 
     # -- search --------------------------------------------------------------------------
     def embed(self, images: Sequence[Any]):
@@ -246,6 +299,111 @@ class ImageIndex:
         vectors = self.embed(images)
         query = vectors.concat if level is None else _level_vectors(vectors, level)
         return self.store.search(query, k, level=level, where=where, group_by=group_by, group_size=group_size)
+
+    def route(self, vectors, auto: str, min_confidence: float) -> list[Route]:
+        """Each query's predicted path, and the category at level `auto` to search within when its
+        probability there is at least `min_confidence`."""
+        if not self.can_predict:
+            raise FilterError("this model cannot predict categories, so it cannot route queries")
+        if auto not in self.store.spec.level_names:
+            raise FilterError(f"unknown level {auto!r} to route at; levels are {', '.join(self.store.spec.level_names)}")
+        if not 0 <= min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        depth = self.store.spec.level_names.index(auto) + 1
+        routes = []
+        for guess in self._predict(vectors, list(range(len(vectors.concat)))):
+            confident = guess.probabilities[auto] >= min_confidence
+            within = "/".join(guess.path.split("/")[:depth]) if confident else None
+            routes.append(Route(guess, auto, min_confidence, within))
+        return routes
+
+    def search_routed(
+        self,
+        images: Sequence[Any],
+        k: int = 10,
+        *,
+        auto: str,
+        min_confidence: float = 0.5,
+        level: str | None = None,
+        where: WhereInput = None,
+        group_by: str | None = None,
+        group_size: int = 1,
+    ) -> list[tuple[Route, list[Hit]]]:
+        """Like `search`, but each query searches only within its predicted category at level `auto`
+        when the prediction is confident enough there, and everywhere otherwise."""
+        vectors = self.embed(images)
+        query = vectors.concat if level is None else _level_vectors(vectors, level)
+        results = []
+        for row, route in enumerate(self.route(vectors, auto, min_confidence)):
+            routed = where if route.within is None else _and(where, Under(route.within))
+            hits = self.store.search(query[row : row + 1], k, level=level, where=routed, group_by=group_by,
+                                     group_size=group_size)[0]
+            results.append((route, hits))
+        return results
+
+    # -- relabel -------------------------------------------------------------------------
+    def relabel(self, *, min_confidence: float = 0.0, batch_size: int = 256,
+                progress: Callable[[int], None] | None = None) -> RelabelReport:
+        """Predict every stored predicted path again with this model, from the stored vectors.
+
+        Possible without the images because the classifiers read the vectors, and valid
+        because the collection's fingerprint (this model's vector fingerprint) says the
+        vectors are this model's. A new prediction below `min_confidence` at the finest
+        level is not written: the record keeps its path. Given paths are never touched.
+        """
+        if not self.can_predict:
+            raise FilterError("this model cannot predict categories")
+        if not 0 <= min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        spec, report = self.store.spec, RelabelReport()
+        leaf = spec.level_names[-1]
+        batch: list[Hit] = []
+
+        def flush() -> None:
+            ids = [hit.id for hit in batch]
+            concat = self.store.vectors(ids)
+            levels = {name: self.store.vectors(ids, level=name) for name in spec.fields.level_vectors}
+            present = [hit for hit in batch if hit.id in concat]
+            vectors = _Vectors(np.stack([concat[h.id] for h in present]),
+                               {name: np.stack([v[h.id] for h in present]) for name, v in levels.items()})
+            records = []
+            for row, (hit, guess) in enumerate(zip(present, self._predict(vectors, list(range(len(present)))))):
+                report.examined += 1
+                if guess.probabilities[leaf] < min_confidence:
+                    report.kept += 1
+                    continue
+                if guess.path == hit.category:
+                    report.confirmed += 1
+                else:
+                    report.changed += 1
+                records.append(Record(guess.path, vectors.concat[row],
+                                      {name: v[row] for name, v in vectors.levels.items()}, id=hit.id, uri=hit.uri,
+                                      meta=hit.meta, predicted=True, confidence=guess.probabilities))
+            if records:
+                self.store.upsert(records)
+            if progress is not None:
+                progress(len(batch))
+            batch.clear()
+
+        for hit in list(self.store.iterate(Predicted(True))):  # listed first: the upserts must not feed the iterator
+            batch.append(hit)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        self.store.flush()
+        return report
+
+
+@dataclass(frozen=True)
+class _Vectors:
+    concat: np.ndarray
+    levels: dict[str, np.ndarray]
+
+
+def _and(where: WhereInput, extra: Filter) -> Filter:
+    base = as_filter(where)
+    return extra if base is None else base & extra
 
 
 def _level_vectors(vectors, level: str):

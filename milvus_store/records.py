@@ -58,6 +58,8 @@ class Record:
     uri: str = ""
     meta: Mapping = field(default_factory=dict)
     content: bytes | None = field(default=None, repr=False)
+    predicted: bool = False  # the category path was predicted by the model, not given
+    confidence: Mapping[str, float] | None = None  # level -> probability of the path there (given paths: 1)
 
     def resolved_id(self) -> str | None:
         if self.id is not None:
@@ -74,6 +76,8 @@ class Hit:
     uri: str
     categories: dict[str, str]  # level name -> category path at that level
     meta: dict
+    predicted: bool = False
+    confidence: dict[str, float] = field(default_factory=dict)  # level -> probability (1 for given paths)
 
     @property
     def category(self) -> str | None:
@@ -157,6 +161,16 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
         row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
     row[fields.meta] = _meta(record.meta)
+    row[fields.predicted] = bool(record.predicted)
+    confidence = dict(record.confidence or {})
+    unknown = sorted(set(confidence) - set(fields.confidence))
+    if unknown:
+        raise ValueError(f"confidence for unknown levels {unknown}")
+    for name, cfield in fields.confidence.items():
+        value = float(confidence.get(name, 1.0))
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"confidence at {name!r} must be in [0, 1], got {value}")
+        row[cfield] = value
     return row
 
 
@@ -182,4 +196,6 @@ def hit_from_entity(entity: Mapping, spec: CollectionSpec, *, id_: str, distance
     fields = spec.fields
     categories = {name: entity[f] for name, f in fields.levels.items() if f in entity}
     distance = None if distance is None or math.isnan(distance) else float(distance)
-    return Hit(str(id_), distance, entity.get(fields.uri, ""), categories, entity.get(fields.meta) or {})
+    confidence = {name: float(entity[f]) for name, f in fields.confidence.items() if f in entity}
+    return Hit(str(id_), distance, entity.get(fields.uri, ""), categories, entity.get(fields.meta) or {},
+               bool(entity.get(fields.predicted, False)), confidence)

@@ -2,8 +2,10 @@
 
 Layout (one collection per catalogue): ``id`` VARCHAR primary key, ``uri`` VARCHAR,
 ``meta`` JSON, one VARCHAR per category level named after the level (the category's path
-from the root, INVERTED index), one FLOAT_VECTOR ``vec_<level>`` per level and ``vec``
-for the image (concatenated) vector.
+from the root, INVERTED index), ``predicted`` BOOL (the path was predicted by the model,
+not given) with one FLOAT ``conf_<level>`` per level (its probability; 1 for given
+paths), one FLOAT_VECTOR ``vec_<level>`` per level and ``vec`` for the image
+(concatenated) vector. `LAYOUT` numbers this layout; collections record theirs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ CATEGORY_MAX_LENGTH = 2048
 SEPARATOR = "/"
 PROPERTY_SPEC = "hiervec.spec"
 PROPERTY_FINGERPRINT = "hiervec.fingerprint"
-_RESERVED = ("id", "uri", "meta", "vec")
+LAYOUT = 2  # 1: before predicted paths (no predicted / conf_<level> fields)
+_RESERVED = ("id", "uri", "meta", "vec", "predicted")
 _LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -38,10 +41,12 @@ class FieldNames:
     vector: str
     levels: dict[str, str]  # level name -> VARCHAR field
     level_vectors: dict[str, str]  # level name -> FLOAT_VECTOR field (empty without per-level vectors)
+    predicted: str  # BOOL: the category path was predicted, not given
+    confidence: dict[str, str]  # level name -> FLOAT field: the path's probability at that level
 
     @property
     def scalars(self) -> list[str]:
-        return [self.uri, self.meta, *self.levels.values()]
+        return [self.uri, self.meta, *self.levels.values(), self.predicted, *self.confidence.values()]
 
 
 def field_names(level_names: Sequence[str], *, level_vectors: bool = True) -> FieldNames:
@@ -53,6 +58,8 @@ def field_names(level_names: Sequence[str], *, level_vectors: bool = True) -> Fi
         vector="vec",
         levels={name: name for name in level_names},
         level_vectors={name: f"vec_{name}" for name in level_names} if level_vectors else {},
+        predicted="predicted",
+        confidence={name: f"conf_{name}" for name in level_names},
     )
 
 
@@ -70,6 +77,7 @@ class CollectionSpec:
     level_dims: tuple[int, ...] = ()
     metric: str = "L2"
     index: str | None = None
+    layout: int = LAYOUT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_names", tuple(self.level_names))
@@ -77,10 +85,11 @@ class CollectionSpec:
         if not self.level_names:
             raise StoreError("a collection needs at least one category level")
         for name in self.level_names:
-            if not isinstance(name, str) or not _LEVEL_NAME.match(name) or name in _RESERVED or name.startswith("vec_"):
+            if (not isinstance(name, str) or not _LEVEL_NAME.match(name) or name in _RESERVED
+                    or name.startswith(("vec_", "conf_"))):
                 raise StoreError(
                     f"level name {name!r} must be an identifier that is not one of {_RESERVED} "
-                    f"and does not start with 'vec_'"
+                    f"and does not start with 'vec_' or 'conf_'"
                 )
         if len(set(self.level_names)) != len(self.level_names):
             raise StoreError(f"level names must be distinct, got {self.level_names}")
@@ -121,7 +130,8 @@ class CollectionSpec:
     @classmethod
     def from_json(cls, text: str) -> CollectionSpec:
         data = json.loads(text)
-        return cls(tuple(data["level_names"]), data["dim"], tuple(data["level_dims"]), data["metric"], data["index"])
+        return cls(tuple(data["level_names"]), data["dim"], tuple(data["level_dims"]), data["metric"], data["index"],
+                   data.get("layout", 1))
 
 
 def check_index(index: str, *, lite: bool) -> None:

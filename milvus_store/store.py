@@ -35,6 +35,7 @@ from .spec import (
     CATEGORY_MAX_LENGTH,
     DEFAULT_INDEX,
     ID_MAX_LENGTH,
+    LAYOUT,
     PROPERTY_FINGERPRINT,
     PROPERTY_SPEC,
     URI_MAX_LENGTH,
@@ -160,6 +161,9 @@ class HierStore:
         if PROPERTY_SPEC not in properties:
             raise SchemaMismatchError(self.collection, "hiervec spec", "a hiervec collection", "none recorded")
         stored = CollectionSpec.from_json(properties[PROPERTY_SPEC])
+        if stored.layout != LAYOUT:
+            raise SchemaMismatchError(self.collection, "layout (re-create the collection and ingest again)",
+                                   stored.layout)
         if spec is not None:
             for name in ("level_names", "dim", "level_dims", "metric"):
                 if getattr(spec, name) != getattr(stored, name):
@@ -181,9 +185,13 @@ class HierStore:
         schema.add_field(fields.meta, DataType.JSON)
         for field in fields.levels.values():
             schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH)
+        schema.add_field(fields.predicted, DataType.BOOL)
+        for field in fields.confidence.values():
+            schema.add_field(field, DataType.FLOAT)
         index_params = self._client.prepare_index_params()
         for field in fields.levels.values():
             index_params.add_index(field, index_type="INVERTED")
+        index_params.add_index(fields.predicted, index_type="INVERTED")
         for field, dim in spec.vector_dims().items():
             schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
             index_params.add_index(field, index_type=spec.index, metric_type=spec.metric,
@@ -494,12 +502,13 @@ class HierStore:
 
     def _outputs(self, output: Sequence[str] | None) -> list[str]:
         fields = self.spec.fields
-        known = {"uri": fields.uri, "meta": fields.meta, **fields.levels}
+        known = {"uri": [fields.uri], "meta": [fields.meta], **{n: [f] for n, f in fields.levels.items()},
+                 "predicted": [fields.predicted, *fields.confidence.values()]}
         names = list(known) if output is None else list(output)
         unknown = [n for n in names if n not in known]
         if unknown:
             raise FilterError(f"unknown output fields {unknown}; choose from {sorted(known)}")
-        return [known[n] for n in names]
+        return [field for n in names for field in known[n]]
 
     def _hits(self, hits) -> list[Hit]:
         out = []

@@ -39,14 +39,17 @@ from embedder import Embedder, ImageDecodeError
 from embedder.errors import EmbedderError
 from milvus_store import (
     CollectionNotFoundError,
+    Confident,
     Filter,
     FilterError,
     Ids,
     ImageIndex,
     IngestItem,
+    Predicted,
     SchemaMismatchError,
     StoreConnectionError,
     StoreError,
+    Under,
     category_filter,
     content_id,
     uri_path,
@@ -237,6 +240,9 @@ class HitOut(BaseModel):
     category: str | None = Field(None, description="Leaf category path, e.g. clothing/tops/shirt.")
     categories: dict[str, str] = Field(description="Category path at each level.")
     meta: dict[str, Any]
+    predicted: bool = Field(False, description="The category path was predicted by the model at ingest, not given.")
+    confidence: dict[str, float] = Field(default_factory=dict, description="Probability of the path at each level "
+                                                                            "(1 for given paths).")
     image_url: str | None = Field(None, description="This service's URL of the image, when it can serve it.")
 
 
@@ -249,6 +255,8 @@ class SearchOut(BaseModel):
     query: dict[str, Any] = Field(description="What was searched with: the uploaded file's name, or the stored id.")
     level: str | None = Field(None, description="The level vector searched, or null for the image vector.")
     filter: dict[str, Any]
+    routing: dict[str, Any] | None = Field(None, description="With `auto`: the query's predicted path and whether "
+                                                              "the search was restricted to its category.")
     hits: list[HitOut]
 
 
@@ -259,11 +267,13 @@ class ImageResult(BaseModel):
                                     "replaced) or failed.")
     reason: str | None = None
     stage: str | None = Field(None, description="For a failure: decode (not an image) or invalid (bad record).")
+    predicted_path: str | None = Field(None, description="The category the model predicted, when none was given.")
 
 
 class ImagesOut(BaseModel):
     stored: int
     updated: int
+    predicted: int = Field(description="How many of the stored or updated got a predicted category.")
     failed: int
     count: int
     results: list[ImageResult]
@@ -337,12 +347,20 @@ def create_app(service: Service) -> FastAPI:
         group_by: Annotated[str | None, Form(description="At most group_size hits per category of this level.")] = None,
         group_size: Annotated[int, Form(ge=1)] = 1,
         collection: Annotated[str | None, Form(description="Another collection of the same model.")] = None,
+        auto: Annotated[str | None, Form(description="Predict the query's category and search only within it at "
+                                                     "this level when confident enough.")] = None,
+        min_confidence: Annotated[float, Form(ge=0, le=1, description="With `auto`: the probability needed.")] = 0.5,
+        predicted: Annotated[str, Form(pattern="^(include|exclude|only)$",
+                                       description="Stored images with predicted categories: include, exclude "
+                                                   "or only.")] = "include",
+        min_label_confidence: Annotated[float | None, Form(ge=0, le=1, description="Only stored images whose "
+                                                           "category has at least this probability.")] = None,
     ) -> SearchOut:
         if (image is None) == (id is None):
             raise ApiError(422, "bad_query", "give exactly one of an uploaded `image` or a stored `id`")
         if k > service.settings.max_k:
             raise ApiError(422, "bad_query", f"k must be at most {service.settings.max_k}, got {k}")
-        for name, value in (("level", level), ("group_by", group_by)):
+        for name, value in (("level", level), ("group_by", group_by), ("auto", auto)):
             if value is not None and value not in service.level_names:
                 raise ApiError(400, "unknown_level",
                                f"unknown level {value!r} for {name}; levels are {', '.join(service.level_names)}")
@@ -354,6 +372,11 @@ def create_app(service: Service) -> FastAPI:
         if pairs or under is not None:
             known = await run_in_threadpool(service.known_categories, collection)
             where_filter = category_filter(pairs, under, known)
+        extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
+        if min_label_confidence is not None:
+            extra = _and(extra, Confident(service.level_names[-1], min_label_confidence))
+        where_filter = _and(where_filter, extra)
+        routing = None
         if image is not None:
             data = await _read_upload(image, service.settings.max_upload_bytes)
             prepared = await run_in_threadpool(_prepare, service.embedder, data, image.filename)
@@ -361,28 +384,33 @@ def create_app(service: Service) -> FastAPI:
             query_vector = vectors.concat if level is None else vectors.levels[level]
             query = {"filename": image.filename}
         else:
-            stored = await run_in_threadpool(index.store.vectors, [id], level=level)
-            if id not in stored:
-                raise ApiError(404, "not_found", f"no image with id {id!r} in collection {index.store.collection!r}")
-            query_vector, query = stored[id], {"id": id}
-            not_itself = ~Ids((id,))  # in the filter, so a grouped search still fills the query's own group
-            where_filter = not_itself if where_filter is None else where_filter & not_itself
+            vectors = await run_in_threadpool(_stored_vectors, index, id)
+            query_vector, query = (vectors.concat if level is None else vectors.levels[level]), {"id": id}
+            where_filter = _and(where_filter, ~Ids((id,)))  # so a grouped search still fills the query's own group
+        if auto is not None:
+            route = (await run_in_threadpool(index.route, _Batch(vectors), auto, min_confidence))[0]
+            routing = route.to_dict()
+            if route.within is not None:
+                where_filter = _and(where_filter, Under(route.within))
         hits = await service.search(query_vector, SearchQuery(collection, k, level, where_filter, group_by, group_size))
-        return SearchOut(query=query, level=level, hits=[_hit_out(service, request, hit) for hit in hits],
+        return SearchOut(query=query, level=level, routing=routing,
+                         hits=[_hit_out(service, request, hit) for hit in hits],
                          filter={"where": [f"{lv}={v}" for lv, v in pairs], "under": under, "group_by": group_by})
 
     @app.post("/images", response_model=ImagesOut, responses=ERRORS, summary="Add (upsert) one or many images")
     async def add_images(
         request: Request,
         images: Annotated[list[UploadFile], File(description="One or more image files.")],
-        category: Annotated[list[str], Form(description="Leaf category path per image, or one for all.")],
+        category: Annotated[list[str], Form(description="Leaf category path per image, or one for all; omitted "
+                                                        "or empty: the model predicts it (flagged predicted).")] = [],  # noqa: B006
         id: Annotated[list[str], Form(description="Optional id per image (default: SHA-256 of the bytes).")] = [],  # noqa: B006
         meta: Annotated[list[str], Form(description="Optional JSON object per image, or one for all.")] = [],  # noqa: B006
         collection: Annotated[str | None, Form()] = None,
     ) -> ImagesOut:
         service.check_key(request)
         n = len(images)
-        categories = _per_image("category", category, n, allow_one=True)
+        categories = [c or None for c in _per_image("category", category, n, allow_one=True)] if category \
+            else [None] * n
         ids = _per_image("id", id, n, allow_one=False) if id else [None] * n
         metas = [_json_object(m, i) for i, m in enumerate(_per_image("meta", meta, n, allow_one=True))] if meta \
             else [{}] * n
@@ -392,6 +420,7 @@ def create_app(service: Service) -> FastAPI:
         service.changed(collection)
         counts = Counter(r.status for r in results)
         body = ImagesOut(stored=counts["stored"], updated=counts["updated"], failed=counts["failed"],
+                         predicted=sum(1 for r in results if r.predicted_path),
                          count=await run_in_threadpool(index.store.count), results=results)
         if counts["failed"] == n:
             first = results[0].reason or "failed"
@@ -479,6 +508,37 @@ def app_from_environment() -> FastAPI:
 
 
 # -- helpers ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Batch:
+    """One image's vectors as a batch of one (what `ImageIndex.route` takes)."""
+
+    one: Any
+
+    @property
+    def concat(self) -> np.ndarray:
+        return self.one.concat[None, :]
+
+    @property
+    def levels(self) -> dict[str, np.ndarray]:
+        return {name: v[None, :] for name, v in self.one.levels.items()}
+
+
+def _stored_vectors(index: ImageIndex, record_id: str):
+    from .batching import Vectors
+
+    stored = index.store.vectors([record_id])
+    if record_id not in stored:
+        raise ApiError(404, "not_found", f"no image with id {record_id!r} in collection {index.store.collection!r}")
+    levels = {name: index.store.vectors([record_id], level=name)[record_id]
+              for name in index.store.spec.fields.level_vectors}
+    return Vectors(stored[record_id], levels)
+
+
+def _and(first: Filter | None, second: Filter | None) -> Filter | None:
+    if first is None or second is None:
+        return first if second is None else second
+    return first & second
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -540,6 +600,8 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
              for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
     report = index.ingest(items, skip_existing=False)  # an upsert: a re-post updates category and meta
     failed = {failure.id: failure for failure in report.failed}
+    unlabelled = [item.id for item in items if item.category is None and item.id not in failed]
+    guessed = {hit.id: hit.category for hit in index.store.get(unlabelled)} if unlabelled else {}
     results = []
     for item, path, upload in zip(items, planned, uploads):
         failure = failed.get(item.id)
@@ -551,7 +613,8 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
         if path is not None and not path.exists():
             _write_atomically(path, item.source)
         results.append(ImageResult(filename=upload.filename, id=item.id,
-                                   status="updated" if item.id in present else "stored"))
+                                   status="updated" if item.id in present else "stored",
+                                   predicted_path=guessed.get(item.id)))
     return results
 
 
@@ -565,7 +628,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _hit_out(service: Service, request: Request, hit) -> HitOut:
     url = str(request.url_for("get_image_file", image_id=hit.id)) if service.servable_file(hit.uri) else None
     return HitOut(id=hit.id, distance=hit.distance, uri=hit.uri, category=hit.category,
-                  categories=hit.categories, meta=hit.meta, image_url=url)
+                  categories=hit.categories, meta=hit.meta, predicted=hit.predicted, confidence=hit.confidence,
+                  image_url=url)
 
 
 def _tree(levels: Sequence[str], known: dict[str, set[str]], counts: dict[str, Counter]) -> list[CategoryNode]:

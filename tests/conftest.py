@@ -14,14 +14,19 @@ def rng():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """An untrained, seeded resnet18 checkpoint (32 px, 8 dims per level) for `LEAVES`: fast, deterministic."""
+    """An untrained, seeded resnet18 checkpoint (32 px, 8 dims per level) for `LEAVES`: fast, deterministic.
+
+    Its classifiers' scale is 1, so its untrained predictions are unsure (no probability
+    of 1), as routing and relabel tests need.
+    """
     import torch
 
     from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
 
     hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
     torch.manual_seed(0)
-    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16,
+                                          classifier_scale=1.0)
     path = tmp_path_factory.mktemp("tiny-model") / "model.pt"
     save_checkpoint(path, PyramidEmbedder(config), hierarchy)
     return path

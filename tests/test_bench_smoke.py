@@ -36,3 +36,16 @@ def test_serve_load_smoke(capsys):
     assert [r[0] for r in rows] == ["1", "4"]
     assert all(float(qps) > 0 and float(p50) <= float(p99) for _, qps, p50, p99, *_ in rows)
     assert float(rows[0][4]) == float(rows[0][5]) == 1.0  # one client never shares a batch
+
+
+@pytest.mark.lite
+def test_prediction_smoke(capsys):
+    from bench import prediction
+
+    assert prediction.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    levels = re.findall(r"^\| (department|category|item) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [row[0] for row in levels] == ["department", "category", "item"]
+    searches = re.findall(r"^\| (plain|auto \w+ >= 0.5) \| ([\d.]+)% \|", out, re.M)
+    assert [s for s, _ in searches] == ["plain", "auto department >= 0.5", "auto category >= 0.5", "auto item >= 0.5"]
+    assert searches[0][1] == "0.0"

@@ -74,7 +74,8 @@ def test_ingest_search_eval_info_delete(workspace, tmp_path):
     result = run_json("search", query, "--model", model, "--uri", db, "-k", "5")
     hits = result["queries"][0]["hits"]
     assert hits[0]["id"] == sha256(query) and hits[0]["distance"] < 1e-5 and hits[0]["uri"] == str(query.resolve())
-    assert len(hits) == 5 and all(set(h) == {"id", "distance", "uri", "category", "categories", "meta"} for h in hits)
+    assert len(hits) == 5 and all(set(h) == {"id", "distance", "uri", "category", "categories", "meta", "predicted", "confidence"}
+                               for h in hits)
 
     hits = run_json("search", query, "--model", model, "--uri", db, "-k", "10", "--where", "department=footwear")
     assert {h["category"] for h in hits["queries"][0]["hits"]} == {"footwear/boots/boot"}

@@ -26,12 +26,11 @@ def test_folder_tree_categories_and_failures(tmp_path):
     png(tmp_path / ".hidden/x/y/z.png")
     listing = read_folder_tree(tmp_path)
     assert [(i.path.name, i.category) for i in listing.items] == [
-        ("a.png", "clothing/tops/shirt"), ("b.png", "clothing/tops/shirt")]
+        ("root.png", None), ("a.png", "clothing/tops/shirt"), ("b.png", "clothing/tops/shirt")]
     reasons = {f.source.rsplit("/", 1)[-1]: f.reason for f in listing.failures}
     assert reasons == {
         "c.png": "category path 'bags/tote' has 2 levels, expected 3",
         "notes.txt": "not an image file extension (.txt)",
-        "root.png": "image directly under the root has no category folder",
     }
 
 

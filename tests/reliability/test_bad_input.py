@@ -14,6 +14,7 @@ import pytest
 from embedder import ImageDecodeError, decode_image
 from milvus_store import HierStore, printable, uri_path
 
+from ..conftest import LEAVES
 from .corpus import build_manifest, build_tree
 
 HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
@@ -68,9 +69,9 @@ def test_ingest_stores_every_valid_file_once_and_reports_the_rest(tmp_path, tiny
     listed = subprocess.run([*command[:-1], str(manifest), "--json"], capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr
     listed = json.loads(listed.stdout)
-    assert (listed["stored"], listed["failed"]) == (2, 5)
+    assert (listed["stored"], listed["predicted"], listed["failed"]) == (3, 1, 4)
     by_line = sorted((f["source"].split(" ")[0].rsplit(":", 1)[-1], f["reason"]) for f in listed["failures"])
-    assert [line for line, _ in by_line] == ["3", "4", "5", "6", "7"]
+    assert [line for line, _ in by_line] == ["3", "5", "6", "7"]
     for (_, reason), case in zip(by_line, [r for r in rows if not r.stored]):
         assert case.reason in reason, (case.what, reason)
 
@@ -81,11 +82,14 @@ def test_ingest_stores_every_valid_file_once_and_reports_the_rest(tmp_path, tiny
     assert (again["stored"], again["skipped_present"]) == (0, len(stored))
 
     with HierStore(str(db), "images") as store:
-        expected = {hashlib.sha256(c.path.read_bytes()).hexdigest() for c in stored} | {"sku-0", "sku-5"}
+        expected = {hashlib.sha256(c.path.read_bytes()).hexdigest() for c in stored} | {"sku-0", "sku-2", "sku-5"}
         assert {hit.id for hit in store.iterate()} == expected and store.count() == len(expected)
         odd = next(c for c in stored if "not UTF-8" in c.what)
         [record] = store.get([hashlib.sha256(odd.path.read_bytes()).hexdigest()])
         assert record.uri.startswith("file://") and uri_path(record.uri) == str(odd.path)
         assert {h.id: h.categories["item"] for h in store.get(["sku-0", "sku-5"])} == {
             "sku-0": "clothing/tops/shirt", "sku-5": "clothing/bottoms/trouser"}
+        [guessed] = store.get(["sku-2"])
+        assert guessed.predicted and guessed.category in LEAVES and 0 < guessed.confidence["item"] <= 1
+        assert all(not h.predicted and set(h.confidence.values()) == {1.0} for h in store.get(["sku-0", "sku-5"]))
 

@@ -238,7 +238,6 @@ def test_add_rejects_malformed_requests_and_writes_nothing(empty, data, message)
     files = [("images", ("a.png", png_bytes((1, 1, 1), 6))), ("images", ("b.png", png_bytes((2, 2, 2), 7)))]
     assert message in error_of(client.post("/images", headers=KEY, data=data, files=files), 422, "bad_request")
     assert service.index(None).store.count() == 0
-    error_of(client.post("/images", headers=KEY, files=files), 422, "invalid_request")  # no category at all
 
 
 def test_api_key_guards_writes_only(empty):
@@ -310,10 +309,11 @@ def test_page_and_openapi_schema(filled):
     search = schema["paths"]["/search"]["post"]
     form = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
     fields = schema["components"]["schemas"][form]["properties"]
-    assert {"image", "id", "k", "level", "where", "under", "group_by", "group_size", "collection"} <= set(fields)
+    assert {"image", "id", "k", "level", "where", "under", "group_by", "group_size", "collection", "auto",
+            "min_confidence", "predicted", "min_label_confidence"} <= set(fields)
     assert {"200", "400", "404", "413", "415", "422"} <= set(search["responses"])
     assert set(schema["components"]["schemas"]["HitOut"]["properties"]) == {
-        "id", "distance", "uri", "category", "categories", "meta", "image_url"}
+        "id", "distance", "uri", "category", "categories", "meta", "predicted", "confidence", "image_url"}
 
 
 def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
@@ -351,3 +351,27 @@ def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled
         vector = vectors[i] if q.level is None else store.vectors([i], level=q.level)[i]
         alone = store.search(vector[None], q.k, level=q.level, where=q.where, group_by=q.group_by)[0]
         assert [h.id for h in results[n]] == [h.id for h in alone], q
+
+
+def test_unlabelled_uploads_are_predicted_and_auto_routes_the_query(empty):
+    service, client = empty
+    images = [("images", (f"{i}.png", png_bytes((40 * i, 90, 200 - 40 * i), 20 + i))) for i in range(4)]
+    body = client.post("/images", headers=KEY, files=images, data={"category": ["", "clothing/tops/shirt", "", ""]}).json()
+    assert (body["stored"], body["predicted"]) == (4, 3)
+    guessed = [r for r in body["results"] if r["predicted_path"]]
+    assert [r["filename"] for r in guessed] == ["0.png", "2.png", "3.png"]
+    for result in guessed:
+        record = client.get(f"/images/{result['id']}").json()
+        assert record["predicted"] and record["category"] == result["predicted_path"]
+        assert 0 < record["confidence"]["item"] <= record["confidence"]["department"] <= 1
+
+    query = {"image": ("q.png", png_bytes((0, 90, 200), 20))}
+    routed = client.post("/search", files=query, data={"k": 10, "auto": "department", "min_confidence": 0}).json()
+    assert routed["routing"]["routed"] and routed["routing"]["within"] == routed["routing"]["predicted_path"].split("/")[0]
+    assert {h["categories"]["department"] for h in routed["hits"]} == {routed["routing"]["within"]}
+    plain = client.post("/search", files=query, data={"k": 10, "auto": "department", "min_confidence": 1}).json()
+    assert not plain["routing"]["routed"] and len(plain["hits"]) == 4
+    only = client.post("/search", files=query, data={"k": 10, "predicted": "only"}).json()["hits"]
+    assert sorted(h["id"] for h in only) == sorted(r["id"] for r in guessed)
+    assert "unknown level 'size' for auto" in error_of(
+        client.post("/search", files=query, data={"auto": "size"}), 400, "unknown_level")
