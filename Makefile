@@ -63,6 +63,8 @@ demo: venv data $(DEMO)/fashion.pt
 	$(HIERVEC) search $(Q_BOOT) --model $(DEMO)/fashion.pt -k 5 --where item=sneaker
 	@echo; echo "== the best two of each item type within tops"
 	$(HIERVEC) search $(Q_SHIRT) --model $(DEMO)/fashion.pt -k 4 --under clothing/tops --group-by item --group-size 2
+	@echo; echo "== a query routed to its predicted category (searched there only when p >= 0.9)"
+	$(HIERVEC) search $(Q_SANDAL) --model $(DEMO)/fashion.pt -k 3 --auto category --min-confidence 0.9
 	@echo; echo "== contact sheet"
 	$(HIERVEC) search $(Q_BOOT) $(Q_SHIRT) $(Q_SANDAL) $(Q_TROUSER) --model $(DEMO)/fashion.pt -k 8 \
 		--sheet $(DEMO)/contact-sheet.png > /dev/null

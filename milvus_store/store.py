@@ -292,7 +292,8 @@ class HierStore:
         field, data = self._vector_field(level), self._queries(vectors, level)
         if not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
-        share = self._share(where, timeout)
+        # Exact (FLAT) search needs no breadth, so it skips the two counts that measure the share.
+        share = 1.0 if self.spec.index == "FLAT" else self._share(where, timeout)
         if share == 0:
             return [[] for _ in data]
         params = {"metric_type": self.spec.metric, "params": dict(index_search_params(self.spec.index, k, share))}
