@@ -94,3 +94,33 @@ def test_serve_refuses_several_workers_on_a_lite_file(catalogue, tmp_path):
 def test_serve_reports_a_missing_model_as_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "none.pt"), "--uri", str(tmp_path / "x.db")])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "none.pt" in result.stderr
+
+
+@pytest.mark.server
+def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path):
+    from ..servers import LiteServer
+
+    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
+    with LiteServer(tmp_path / "milvus") as milvus:
+        subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", milvus.uri],
+                       check=True, capture_output=True)
+        port = free_port()
+        env = dict(os.environ, HIERVEC_API_KEY="workers-k3y", HIERVEC_MILVUS_TOKEN="root:Milvus")
+        process = subprocess.Popen(
+            [*hiervec, "serve", "--model", str(catalogue.model), "--uri", milvus.uri, "--port", str(port),
+             "--workers", "2", "--image-root", str(catalogue.tree)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(f"{base}/healthz", process, seconds=120)
+            query = catalogue.files["clothing/tops/coat"][0]
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: httpx.post(f"{base}/search", files={"image": ("q.png", query.read_bytes())},
+                                                             data={"k": 2}, timeout=60), range(8)))
+            assert all(a.status_code == 200 and a.json()["hits"][0]["distance"] < 1e-4 for a in answers)
+            assert httpx.post(f"{base}/images", files={"images": ("q.png", query.read_bytes())},
+                              data={"category": "a/b/c"}).status_code == 401  # the key reached the workers
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        assert "workers-k3y" not in process.stderr.read()
