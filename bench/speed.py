@@ -8,7 +8,9 @@ Both sides run the same batch size, thread count and input, under
 `torch.inference_mode` with channels_last; the backbone is torchvision's model up to the
 deepest pyramid stage (what `PyramidEmbedder` extracts), so the ratio is the cost of the
 pyramid, the per-level heads and normalisation. `embed(files)` adds PNG decoding and
-resizing (a thread pool) to show the end-to-end rate from disk.
+resizing (a thread pool) to show the end-to-end rate from disk, and the ingest column
+runs `ImageIndex.ingest` on the same files into Milvus Lite (HNSW): reading, hashing,
+decoding, embedding and writing, against embedding the files alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench._machine import describe  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder  # noqa: E402
 from embedder.backbones import backbone_spec, build_backbone  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
+from milvus_store import ImageIndex, IngestItem  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
 
@@ -63,11 +66,16 @@ def measure(backbone: str, size: int, batch: int, batches: int, repeats: int, fo
         path = folder / f"{size}-{i}.png"
         Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(path)
         files.append(path)
+    items = [IngestItem(path, CLASS_PATHS[i % len(CLASS_PATHS)]) for i, path in enumerate(files)]
+    with ImageIndex.open(embedder, str(folder / f"ingest-{size}.db"), "bench") as index:
+        # skip_existing=False: every repeat decodes, embeds and writes all files again (an upsert)
+        ingest_img_s = rate(lambda: index.ingest(items, batch_size=batch, skip_existing=False), n, repeats)
     return {
         "size": size,
         "backbone_img_s": rate(backbone_pass, n, repeats),
         "embed_tensors_img_s": rate(lambda: embedder.embed(images), n, repeats),
         "embed_files_img_s": rate(lambda: embedder.embed(files), n, repeats),
+        "ingest_img_s": ingest_img_s,
     }
 
 
@@ -88,11 +96,13 @@ def main(argv=None) -> int:
     command = "python bench/speed.py" + (" --smoke" if args.smoke else f" --sizes {args.sizes}")
     print(f"# embedding throughput, {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads\n\n"
           f"machine: {describe(('torch', 'torchvision', 'numpy'))}\ncommand: {command}\n")
-    print("| input px | bare backbone img/s | Embedder (tensors) img/s | ratio | Embedder (PNG files) img/s |")
-    print("|---|---|---|---|---|")
+    print("| input px | bare backbone img/s | Embedder (tensors) img/s | ratio | Embedder (PNG files) img/s "
+          "| ingest to Milvus Lite img/s | ingest / embed files |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['backbone_img_s']:.0f} | {r['embed_tensors_img_s']:.0f} | "
-              f"{r['embed_tensors_img_s'] / r['backbone_img_s']:.2f} | {r['embed_files_img_s']:.0f} |")
+              f"{r['embed_tensors_img_s'] / r['backbone_img_s']:.2f} | {r['embed_files_img_s']:.0f} | "
+              f"{r['ingest_img_s']:.0f} | {r['ingest_img_s'] / r['embed_files_img_s']:.2f} |")
     return 0
 
 
