@@ -11,7 +11,7 @@ from .errors import (
     UnsupportedIndexError,
 )
 from .filters import (
-    And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, category_filter, quote_literal, render, resolve_category, under,
+    And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, both, category_filter, quote_literal, render, resolve_category, under,
 )
 from .records import Hit, Record, content_id, path_uri, printable, uri_path
 from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport, Route
@@ -22,5 +22,5 @@ __all__ = [
     "And", "Confident", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
     "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
-    "as_filter", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
+    "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

@@ -148,8 +148,7 @@ class Confident(Filter):
     minimum: float
 
     def _render(self, fields, values):
-        if self.level not in fields.confidence:
-            raise FilterError(f"unknown level {self.level!r} in filter; levels are {', '.join(fields.levels)}")
+        _level_field(fields, self.level)  # names an unknown level like every level filter
         if isinstance(self.minimum, bool) or not isinstance(self.minimum, (int, float)) or not 0 <= self.minimum <= 1:
             raise FilterError(f"a minimum confidence must be a number in [0, 1], got {self.minimum!r}")
         return f"{fields.confidence[self.level]} >= {float(self.minimum)!r}"
@@ -233,6 +232,14 @@ def as_filter(where: WhereInput) -> Filter | None:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def both(first: WhereInput, second: WhereInput) -> Filter | None:
+    """Both conditions (either may be None, a Filter or a mapping)."""
+    first, second = as_filter(first), as_filter(second)
+    if first is None or second is None:
+        return first if second is None else second
+    return first & second
 
 
 def render(where: WhereInput, fields: FieldNames, *, templates: bool) -> tuple[str, dict]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .errors import FilterError
-from .filters import Filter, Predicted, Under, WhereInput, as_filter
+from .filters import Predicted, Under, WhereInput, both
 from .records import Hit, Record, content_id, path_uri, printable, validate_records
 from .spec import CollectionSpec
 from .store import HierStore
@@ -335,7 +335,7 @@ class ImageIndex:
         query = vectors.concat if level is None else _level_vectors(vectors, level)
         results = []
         for row, route in enumerate(self.route(vectors, auto, min_confidence)):
-            routed = where if route.within is None else _and(where, Under(route.within))
+            routed = where if route.within is None else both(where, Under(route.within))
             hits = self.store.search(query[row : row + 1], k, level=level, where=routed, group_by=group_by,
                                      group_size=group_size)[0]
             results.append((route, hits))
@@ -399,11 +399,6 @@ class ImageIndex:
 class _Vectors:
     concat: np.ndarray
     levels: dict[str, np.ndarray]
-
-
-def _and(where: WhereInput, extra: Filter) -> Filter:
-    base = as_filter(where)
-    return extra if base is None else base & extra
 
 
 def _level_vectors(vectors, level: str):

@@ -50,12 +50,13 @@ from milvus_store import (
     StoreConnectionError,
     StoreError,
     Under,
+    both,
     category_filter,
     content_id,
     uri_path,
 )
 
-from .batching import MicroBatcher, split_embeddings
+from .batching import MicroBatcher, Vectors, split_embeddings
 
 log = logging.getLogger("hiervec.service")
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -374,8 +375,8 @@ def create_app(service: Service) -> FastAPI:
             where_filter = category_filter(pairs, under, known)
         extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
         if min_label_confidence is not None:
-            extra = _and(extra, Confident(service.level_names[-1], min_label_confidence))
-        where_filter = _and(where_filter, extra)
+            extra = both(extra, Confident(service.level_names[-1], min_label_confidence))
+        where_filter = both(where_filter, extra)
         routing = None
         if image is not None:
             data = await _read_upload(image, service.settings.max_upload_bytes)
@@ -386,12 +387,12 @@ def create_app(service: Service) -> FastAPI:
         else:
             vectors = await run_in_threadpool(_stored_vectors, index, id)
             query_vector, query = (vectors.concat if level is None else vectors.levels[level]), {"id": id}
-            where_filter = _and(where_filter, ~Ids((id,)))  # so a grouped search still fills the query's own group
+            where_filter = both(where_filter, ~Ids((id,)))  # so a grouped search still fills the query's own group
         if auto is not None:
             route = (await run_in_threadpool(index.route, _Batch(vectors), auto, min_confidence))[0]
             routing = route.to_dict()
             if route.within is not None:
-                where_filter = _and(where_filter, Under(route.within))
+                where_filter = both(where_filter, Under(route.within))
         hits = await service.search(query_vector, SearchQuery(collection, k, level, where_filter, group_by, group_size))
         return SearchOut(query=query, level=level, routing=routing,
                          hits=[_hit_out(service, request, hit) for hit in hits],
@@ -523,9 +524,7 @@ class _Batch:
         return {name: v[None, :] for name, v in self.one.levels.items()}
 
 
-def _stored_vectors(index: ImageIndex, record_id: str):
-    from .batching import Vectors
-
+def _stored_vectors(index: ImageIndex, record_id: str) -> Vectors:
     stored = index.store.vectors([record_id])
     if record_id not in stored:
         raise ApiError(404, "not_found", f"no image with id {record_id!r} in collection {index.store.collection!r}")
@@ -533,11 +532,6 @@ def _stored_vectors(index: ImageIndex, record_id: str):
               for name in index.store.spec.fields.level_vectors}
     return Vectors(stored[record_id], levels)
 
-
-def _and(first: Filter | None, second: Filter | None) -> Filter | None:
-    if first is None or second is None:
-        return first if second is None else second
-    return first & second
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version

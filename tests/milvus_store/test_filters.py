@@ -62,3 +62,18 @@ def test_mapping_shorthand():
 def test_filter_errors_name_the_problem(where, message):
     with pytest.raises(FilterError, match=message):
         render(where, FIELDS, templates=True)
+
+
+def test_both_joins_optional_conditions():
+    from milvus_store import And, Confident, Predicted, both
+
+    assert both(None, None) is None
+    assert both(None, Eq("department", "a")) == Eq("department", "a")
+    assert both({"department": "a"}, None) == Eq("department", "a")
+    assert both({"department": "a"}, Predicted(False)) == And((Eq("department", "a"), Predicted(False)))
+    assert render(both(Predicted(True), Confident("item", 0.5)), FIELDS, templates=False)[0] == \
+        "(predicted == true and conf_item >= 0.5)"
+    with pytest.raises(FilterError, match="unknown level 'size' in filter"):
+        render(Confident("size", 0.5), FIELDS, templates=False)
+    with pytest.raises(FilterError, match=r"a minimum confidence must be a number in \[0, 1\], got 2"):
+        render(Confident("item", 2), FIELDS, templates=False)
