@@ -16,11 +16,11 @@ from .filters import (
 from .records import Hit, Record, content_id, path_uri, printable, uri_path
 from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport, Route
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
-from .store import HierStore
+from .store import HierStore, StoredVectors
 
 __all__ = [
     "And", "Confident", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
-    "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
+    "SERVER_INDEXES", "SchemaMismatchError", "StoredVectors", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

@@ -17,8 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
 from .errors import FilterError
 from .filters import Predicted, Under, WhereInput, both
 from .records import Hit, Record, content_id, path_uri, printable, validate_records
@@ -360,12 +358,9 @@ class ImageIndex:
         batch: list[Hit] = []
 
         def flush() -> None:
-            ids = [hit.id for hit in batch]
-            concat = self.store.vectors(ids)
-            levels = {name: self.store.vectors(ids, level=name) for name in spec.fields.level_vectors}
-            present = [hit for hit in batch if hit.id in concat]
-            vectors = _Vectors(np.stack([concat[h.id] for h in present]),
-                               {name: np.stack([v[h.id] for h in present]) for name, v in levels.items()})
+            vectors = self.store.embeddings([hit.id for hit in batch])
+            by_id = {hit.id: hit for hit in batch}
+            present = [by_id[i] for i in vectors.ids]
             records = []
             for row, (hit, guess) in enumerate(zip(present, self._predict(vectors, list(range(len(present)))))):
                 report.examined += 1
@@ -393,12 +388,6 @@ class ImageIndex:
             flush()
         self.store.flush()
         return report
-
-
-@dataclass(frozen=True)
-class _Vectors:
-    concat: np.ndarray
-    levels: dict[str, np.ndarray]
 
 
 def _level_vectors(vectors, level: str):

@@ -16,6 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,15 @@ def _locked_by_another_process(lite_path: str) -> bool:
     except OSError:
         return False
     return False
+
+
+@dataclass(frozen=True)
+class StoredVectors:
+    """Vectors read back from a collection, one row per found id (the shape `embed` gives)."""
+
+    ids: tuple[str, ...]
+    concat: np.ndarray  # (n, dim)
+    levels: dict[str, np.ndarray]  # level name -> (n, level dim); empty for a flat collection
 
 
 class HierStore:
@@ -262,6 +272,23 @@ class HierStore:
         field = self._vector_field(level)
         rows = self._rows_of(ids, [self.spec.fields.id, field], "get vectors", timeout)
         return {row[self.spec.fields.id]: np.asarray(row[field], dtype=np.float32) for row in rows}
+
+    def embeddings(self, ids: Sequence[str], *, timeout: float | None = None) -> StoredVectors:
+        """The image vector and every level's vector of the `ids` that exist, in one query."""
+        fields = self.spec.fields
+        rows = self._rows_of(ids, [fields.id, fields.vector, *fields.level_vectors.values()], "get vectors", timeout)
+        by_id = {row[fields.id]: row for row in rows}
+        found = [i for i in dict.fromkeys(ids) if i in by_id]
+
+        def stacked(field: str, dim: int) -> np.ndarray:
+            if not found:
+                return np.empty((0, dim), dtype=np.float32)
+            return np.stack([np.asarray(by_id[i][field], dtype=np.float32) for i in found])
+
+        return StoredVectors(
+            tuple(found), stacked(fields.vector, self.spec.dim),
+            {name: stacked(f, d) for (name, f), d in zip(fields.level_vectors.items(), self.spec.level_dims)},
+        )
 
     def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
         """Which of `ids` are stored already (for skip-if-present ingest)."""

@@ -525,12 +525,10 @@ class _Batch:
 
 
 def _stored_vectors(index: ImageIndex, record_id: str) -> Vectors:
-    stored = index.store.vectors([record_id])
-    if record_id not in stored:
+    stored = index.store.embeddings([record_id])
+    if not stored.ids:
         raise ApiError(404, "not_found", f"no image with id {record_id!r} in collection {index.store.collection!r}")
-    levels = {name: index.store.vectors([record_id], level=name)[record_id]
-              for name in index.store.spec.fields.level_vectors}
-    return Vectors(stored[record_id], levels)
+    return Vectors(stored.concat[0], {name: v[0] for name, v in stored.levels.items()})
 
 
 def _version() -> str:

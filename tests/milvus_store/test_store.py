@@ -45,6 +45,18 @@ class TestStoreContract:
             assert_same_neighbours(hits, records, query, 10)
             assert all(set(h.categories) == set(LEVELS) and h.uri.startswith("file:///") for h in hits)
 
+    def test_embeddings_read_back_every_vector_of_the_found_ids(self, filled):
+        store, records = filled
+        wanted = [records[7].id, "absent", records[3].id, records[7].id]
+        stored = store.embeddings(wanted)
+        assert stored.ids == (records[7].id, records[3].id)
+        assert np.allclose(stored.concat, [records[7].vector, records[3].vector], atol=1e-6)
+        assert set(stored.levels) == set(LEVELS)
+        for level in LEVELS:
+            assert np.allclose(stored.levels[level], [records[7].level_vectors[level], records[3].level_vectors[level]],
+                               atol=1e-6)
+        assert store.embeddings(["absent"]).concat.shape == (0, SPEC.dim)
+
     def test_search_on_one_level_vector(self, filled):
         store, records = filled
         query = np.random.default_rng(2).normal(size=4).astype(np.float32)

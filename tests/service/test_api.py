@@ -156,7 +156,7 @@ def test_body_over_the_limit_is_refused_before_it_is_read(filled):
 def test_an_unexpected_fault_is_a_json_500_without_a_traceback(catalogue, tmp_path, monkeypatch):
     service = open_service(catalogue, tmp_path)
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
-        monkeypatch.setattr(service.index(None).store, "vectors", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(service.index(None).store, "embeddings", lambda *a, **k: 1 / 0)
         message = error_of(client.post("/search", data={"id": "x"}), 500, "internal")
     assert message == "internal error; the server log has the details"
 
