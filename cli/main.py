@@ -140,6 +140,34 @@ def data_fashion_mnist(out: Path, split: str, limit: int | None, as_json: bool):
          f"levels: {', '.join(fashion_mnist.LEVEL_NAMES)}")
 
 
+@data.command("fashion-mnist-products")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--products", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="How many products (source images) to take.")
+@click.option("--photos", type=click.IntRange(min=1), default=5, show_default=True, help="Photos per product.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First source image: disjoint ranges give disjoint products (e.g. a validation set).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the photos' random views.")
+@json_option
+def data_fashion_mnist_products(out: Path, split: str, products: int, photos: int, offset: int, seed: int,
+                                as_json: bool):
+    """Fashion-MNIST as products: OUT/<department>/<category>/<item>/<product>/<photo>.png.
+
+    Each source image is one product photographed --photos times (random shift, scale,
+    rotation, flip, brightness); levels department > category > item > product. Train
+    and test products come from different splits, so test products are unseen.
+    """
+    from embedder import fashion_mnist
+
+    started = time.perf_counter()
+    count = fashion_mnist.export_products(out, split=split, count=products, photos=photos, offset=offset, seed=seed)
+    levels = list(fashion_mnist.PRODUCT_LEVEL_NAMES)
+    emit(as_json, {"out": str(out), "split": split, "products": products, "photos": count, "levels": levels},
+         f"wrote {count} photos of {products} products to {out} ({time.perf_counter() - started:.1f}s); "
+         f"levels: {', '.join(levels)}")
+
+
 # -- train -------------------------------------------------------------------------------
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))

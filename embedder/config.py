@@ -18,7 +18,9 @@ class EmbedderConfig:
     """The model's shape. Build one for a hierarchy with `for_hierarchy`.
 
     `level_dims[i]` is the size of level ``i``'s vector (coarsest first); the image
-    vector is their concatenation. In ``flat`` mode one vector of ``sum(level_dims)``
+    vector is their concatenation, each level scaled by `level_weights[i]` (default: all
+    equal) and the whole divided to unit length, so a level's share of the squared
+    distance is ``w_i**2 / sum(w**2)``. In ``flat`` mode one vector of ``sum(level_dims)``
     comes from the deepest backbone map, the baseline the method improves on.
     """
 
@@ -31,10 +33,13 @@ class EmbedderConfig:
     mode: Mode = "pyramid"
     pooling: Pooling = "avg"
     classifier_scale: float = 16.0
+    level_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("level_names", "num_classes", "level_dims"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.level_weights is not None:
+            object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
         validate_level_names(self.level_names)
         depth = len(self.level_names)
         if not MIN_LEVELS <= depth <= MAX_LEVELS:
@@ -52,6 +57,11 @@ class EmbedderConfig:
             raise ConfigError(f"fpn_channels must be positive, got {self.fpn_channels}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be at least 32 px, got {self.image_size}")
+        if self.level_weights is not None:
+            if self.mode == "flat":
+                raise ConfigError("level_weights apply to the pyramid's level vectors; a flat model has none")
+            if len(self.level_weights) != depth or min(self.level_weights) <= 0:
+                raise ConfigError(f"level_weights must hold {depth} positive numbers, got {self.level_weights}")
         if self.classifier_scale <= 0:
             raise ConfigError(f"classifier_scale must be positive, got {self.classifier_scale}")
 
@@ -72,8 +82,8 @@ class EmbedderConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for key in ("level_names", "num_classes", "level_dims"):
-            data[key] = list(data[key])
+        for key in ("level_names", "num_classes", "level_dims", "level_weights"):
+            data[key] = None if data[key] is None else list(data[key])
         return data
 
     @classmethod

@@ -11,6 +11,12 @@
 
 Read from Debian's ``dataset-fashion-mnist`` package when installed, else downloaded by
 torchvision into `download_dir`.
+
+The product-level variant (`product_photos`, `export_products`) adds a fourth level:
+each source image is one product, photographed several times (random shift, scale,
+rotation, flip and brightness), as in Stanford Online Products, where many products with
+a few photos each sit under recognisable categories. Train and test products come from
+Fashion-MNIST's own train and test splits, so test products are never seen in training.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from .errors import DataError
 from .hierarchy import Hierarchy
 
 LEVEL_NAMES = ("department", "category", "item")
+PRODUCT_LEVEL_NAMES = (*LEVEL_NAMES, "product")
 CLASS_PATHS = (
     "clothing/tops/t-shirt-top",
     "clothing/bottoms/trouser",
@@ -61,6 +68,77 @@ def load(split: str, *, root: str | os.PathLike | None = None, download_dir: str
     if images_file.is_file() and labels_file.is_file():
         return _read_idx(images_file), _read_idx(labels_file).astype(np.int64)
     return _download(split, download_dir or Path.home() / ".cache" / "hiervec" / "fashion-mnist", folder)
+
+
+def product_photos(images: np.ndarray, photos: int, *, seed: int = 0) -> np.ndarray:
+    """``photos`` random views of each ``(28, 28)`` uint8 image: ``(n, photos, 28, 28)`` uint8.
+
+    Each view shifts (up to 10%), scales (0.8-1.1), rotates (up to 15 degrees), maybe
+    flips and changes the brightness (up to 30%) of its product; the same `seed` gives
+    the same photos.
+    """
+    import torch
+    from torchvision.transforms import v2
+
+    if photos < 1:
+        raise DataError(f"photos must be positive, got {photos}")
+    camera = v2.Compose([
+        v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.8, 1.1)),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.3),
+    ])
+    source = torch.from_numpy(np.array(images, dtype=np.uint8))[:, None]  # a writable copy
+    out = np.empty((len(images), photos, *images.shape[1:]), dtype=np.uint8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, image in enumerate(source):
+            for j in range(photos):
+                out[i, j] = camera(image)[0].numpy()
+    return out
+
+
+def products(split: str, count: int, photos: int, *, offset: int = 0, seed: int = 0, root=None):
+    """Products ``offset .. offset+count-1`` of `split`: (photos ``(count, photos, 28, 28)``, class labels).
+
+    The photo seed mixes in the split and offset, so disjoint ranges get unrelated views.
+    """
+    images, labels = load(split, root=root)
+    if count < 1 or offset < 0 or offset + count > len(images):
+        raise DataError(f"products {offset}..{offset + count - 1} are outside the {len(images)} images of {split!r}")
+    chosen = slice(offset, offset + count)
+    mixed = seed * 1_000_003 + SPLITS.index(split) * 100_003 + offset
+    return product_photos(images[chosen], photos, seed=mixed), labels[chosen]
+
+
+def product_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+def export_products(
+    out: str | os.PathLike,
+    *,
+    split: str = "test",
+    count: int = 1000,
+    photos: int = 5,
+    offset: int = 0,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+) -> int:
+    """Write products as ``out/<department>/<category>/<item>/<split>-<index>/<photo>.png``.
+
+    Levels: `PRODUCT_LEVEL_NAMES`. Returns the number of photos exported; files already
+    there are left as they are.
+    """
+    views, labels = products(split, count, photos, offset=offset, seed=seed, root=root)
+    out = Path(out)
+    for i, (product, label) in enumerate(zip(views, labels)):
+        folder = out / CLASS_PATHS[label] / product_name(split, offset + i)
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, photo in enumerate(product):
+            target = folder / f"{j}.png"
+            if not target.exists():
+                Image.fromarray(photo, mode="L").save(target)
+    return count * photos
 
 
 def _read_idx(path: Path) -> np.ndarray:

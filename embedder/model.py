@@ -7,9 +7,10 @@ reads the next shallower, higher-resolution map (stride 16, 8, ...). `level_maps
 the mapping.
 
 Each level's map is pooled, sent through its own `Linear` and L2-normalised. The image
-vector is the concatenation divided by sqrt(L): unit length, so L2, inner-product and
-cosine search rank alike, its squared distance is the mean of the per-level squared
-distances, and every level weighs the same.
+vector is the concatenation of the level vectors, each times its weight
+(`EmbedderConfig.level_weights`, all equal by default), divided by the weights' norm:
+unit length, so L2, inner-product and cosine search rank alike, and its squared
+distance is the weighted mean of the per-level squared distances.
 
 >>> config = EmbedderConfig(("dept", "cat", "item"), (3, 6, 10), (32, 32, 64), backbone="resnet18")
 >>> out = PyramidEmbedder(config)(torch.rand(2, 3, 64, 64))
@@ -95,6 +96,9 @@ class PyramidEmbedder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+        weights = config.level_weights or (1.0,) * config.depth
+        norm = math.sqrt(sum(w * w for w in weights))
+        self.level_weights = tuple(w / norm for w in weights)
         if config.mode == "pyramid":
             self.fpn = FeaturePyramidNetwork(list(self.stage_channels), config.fpn_channels)
             self.pools = nn.ModuleList(_pool(config.pooling) for _ in range(config.depth))
@@ -147,6 +151,6 @@ class PyramidEmbedder(nn.Module):
             F.normalize(head(pool(fmap)), dim=1)
             for fmap, pool, head in zip(self.pyramid(images), self.pools, self.heads)
         )
-        concat = torch.cat(levels, dim=1) / math.sqrt(len(levels))
+        concat = torch.cat([w * v for w, v in zip(self.level_weights, levels)], dim=1)
         logits = tuple(clf(v) for clf, v in zip(self.classifiers, levels))
         return PyramidOutput(levels, concat, logits)

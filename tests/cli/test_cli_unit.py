@@ -8,10 +8,11 @@ from click.testing import CliRunner
 from cli.filters import build_filter
 from milvus_store import FilterError, resolve_category
 from cli.main import cli
+from embedder import fashion_mnist
 
 pytestmark = pytest.mark.unit
 
-COMMANDS = [["data"], ["data", "fashion-mnist"], ["train"], ["ingest"], ["search"], ["eval"], ["info"], ["delete"]]
+COMMANDS = [["data"], ["data", "fashion-mnist"], ["data", "fashion-mnist-products"], ["train"], ["ingest"], ["search"], ["eval"], ["info"], ["delete"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -39,6 +40,7 @@ def test_help_does_not_import_torch():
         (["train", "no-such-dir", "--out", "m.pt"], "does not exist"),
         (["delete"], "give either IDS or --where/--under"),
         (["data", "fashion-mnist", "out", "--split", "val"], "'val' is not one of"),
+        (["data", "fashion-mnist-products", "out", "--photos", "0"], "0 is not in the range x>=1"),
     ],
 )
 def test_option_validation_is_a_usage_error(args, message):
@@ -98,3 +100,20 @@ def test_unreachable_server_is_one_line_naming_the_uri():
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: cannot open Milvus at 'http://127.0.0.1:9'")
     assert result.stderr.count("\n") == 1 and "s3cret" not in result.stderr
+
+
+@pytest.mark.skipif(not fashion_mnist.DEBIAN_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
+def test_fashion_mnist_products_export(tmp_path):
+    import json
+
+    from embedder import read_folder_tree
+
+    result = CliRunner().invoke(cli, ["data", "fashion-mnist-products", str(tmp_path / "p"), "--split", "train",
+                                      "--products", "3", "--photos", "2", "--offset", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"out": str(tmp_path / "p"), "split": "train", "products": 3, "photos": 6,
+                                         "levels": ["department", "category", "item", "product"]}
+    labels = fashion_mnist.load("train")[1][10:13]
+    categories = sorted(item.category for item in read_folder_tree(tmp_path / "p").items)
+    assert categories == sorted(f"{fashion_mnist.CLASS_PATHS[c]}/train-{10 + i:05d}" for i, c in enumerate(labels)
+                                for _ in range(2))

@@ -51,3 +51,25 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
         fashion_mnist.load("test", root=tmp_path)
     with pytest.raises(DataError, match="split must be one of"):
         fashion_mnist.load("validation", root=tmp_path)
+
+
+def test_product_photos_are_distinct_reproducible_views(idx_root):
+    root, images, _ = idx_root
+    views = fashion_mnist.product_photos(images.astype(np.uint8), 3, seed=1)
+    assert views.shape == (4, 3, 28, 28) and views.dtype == np.uint8
+    assert np.array_equal(views, fashion_mnist.product_photos(images.astype(np.uint8), 3, seed=1))
+    assert not np.array_equal(views[0, 0], views[0, 1])  # a product's photos differ
+    assert not np.array_equal(views, fashion_mnist.product_photos(images.astype(np.uint8), 3, seed=2))
+    with pytest.raises(DataError, match="photos must be positive"):
+        fashion_mnist.product_photos(images.astype(np.uint8), 0)
+
+
+def test_export_products_writes_the_four_level_tree(idx_root, tmp_path):
+    root, _, labels = idx_root
+    out = tmp_path / "products"
+    assert fashion_mnist.export_products(out, split="test", count=2, photos=3, offset=1, root=root) == 6
+    listing = read_folder_tree(out)
+    assert sorted(i.category for i in listing.items) == (
+        ["bags/bags/bag/test-00002"] * 3 + ["clothing/tops/t-shirt-top/test-00001"] * 3)
+    with pytest.raises(DataError, match="outside the 4 images"):
+        fashion_mnist.products("test", 3, 2, offset=2, root=root)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from embedder.metrics import (
-    agreement, agreement_from_paths, consistency_at_k, exact_neighbours, hierarchical_distance, map_at_r,
-    others_in_category, recall_at_k, retrieval_report,
+    agreement, agreement_from_paths, consistency_at_k, exact_neighbours, hierarchical_ap, hierarchical_distance,
+    map_at_r, others_in_category, recall_at_k, retrieval_report,
 )
 
 pytestmark = pytest.mark.unit
@@ -55,3 +55,65 @@ def test_exact_neighbours_match_a_full_sort(rng):
     assert not (got == np.arange(50)[:, None]).any()
     with pytest.raises(ValueError, match="k must be in"):
         exact_neighbours(vectors, 50)
+
+
+def _h_ap_of_ranking(shared: list[int], depth: int) -> float:
+    """H-AP of one query's ranking of shared depths, by the paper's formula, loop by loop."""
+    at_least = [sum(s >= p for s in shared) for p in range(1, depth + 1)]
+    rel = [sum(1 / at_least[p - 1] for p in range(1, s + 1)) for s in shared]
+    total = 0.0
+    for k, s in enumerate(shared):
+        if s == 0:
+            continue
+        h_rank = rel[k] + sum(min(rel[k], rel[j]) for j in range(k) if shared[j] > 0)
+        total += h_rank / (k + 1)
+    return total / sum(rel)
+
+
+def _h_ap_reference(vectors: np.ndarray, labels: np.ndarray) -> float:
+    scores = []
+    for q in range(len(vectors)):
+        dist = ((vectors - vectors[q]) ** 2).sum(1)
+        dist[q] = np.inf
+        order = np.argsort(dist, kind="stable")[:-1]
+        shared = [int(np.cumprod(labels[j] == labels[q]).sum()) for j in order]
+        if any(shared):
+            scores.append(_h_ap_of_ranking(shared, labels.shape[1]))
+    return float(np.mean(scores))
+
+
+def test_h_ap_of_a_hand_worked_ranking():
+    # ranked: a cousin (shares 1 of 2 levels), a sibling in the leaf (2), a stranger (0).
+    # |Omega(1)| = 2, |Omega(2)| = 1: rel = 0.5 and 1.5; H-rank = 0.5 and 1.5 + 0.5
+    assert _h_ap_of_ranking([1, 2, 0], 2) == pytest.approx((0.5 / 1 + 2.0 / 2) / 2.0)
+    assert _h_ap_of_ranking([2, 1, 0], 2) == pytest.approx(1.0)
+
+
+def test_h_ap_matches_the_formula_on_random_data(rng):
+    vectors = rng.normal(size=(60, 5)).astype(np.float32)
+    coarse = rng.integers(0, 3, 60)
+    labels = np.stack([coarse, coarse * 10 + rng.integers(0, 3, 60), rng.integers(0, 100, 60) % 7], 1)
+    assert hierarchical_ap(vectors, labels, chunk=7) == pytest.approx(_h_ap_reference(vectors, labels), rel=1e-9)
+
+
+def test_h_ap_with_one_level_is_average_precision(rng):
+    vectors = rng.normal(size=(40, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, (40, 1))
+    r = others_in_category(labels)
+    same = agreement(labels, exact_neighbours(vectors, 39))
+    assert hierarchical_ap(vectors, labels) == pytest.approx(_ap(same, r))
+
+
+def _ap(same: np.ndarray, r: np.ndarray) -> float:
+    hit = same[:, :, -1]
+    precision = np.cumsum(hit, 1) / np.arange(1, hit.shape[1] + 1)
+    return float(((precision * hit).sum(1) / r)[r > 0].mean())
+
+
+def test_h_ap_rewards_closer_relatives_first():
+    labels = np.array([[0, 0], [0, 0], [0, 1], [1, 2]])
+    near_family = np.array([[0.0], [0.1], [0.3], [5.0]], np.float32)  # leaf sibling, then cousin, then stranger
+    cousin_first = np.array([[0.0], [0.3], [0.1], [5.0]], np.float32)
+    assert hierarchical_ap(near_family, labels) > hierarchical_ap(cousin_first, labels)
+    with pytest.raises(ValueError, match="weights"):
+        hierarchical_ap(near_family, labels, weights=[1.0])

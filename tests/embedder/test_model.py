@@ -80,6 +80,9 @@ def test_gem_pooling_runs():
         (dict(image_size=16), "image_size must be at least 32"),
         (dict(level_dims=(8, 0, 8)), "level_dims must hold 3 positive integers"),
         (dict(num_classes=(2, 3)), "num_classes must hold 3 positive integers"),
+        (dict(level_weights=(1.0, 0.0, 1.0)), "level_weights must hold 3 positive numbers"),
+        (dict(level_weights=(1.0, 1.0)), "level_weights must hold 3 positive numbers"),
+        (dict(level_weights=(1.0, 1.0, 1.0), mode="flat"), "a flat model has none"),
     ],
 )
 def test_config_validation(change, message):
@@ -88,8 +91,17 @@ def test_config_validation(change, message):
         EmbedderConfig(**(base | change))
 
 
-def test_config_round_trip():
-    config = make_config(3)
+def test_level_weights_scale_each_level_in_the_image_vector():
+    config = make_config(3, level_weights=(0.5, 1.0, 2.0))
+    out = PyramidEmbedder(config).eval()(torch.rand(2, 3, 64, 64))
+    expected = torch.cat([0.5 * out.levels[0], out.levels[1], 2 * out.levels[2]], 1) / math.sqrt(0.25 + 1 + 4)
+    assert torch.allclose(out.concat, expected, atol=1e-6)
+    assert torch.allclose(out.concat.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [None, (0.5, 1.0, 2.0)])
+def test_config_round_trip(weights):
+    config = make_config(3, level_weights=weights)
     assert EmbedderConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown EmbedderConfig fields"):
         EmbedderConfig.from_dict(config.to_dict() | {"colour": 1})
