@@ -1,6 +1,7 @@
 """Search latency and recall of each index offered on Milvus Lite, with and without level filters.
 
-    .venv/bin/python bench/search_latency.py              # 100,000 vectors, the figures in BENCHMARKS.md
+    .venv/bin/python bench/search_latency.py              # 100,000 vectors, every index, the figures in BENCHMARKS.md
+    .venv/bin/python bench/search_latency.py --n 100000,1000000 --indexes HNSW   # the default index at scale
     .venv/bin/python bench/search_latency.py --smoke      # seconds: CI keeps it from rotting
 
 The collection has the default layout of a 3-level model (image vector 192 = 3 x 64,
@@ -9,6 +10,11 @@ as trained embeddings are clustered; queries are fresh draws from the same clust
 Filters: one department (20% of rows), one item (2% of rows). Latency is one query per
 call, ids only, p50/p99 over the queries; recall@10 is against numpy brute force over
 the rows that pass the same filter.
+
+End to end (`--end-to-end`, on by default): one query image, a Fashion-MNIST PNG on
+disk, is decoded, embedded by a 3-level MobileNetV2 `Embedder` at 64 px (untrained: the
+cost is the same) and searched for its top 10 in the last index's collection; p50/p99
+of the whole and of each part.
 """
 
 from __future__ import annotations
@@ -50,8 +56,32 @@ def percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(samples, q) * 1000)
 
 
+def end_to_end(store: HierStore, folder: Path, repeats: int) -> dict:
+    """Decode + embed + search of one query image, `repeats` times: p50/p99 ms of each part."""
+    from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, fashion_mnist
+    from PIL import Image
+
+    hierarchy = Hierarchy.from_paths(fashion_mnist.CLASS_PATHS, fashion_mnist.LEVEL_NAMES)
+    embedder = Embedder(PyramidEmbedder(EmbedderConfig.for_hierarchy(hierarchy, dim=64)), hierarchy, "bench")
+    path = folder / "query.png"
+    Image.fromarray(fashion_mnist.load("test")[0][0], mode="L").save(path)
+    parts: dict[str, list[float]] = {"decode": [], "embed": [], "search": [], "total": []}
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        image = embedder.prepare(path)
+        t1 = time.perf_counter()
+        vector = embedder.embed([image]).concat
+        t2 = time.perf_counter()
+        store.search(vector, k=10, output=[])
+        t3 = time.perf_counter()
+        if i:  # the first round warms up
+            for name, value in (("decode", t1 - t0), ("embed", t2 - t1), ("search", t3 - t2), ("total", t3 - t0)):
+                parts[name].append(value)
+    return {name: {"p50_ms": percentile_ms(v, 50), "p99_ms": percentile_ms(v, 99)} for name, v in parts.items()}
+
+
 def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, settle_s: float,
-              search_params: dict | None = None) -> dict:
+              search_params: dict | None = None, e2e_repeats: int = 0) -> dict:
     spec = CollectionSpec(LEVELS, dim=192, level_dims=(64, 64, 64), index=index)
     store = HierStore(str(folder / f"{index}.db"), "bench", spec=spec)
     records = [
@@ -87,19 +117,23 @@ def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, s
             "share": float(mask.mean()), "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
             "recall@10": float(np.mean(recalls)),
         }
+    if e2e_repeats:
+        results["end_to_end"] = end_to_end(store, folder, e2e_repeats)
     store.close()
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--n", default="100000", help="collection sizes, comma-separated")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--indexes", default=",".join(LITE_INDEXES))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--settle", type=float, default=60.0, help="seconds to wait after flush before measuring")
     parser.add_argument("--search-param", metavar="NAME=INT", default=None,
                         help="fix the search breadth (e.g. ef=64) instead of the store's filter-aware default")
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                        help="skip the decode + embed + search latency of one query image")
     parser.add_argument("--smoke", action="store_true", help="2,000 vectors, 10 queries, no settling: seconds")
     args = parser.parse_args(argv)
     fixed = None
@@ -107,29 +141,48 @@ def main(argv=None) -> int:
         name, _, value = args.search_param.partition("=")
         fixed = {name: int(value)}
     if args.smoke:
-        args.n, args.queries, args.settle = 2000, 10, 0.0
-    vectors, queries, leaf, paths = make_data(args.n, args.queries)
-    folder = Path(tempfile.mkdtemp(prefix="hiervec-bench-"))
-    try:
-        runs = [run_index(index, vectors, queries, leaf, paths, 10, folder, args.settle, fixed)
-                for index in args.indexes.split(",")]
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        args.n, args.queries, args.settle = "2000", 10, 0.0
+    sizes = [int(n) for n in args.n.split(",")]
+    indexes = args.indexes.split(",")
+    runs = []
+    for n in sizes:
+        vectors, queries, leaf, paths = make_data(n, args.queries)
+        folder = Path(tempfile.mkdtemp(prefix="hiervec-bench-"))
+        try:
+            for index in indexes:
+                e2e = args.queries if args.end_to_end and index == indexes[-1] else 0
+                runs.append({"n": n, **run_index(index, vectors, queries, leaf, paths, 10, folder, args.settle, fixed,
+                                                 e2e)})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        del vectors
     command = "python bench/search_latency.py" + (" --smoke" if args.smoke else "") + (
-        f" --indexes {args.indexes} --search-param {args.search_param}" if fixed else "")
-    print(f"# top-10 search on Milvus Lite, {args.n:,} vectors (192-d image + 3 x 64-d level), "
-          f"{args.queries} queries, measured {args.settle:.0f}s after flush, search breadth "
+        f" --n {args.n}" if not args.smoke and args.n != "100000" else "") + (
+        f" --indexes {args.indexes}" if args.indexes != ",".join(LITE_INDEXES) else "") + (
+        f" --search-param {args.search_param}" if fixed else "")
+    print(f"# top-10 search on Milvus Lite, {' and '.join(f'{n:,}' for n in sizes)} vectors (192-d image + 3 x 64-d "
+          f"level), {args.queries} queries, measured {args.settle:.0f}s after flush, search breadth "
           f"{args.search_param or 'filter-aware (the default)'}\n\n"
           f"machine: {describe()}\ncommand: {command}\n")
-    print("| index | insert + flush s | filter | rows passing | p50 ms | p99 ms | recall@10 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| vectors | index | insert + flush s | filter | rows passing | p50 ms | p99 ms | recall@10 |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         for name, r in run["filters"].items():
-            print(f"| {run['index']} | {run['build_s']:.1f} | {name} | {r['share']:.1%} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} | {r['recall@10']:.3f} |")
+            print(f"| {run['n']:,} | {run['index']} | {run['build_s']:.1f} | {name} | {r['share']:.1%} | "
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |")
+    with_e2e = [run for run in runs if "end_to_end" in run]
+    if with_e2e:
+        print(f"\none query image end to end (PNG decode + 64 px MobileNetV2 embed + top-10 search, "
+              f"{args.queries} rounds):\n")
+        print("| vectors | index | decode p50 / p99 ms | embed p50 / p99 ms | search p50 / p99 ms | total p50 / p99 ms |")
+        print("|---|---|---|---|---|---|")
+        for run in with_e2e:
+            cells = [f"{run['end_to_end'][part]['p50_ms']:.1f} / {run['end_to_end'][part]['p99_ms']:.1f}"
+                     for part in ("decode", "embed", "search", "total")]
+            print(f"| {run['n']:,} | {run['index']} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"n": args.n, "queries": args.queries, "runs": runs}, indent=2))
+        args.json.write_text(json.dumps({"sizes": sizes, "queries": args.queries, "runs": runs}, indent=2))
     return 0
 
 

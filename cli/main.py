@@ -94,10 +94,16 @@ def note(as_json: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
-def load_embedder(model_path: Path):
+def optimize_option(func):
+    return click.option("--optimize", is_flag=True,
+                        help="Embed through the traced, frozen model: about twice as fast on CPUs, "
+                             "same vectors to float rounding (see BENCHMARKS.md).")(func)
+
+
+def load_embedder(model_path: Path, optimize: bool = False):
     from embedder import Embedder
 
-    return Embedder.from_checkpoint(model_path)
+    return Embedder.from_checkpoint(model_path, optimize=optimize)
 
 
 @click.group(cls=HiervecGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,15 +243,16 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@optimize_option
 @json_option
 @uses_milvus
-def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, as_json):
+def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
     from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
 
     listing = read_source(source)
-    embedder = load_embedder(model_path)
+    embedder = load_embedder(model_path, optimize)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
     with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
@@ -358,9 +365,10 @@ def search(images, model_path, uri, collection, token, k, where, under, level, g
 @click.option("--collection", default="eval", show_default=True)
 @click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN")
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@optimize_option
 @json_option
 @uses_milvus
-def eval_(source, model_path, uri, collection, token, k, as_json):
+def eval_(source, model_path, uri, collection, token, k, optimize, as_json):
     """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level."""
     import tempfile
 
@@ -371,7 +379,7 @@ def eval_(source, model_path, uri, collection, token, k, as_json):
 
     listing = read_source(source)
     items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
-    embedder = load_embedder(model_path)
+    embedder = load_embedder(model_path, optimize)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
         target = uri or str(Path(tmp) / "eval.db")
         with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
@@ -490,9 +498,10 @@ def relabel(model_path, uri, collection, token, min_confidence, as_json):
               help="How long a query may wait for others to share its forward pass and search call "
                    "(0: only queries that arrived while the previous batch ran share it).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@optimize_option
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, max_upload_mb, media_dir, image_roots,
-          batch_window_ms, max_batch):
+          batch_window_ms, max_batch, optimize):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     import uvicorn
 
@@ -502,7 +511,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, max_
     settings = ServiceSettings(
         model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
-        media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots),
+        media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
     )
     if workers > 1 and ConnectionSettings.resolve(uri).is_local:
         raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "

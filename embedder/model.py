@@ -139,18 +139,23 @@ class PyramidEmbedder(nn.Module):
         maps = self.fpn(OrderedDict((s, feats[s]) for s in self.stages))
         return [maps[s] for s in reversed(self.stages)]
 
-    def forward(self, images: torch.Tensor) -> PyramidOutput:
+    def vectors(self, images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(level vectors, image vector) without the classifiers: what retrieval needs."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (n, 3, H, W), got {tuple(images.shape)}")
         if self.config.mode == "flat":
             deepest = self.body((images - self.mean) / self.std)[self.stages[-1]]
-            concat = F.normalize(self.heads[0](self.pools[0](deepest)), dim=1)
-            logits = (None,) * (self.config.depth - 1) + (self.classifiers[0](concat),)
-            return PyramidOutput((), concat, logits)
+            return (), F.normalize(self.heads[0](self.pools[0](deepest)), dim=1)
         levels = tuple(
             F.normalize(head(pool(fmap)), dim=1)
             for fmap, pool, head in zip(self.pyramid(images), self.pools, self.heads)
         )
-        concat = torch.cat([w * v for w, v in zip(self.level_weights, levels)], dim=1)
+        return levels, torch.cat([w * v for w, v in zip(self.level_weights, levels)], dim=1)
+
+    def forward(self, images: torch.Tensor) -> PyramidOutput:
+        levels, concat = self.vectors(images)
+        if self.config.mode == "flat":
+            logits = (None,) * (self.config.depth - 1) + (self.classifiers[0](concat),)
+            return PyramidOutput((), concat, logits)
         logits = tuple(clf(v) for clf, v in zip(self.classifiers, levels))
         return PyramidOutput(levels, concat, logits)

@@ -79,6 +79,7 @@ class ServiceSettings:
     batch_window_ms: float = 0.0
     media_dir: str | os.PathLike | None = "hiervec-media"
     image_roots: tuple[str, ...] = ()
+    optimize: bool = False  # embed through the traced, frozen model (embedder.inference.frozen_for_cpu)
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_k", "max_batch"):
@@ -146,7 +147,7 @@ class Service:
         """Load the model and open (or create) the default collection: mismatches fail here, before serving."""
         for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):  # errors reach clients as JSON, once
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        embedder = Embedder.from_checkpoint(settings.model)
+        embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize)
         index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
         return cls(settings, embedder, index)
 

@@ -11,10 +11,15 @@ from bench import search_latency, speed
 def test_search_latency_smoke(capsys):
     assert search_latency.main(["--smoke", "--indexes", "FLAT,HNSW"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (FLAT|HNSW) \| [\d.]+ \| (.+?) \| ([\d.]+)% \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$", out, re.M)
+    rows = re.findall(r"^\| 2,000 \| (FLAT|HNSW) \| [\d.]+ \| (.+?) \| ([\d.]+)% \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$",
+                      out, re.M)
     assert len(rows) == 6
     assert {(index, share) for index, _, share, _ in rows} >= {("FLAT", "100.0"), ("HNSW", "20.0"), ("HNSW", "2.0")}
     assert all(recall == "1.000" for index, _, _, recall in rows if index == "FLAT")  # exact search
+    e2e = re.search(r"^\| 2,000 \| HNSW \| (.+) \|$", out.split("end to end")[1], re.M)
+    parts = [tuple(map(float, cell.split(" / "))) for cell in e2e.group(1).split(" | ")]
+    assert len(parts) == 4 and all(0 < p50 <= p99 for p50, p99 in parts)
+    assert parts[3][0] >= parts[1][0]  # the whole takes at least its embedding
 
 
 @pytest.mark.lite
@@ -23,6 +28,12 @@ def test_speed_smoke(capsys):
     out = capsys.readouterr().out
     row = re.search(r"^\| 64 \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$", out, re.M)
     assert row and all(float(v) > 0 for v in row.groups())
+    flops = re.search(r"^\| 64 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$",
+                      out, re.M)
+    backbone, embedder = float(flops.group(1)), float(flops.group(2))
+    assert 0.01 < backbone < embedder < 1  # MobileNetV2 at 64 px: tens of MFLOPs; the pyramid adds to it
+    effect = dict(re.findall(r"^\| (eager|optimized) \| ([\d.]+) \|", out, re.M))
+    assert effect.keys() == {"eager", "optimized"} and abs(float(effect["eager"]) - float(effect["optimized"])) < 0.02
 
 
 @pytest.mark.lite
@@ -49,3 +60,26 @@ def test_prediction_smoke(capsys):
     searches = re.findall(r"^\| (plain|auto \w+ >= 0.5) \| ([\d.]+)% \|", out, re.M)
     assert [s for s, _ in searches] == ["plain", "auto department >= 0.5", "auto category >= 0.5", "auto item >= 0.5"]
     assert searches[0][1] == "0.0"
+
+
+@pytest.mark.lite
+@pytest.mark.parametrize("benchmark", ["classes", "products"])
+def test_quality_smoke(capsys, tmp_path, benchmark):
+    from PIL import Image
+
+    from bench import quality
+
+    methods = "pyramid,flat,off-the-shelf" if benchmark == "products" else ",".join(quality.METHODS)
+    assert quality.main(["--smoke", "--benchmark", benchmark, "--methods", methods, "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| ([\w+-]+) \| (\d) \| (.+) \|$", out, re.M)
+    assert [r[0] for r in rows] == methods.split(",")
+    assert [r[1] for r in rows] == ["1" if m == "off-the-shelf" else "2" for m in methods.split(",")]
+    levels = 4 if benchmark == "products" else 3
+    for _, _, cells in rows:
+        values = [float(c.strip("*").split(" ± ")[0]) for c in cells.split(" | ")]
+        assert len(values) == 4 + levels + 1
+        assert all(0 <= v <= 1 for v in values[:-1]) and 0 <= values[-1] <= levels
+    assert "where the pyramid model does not win" in out
+    with Image.open(tmp_path / "c.png") as plot:
+        assert plot.format == "PNG" and plot.width > 400

@@ -201,3 +201,18 @@ def test_ingest_with_one_decode_worker_completes(workspace, tmp_path):
         again = index.ingest(items, batch_size=4)
         assert (again.stored, again.skipped_present, again.ids) == (0, len(paths), report.ids)
         assert index.store.count() == len(paths)
+
+
+def test_optimized_ingest_stores_the_vectors_of_the_eager_model(workspace, tmp_path):
+    from embedder import Embedder
+    from milvus_store import HierStore
+
+    _, tree, model = workspace
+    db = tmp_path / "fast.db"
+    summary = run_json("ingest", tree, "--model", model, "--uri", db, "--optimize")
+    assert summary["stored"] == len(LEAVES) * PER_LEAF
+    paths = all_images(tree)
+    expected = Embedder.from_checkpoint(model).embed(paths).concat
+    with HierStore(str(db), "images") as store:
+        stored = store.embeddings([sha256(p) for p in paths])
+    assert np.allclose(stored.concat, expected, atol=1e-4)

@@ -1,3 +1,4 @@
+import numpy as np
 import math
 import urllib.error
 
@@ -139,3 +140,23 @@ def test_imagenet_mobilenet_v2_comes_from_the_offline_package():
     state = backbones.load_weights(spec, "imagenet")
     model = PyramidEmbedder(make_config(2), backbone_weights="imagenet")
     assert torch.equal(model.body.state_dict()["features.0.0.weight"], state["features.0.0.weight"])
+
+
+@pytest.mark.parametrize("mode, weights", [("pyramid", (0.5, 1.0, 2.0)), ("flat", None)])
+def test_optimized_embedder_gives_the_eager_vectors(mode, weights):
+    from embedder import Embedder, Hierarchy
+
+    hierarchy = Hierarchy.from_paths(["a/b/c", "a/b/d", "e/f/g"], ("department", "category", "item"))
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="mobilenet_v2", fpn_channels=16, mode=mode,
+                                          level_weights=weights)
+    model = PyramidEmbedder(config, backbone_weights="imagenet")  # random init maps every image alike in eval mode
+    eager = Embedder(model, hierarchy, "fp", batch_size=4)
+    fast = Embedder(model, hierarchy, "fp", batch_size=4, optimize=True)
+    images = (torch.rand(10, 3, 64, 64) * 255).to(torch.uint8)  # batches of 4, 4 and 2 through one trace
+    a, b = eager.embed(images), fast.embed(images)
+    assert fast.optimized and not eager.optimized
+    assert np.allclose(a.concat, b.concat, atol=1e-4)
+    assert a.levels.keys() == b.levels.keys() and len(b.levels) == (3 if mode == "pyramid" else 0)
+    for name in a.levels:
+        assert np.allclose(a.levels[name], b.levels[name], atol=1e-4)
+    assert not np.allclose(a.concat[0], a.concat[1])  # the images differ, so must their vectors
