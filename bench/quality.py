@@ -26,11 +26,13 @@ Benchmarks:
   validation products from train images after the training ones: never seen in training.
 
 Protocol: the evaluation images are embedded, stored in Milvus Lite (FLAT, exact) and
-each stored image vector searches the collection, itself left out: the path users' searches
-take. From those hits: leaf R@1/R@10, MAP@R, consistency@K at every level, mean
-hierarchical distance of the top 10 (height of the lowest common ancestor). H-AP needs
-each query's full ranking, beyond Milvus's top-k limit: it is computed exactly in numpy
-from the vectors read back from the collection.
+each stored image vector searches the collection for its top 50, itself left out: the path
+users' searches take. From those hits: leaf R@1/R@10, consistency@K at every level for
+K = 1, 5, 10, 50, mean hierarchical distance of the top 10 (height of the lowest common
+ancestor). MAP@R and H-AP read each query's ranking down to R, up to every item (999
+hits per query on the class-level test split, which Milvus Lite returns at about 0.2 s a
+query): they are computed exactly in numpy from the vectors read back from the
+collection, and ``milvus_vs_exact@10`` in the JSON shows both rankings agree.
 
 Every (method, seed) result is a JSON file under ``--out``; a rerun skips those already
 there (``--fresh`` redoes them), then prints the tables and draws the consistency@K plot.
@@ -60,8 +62,8 @@ from embedder import EmbedderConfig, Hierarchy, LossWeights, TrainConfig, fashio
 from embedder.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone  # noqa: E402
 from embedder.inference import forward_batches  # noqa: E402
 from embedder.metrics import (  # noqa: E402
-    consistency_at_k, hierarchical_ap, hierarchical_distance, map_at_r, others_in_category, recall_at_k,
-    shared_depth,
+    consistency_at_k, exact_neighbours, hierarchical_ap, hierarchical_distance, map_at_r, others_in_category,
+    recall_at_k, shared_depth,
 )
 from milvus_store import CollectionSpec, HierStore, Record  # noqa: E402
 
@@ -225,23 +227,32 @@ def milvus_neighbours(concat: np.ndarray, levels: dict[str, np.ndarray], paths: 
 def evaluate(concat: np.ndarray, levels: dict[str, np.ndarray], split: Split, level_names, folder: Path) -> dict:
     labels = Hierarchy.from_paths(split.paths, level_names).encode_many(split.paths)
     r = others_in_category(labels)
-    depth = min(len(labels) - 1, max(max(CONSISTENCY_KS), int(r.max())))
+    depth = min(len(labels) - 1, max(CONSISTENCY_KS))
     started = time.perf_counter()
     neighbours, stored = milvus_neighbours(concat, levels, split.paths, level_names, depth, folder)
     search_s = time.perf_counter() - started
-    shared = shared_depth(labels, labels[neighbours])
-    same = shared[:, :, None] > np.arange(len(level_names))[None, None, :]
-    report = {
-        "recall@1": recall_at_k(same, 1), "recall@10": recall_at_k(same, 10),
-        "map@r": map_at_r(same, r), "hier_distance@10": hierarchical_distance(same, 10),
-    }
+    same = leaf_agreement(labels, neighbours, len(level_names))
+    report = {"recall@1": recall_at_k(same, 1), "recall@10": recall_at_k(same, 10),
+              "hier_distance@10": hierarchical_distance(same, 10)}
     for i, name in enumerate(level_names):
         for k in CONSISTENCY_KS:
             report[f"consistency@{k}/{name}"] = consistency_at_k(same, k, i)
+    # MAP@R and H-AP read each query's ranking down to R (up to all items): exact, in numpy,
+    # over the vectors read back from Milvus; top-10 agreement shows both rank alike.
     started = time.perf_counter()
+    exact = exact_neighbours(stored, min(len(labels) - 1, max(depth, int(r.max()))))
+    report["milvus_vs_exact@10"] = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                                                  for a, b in zip(neighbours, exact)]))
+    report["map@r"] = map_at_r(leaf_agreement(labels, exact, len(level_names)), r)
     report["h_ap"] = hierarchical_ap(stored, labels)
-    report["seconds_milvus"], report["seconds_h_ap"] = search_s, time.perf_counter() - started
+    report["seconds_milvus"], report["seconds_exact"] = search_s, time.perf_counter() - started
     return report
+
+
+def leaf_agreement(labels: np.ndarray, neighbours: np.ndarray, depth: int) -> np.ndarray:
+    """``(n, K, levels)``: does hit j share query q's path down to each level?"""
+    shared = shared_depth(labels, labels[neighbours])
+    return shared[:, :, None] > np.arange(depth)[None, None, :]
 
 
 def run_one(method: str, seed: int, data: tuple[Split, Split], level_names, args, overrides: dict) -> dict:
