@@ -65,7 +65,9 @@ class LossWeights:
 
     `contrastive`: on the image vector with leaf labels. `level_contrastive[i]`: on
     level i's vector with level-i labels (pyramid mode). `softmax[i]`: level i's
-    cross-entropy (in flat mode only the leaf level has a classifier).
+    cross-entropy (in flat mode only the leaf level has a classifier). A classifier whose
+    softmax weight is zero still learns for prediction when `HierarchicalLoss` is given
+    the model's classifiers: on detached vectors, so it never moves them.
     """
 
     contrastive: float = 1.0
@@ -83,7 +85,8 @@ class LossWeights:
 class HierarchicalLoss(nn.Module):
     """Weighted sum of the contrastive and per-level softmax parts; returns (total, parts)."""
 
-    def __init__(self, level_names: Sequence[str], weights: LossWeights, margin: float = 1.0):
+    def __init__(self, level_names: Sequence[str], weights: LossWeights, margin: float = 1.0,
+                 classifiers: Sequence[nn.Module] | None = None):
         super().__init__()
         depth = len(level_names)
         for name in ("level_contrastive", "softmax"):
@@ -94,6 +97,8 @@ class HierarchicalLoss(nn.Module):
         self.weights = weights
         self.contrastive = ContrastiveLoss(margin)
         self.cross_entropy = LevelCrossEntropy()
+        # not registered as submodules: they belong to the model
+        self._classifiers = tuple(classifiers) if classifiers is not None else None
 
     def forward(self, output: PyramidOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         parts: dict[str, torch.Tensor] = {}
@@ -110,5 +115,20 @@ class HierarchicalLoss(nn.Module):
                 parts[key] = weight * self.cross_entropy(output.logits[i], labels[:, i])
         if not parts:
             raise ValueError("every loss weight is zero for this model: nothing to train")
+        if self._classifiers is not None:
+            parts.update(self._probes(output, labels, w.softmax))
         total = torch.stack(list(parts.values())).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _probes(self, output: PyramidOutput, labels: torch.Tensor, softmax: tuple[float, ...]) -> dict:
+        """Cross-entropy of the classifiers without a softmax weight, on detached vectors."""
+        vectors = output.levels or (None,) * (len(self.level_names) - 1) + (output.concat,)
+        heads = iter(self._classifiers)
+        probes = {}
+        for i, (vector, logits) in enumerate(zip(vectors, output.logits)):
+            if logits is None:
+                continue
+            head = next(heads)
+            if not (softmax and softmax[i]):
+                probes[f"probe_{self.level_names[i]}"] = self.cross_entropy(head(vector.detach()), labels[:, i])
+        return probes

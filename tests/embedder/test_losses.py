@@ -69,3 +69,25 @@ def test_hierarchical_loss_rejects_wrong_weight_counts_and_all_zero():
     out = PyramidOutput((), torch.zeros(2, 2), (None, None))
     with pytest.raises(ValueError, match="every loss weight is zero"):
         HierarchicalLoss(("a", "b"), LossWeights(contrastive=0.0, softmax=(1.0, 0.0)))(out, torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["pyramid", "flat"])
+def test_classifiers_without_a_softmax_weight_learn_without_moving_the_vectors(mode):
+    from embedder import EmbedderConfig, PyramidEmbedder
+
+    config = EmbedderConfig(("dept", "item"), (2, 3), (4, 4), backbone="resnet18", fpn_channels=8, mode=mode)
+    model = PyramidEmbedder(config).train()
+    weights = LossWeights(contrastive=1.0, softmax=(1.0, 0.0) if mode == "pyramid" else ())
+    criterion = HierarchicalLoss(config.level_names, weights, 1.0, model.classifiers)
+    labels = torch.tensor([[0, 0], [0, 1], [1, 2], [1, 2]])
+    total, parts = criterion(model(torch.rand(4, 3, 32, 32)), labels)
+    assert "probe_item" in parts and "softmax_item" not in parts and "probe_dept" not in parts
+    assert float(total.detach()) == pytest.approx(sum(parts.values()), rel=1e-5)
+    # the probe's gradient reaches its classifier, never the head that makes the vector
+    model.zero_grad()
+    out = model(torch.rand(4, 3, 32, 32))
+    probe_only = criterion._probes(out, labels, weights.softmax)["probe_item"]
+    probe_only.backward()
+    leaf_head = model.heads[-1]
+    assert model.classifiers[-1].weight.grad.abs().sum() > 0
+    assert leaf_head.weight.grad is None or leaf_head.weight.grad.abs().sum() == 0
