@@ -36,7 +36,8 @@ collection, and ``milvus_vs_exact@10`` in the JSON shows both rankings agree.
 
 Every (method, seed) result is a JSON file under ``--out``; a rerun skips those already
 there (``--fresh`` redoes them), then prints the tables and draws the consistency@K plot.
-``--set KEY=VALUE`` changes a knob for this run's methods (tuning; name it with ``--tag``):
+``--set [METHOD:]KEY=VALUE`` changes a knob for this run's methods, or for one of them
+(tuning; name the configuration with ``--tag``):
 EmbedderConfig fields (``level_weights``, ``level_dims``, ``classifier_scale``, ``pooling``),
 TrainConfig fields (``lr``, ``margin``, ``classes_per_batch``, ``per_class``, ``epochs``, ...)
 and loss weights (``contrastive``, ``level_contrastive``, ``softmax``); lists are
@@ -132,15 +133,22 @@ def parse_value(text: str):
     return tuple(values) if len(values) > 1 or text.endswith(",") else values[0]
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
+def parse_overrides(pairs: list[str]) -> dict[str | None, dict]:
+    """``{method or None (every method): {key: value}}`` from ``[METHOD:]KEY=VALUE`` pairs."""
+    overrides: dict[str | None, dict] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
+        target, colon, rest = pair.partition(":")
+        method, assignment = (target, rest) if colon and target in METHODS else (None, pair)
+        key, sep, value = assignment.partition("=")
         if not sep or key not in CONFIG_KEYS | LOSS_KEYS | TRAIN_KEYS:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of "
+            raise SystemExit(f"--set {pair!r}: expected [METHOD:]KEY=VALUE with KEY one of "
                              f"{', '.join(sorted(CONFIG_KEYS | LOSS_KEYS | TRAIN_KEYS))}")
-        overrides[key] = parse_value(value)
+        overrides.setdefault(method, {})[key] = parse_value(value)
     return overrides
+
+
+def overrides_for(overrides: dict[str | None, dict], method: str) -> dict:
+    return overrides.get(None, {}) | overrides.get(method, {})
 
 
 def method_setup(method: str, hierarchy: Hierarchy, args, overrides: dict, seed: int):
@@ -360,9 +368,33 @@ def plot(results: dict[str, list[dict]], level_names, path: Path, title: str) ->
     plt.close(fig)
 
 
+def summary(args, level_names) -> None:
+    """One row per configuration (results folder) and method: the tuning record."""
+    prefix = f"quality-{args.benchmark}-{args.split}"
+    print(f"| configuration | method | seeds | loss weights and knobs | leaf R@1 | MAP@R | H-AP | "
+          + " | ".join(f"consistency@10 {n}" for n in level_names[:-1]) + " | hier. distance@10 |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(level_names) - 1) + "---|")
+    for folder in sorted(args.out.glob(f"{prefix}*"), key=lambda f: f.stat().st_mtime):
+        runs: dict[str, list[dict]] = {}
+        for path in sorted(folder.glob("*.json")):
+            result = json.loads(path.read_text())
+            runs.setdefault(result["method"], []).append(result)
+        for method, results in runs.items():
+            cells = [np.mean([r["metrics"][k] for r in results]) for k in
+                     ["recall@1", "map@r", "h_ap", *(f"consistency@10/{n}" for n in level_names[:-1]),
+                      "hier_distance@10"]]
+            loss = (results[0].get("train") or {}).get("loss") or {}
+            knobs = {k: v for k, v in (results[0].get("overrides") or {}).items() if k not in LOSS_KEYS}
+            shown = (f"contrastive {loss.get('contrastive')}, softmax {loss.get('softmax')}"
+                     + (f", level contrastive {loss['level_contrastive']}" if loss.get("level_contrastive") else "")
+                     if loss else "(no training)") + "".join(f", {k} {v}" for k, v in knobs.items())
+            print(f"| {folder.name[len(prefix) + 1:] or '(defaults)'} | {method} | {len(results)} | {shown} | "
+                  + " | ".join(f"{c:.4f}" for c in cells) + " |")
+
+
 # -- main --------------------------------------------------------------------------------
 DEFAULTS = {  # benchmark -> the budget BENCHMARKS.md reports
-    "classes": dict(train=10000, val=5000, test=None, epochs=2),
+    "classes": dict(train=10000, val=5000, test=5000, epochs=2),
     "products": dict(train=4000, val=500, test=1000, epochs=3),
 }
 
@@ -375,7 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--train", type=int, help="training images (classes) or products; default per benchmark")
     parser.add_argument("--val", type=int, help="validation images or products, after the training ones")
-    parser.add_argument("--test", type=int, help="test images or products (default: the whole test split / 1000)")
+    parser.add_argument("--test", type=int, help="test images or products, the first of the test split")
     parser.add_argument("--photos", type=int, default=5, help="photos per product")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the products' photos")
     parser.add_argument("--epochs", type=int)
@@ -388,6 +420,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path, help="PNG of consistency@K (default: beside the results)")
     parser.add_argument("--fresh", action="store_true", help="redo results already on disk")
     parser.add_argument("--smoke", action="store_true", help="tiny data, a few steps, 2 seeds, into a temp folder")
+    parser.add_argument("--summary", action="store_true",
+                        help="only list every configuration already run for --benchmark and --split")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.benchmark].items():
         if getattr(args, key) is None:
@@ -396,13 +430,16 @@ def main(argv=None) -> int:
         args.train, args.val, args.test, args.epochs, args.steps = (240, 60, 60, 1, 2) if args.benchmark == "products" \
             else (320, 200, 300, 1, 2)
         args.seeds, args.image_size, args.dim, args.photos = "0,1", 32, 8, 3
+    level_names = fashion_mnist.PRODUCT_LEVEL_NAMES if args.benchmark == "products" else fashion_mnist.LEVEL_NAMES
+    if args.summary:
+        summary(args, level_names)
+        return 0
     overrides = parse_overrides(args.overrides)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    level_names = fashion_mnist.PRODUCT_LEVEL_NAMES if args.benchmark == "products" else fashion_mnist.LEVEL_NAMES
 
     with tempfile.TemporaryDirectory() as smoke_dir:
         name = f"quality-{args.benchmark}-{args.split}" + (f"-{args.tag}" if args.tag else "")
@@ -421,8 +458,9 @@ def main(argv=None) -> int:
                     print(f"{len(data[0].images)} training images, {len(data[1].images)} {args.split} images",
                           file=sys.stderr)
                 print(f"== {method} seed {seed}", file=sys.stderr)
-                result = run_one(method, seed, data, level_names, args, overrides)
-                result["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+                chosen = overrides_for(overrides, method)
+                result = run_one(method, seed, data, level_names, args, chosen)
+                result["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in chosen.items()}
                 path.write_text(json.dumps(result, indent=1))
                 results.setdefault(method, []).append(result)
                 m = result["metrics"]
@@ -437,7 +475,7 @@ def main(argv=None) -> int:
         print(f"# retrieval quality, Fashion-MNIST {args.benchmark} ({args.split} split), leave-one-out through "
               f"Milvus Lite\n\nmachine: {describe(('torch', 'torchvision', 'pymilvus', 'milvus-lite'))}\n"
               f"command: {command}\nbudget: {budget}, mobilenet_v2 (ImageNet), seeds {args.seeds}"
-              + (f"; overrides {overrides}" if overrides else "") + "\n")
+              + "".join(f"; {m or 'every method'}: {o}" for m, o in overrides.items()) + "\n")
         print(main_table)
         print("\nconsistency@K, mean ± std over seeds:\n")
         print(consistency_table(results, level_names))

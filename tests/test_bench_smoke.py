@@ -83,3 +83,13 @@ def test_quality_smoke(capsys, tmp_path, benchmark):
     assert "where the pyramid model does not win" in out
     with Image.open(tmp_path / "c.png") as plot:
         assert plot.format == "PNG" and plot.width > 400
+
+@pytest.mark.unit
+def test_quality_overrides_apply_to_every_method_or_one():
+    from bench import quality
+
+    overrides = quality.parse_overrides(["lr=0.0003", "flat:softmax=0,0,0.1", "pyramid:level_weights=0.5,1,1"])
+    assert quality.overrides_for(overrides, "flat") == {"lr": 0.0003, "softmax": (0, 0, 0.1)}
+    assert quality.overrides_for(overrides, "pyramid") == {"lr": 0.0003, "level_weights": (0.5, 1, 1)}
+    with pytest.raises(SystemExit, match="expected \\[METHOD:\\]KEY=VALUE"):
+        quality.parse_overrides(["colour=red"])

@@ -38,7 +38,7 @@ def test_train_writes_a_checkpoint_that_embeds_identically(tmp_path):
     images, labels, hierarchy = tiny_data()
     lines = []
     result = train(images, labels, hierarchy, tiny_config(hierarchy), TINY_TRAIN, out=tmp_path / "m.pt", log=lines.append)
-    assert any("softmax_item" in line and "img/s" in line for line in lines)
+    assert any("softmax_category" in line and "probe_item" in line and "img/s" in line for line in lines)
     assert "val/recall@1" in result.checkpoint.metrics
     assert "val/consistency@10/department" in result.checkpoint.metrics
     loaded = load_checkpoint(tmp_path / "m.pt")
