@@ -129,22 +129,23 @@ def fashion_subset(split, n, size):
 def test_fashion_mnist_training_lowers_the_loss_and_beats_the_untrained_model(tmp_path):
     """A few hundred steps on real data, compared with the same model before training.
 
-    From random weights in 200 steps the leaf softmax is what lifts R@1 clearly (the
-    default's contrastive-led loss got 0.687 -> 0.708, inside the bound below): the
-    loop is checked with softmax at every level.
+    From random weights in a few hundred steps the leaf softmax is what lifts R@1 clearly
+    (the default's contrastive-led loss got 0.687 -> 0.708 in 200 steps, inside the bound
+    below): the loop is checked with softmax at every level, for 300 steps (200 left
+    R@1 at 0.716 against a bound of 0.716).
     """
     size = 32
     images, labels, hierarchy = fashion_subset("train", 6000, size)
     test_images, test_labels, _ = fashion_subset("test", 1000, size)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=32, backbone="resnet18", fpn_channels=64, image_size=size)
-    tc = TrainConfig(epochs=2, steps_per_epoch=100, val_fraction=0.05, lr=2e-3, seed=1,
+    tc = TrainConfig(epochs=3, steps_per_epoch=100, val_fraction=0.05, lr=2e-3, seed=1,
                      loss=LossWeights(contrastive=1.0, softmax=(1.0, 1.0, 1.0)))
     torch.manual_seed(tc.seed)
     untrained = PyramidEmbedder(config)  # the same initial weights train() starts from
     before = evaluate(untrained, test_images, test_labels)
     result = train(images, labels, hierarchy, config, tc, out=tmp_path / "m.pt")
     after = evaluate(Embedder.from_checkpoint(tmp_path / "m.pt").model, test_images, test_labels)
-    first, last = result.history
+    first, *_, last = result.history
     assert last["loss"] < first["loss"]
     # Beyond two standard errors of R@1 over the test queries, so sampling noise cannot pass it.
     standard_error = (before["recall@1"] * (1 - before["recall@1"]) / len(test_images)) ** 0.5
