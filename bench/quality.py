@@ -420,6 +420,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path, help="PNG of consistency@K (default: beside the results)")
     parser.add_argument("--fresh", action="store_true", help="redo results already on disk")
     parser.add_argument("--smoke", action="store_true", help="tiny data, a few steps, 2 seeds, into a temp folder")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tables and plot from the results already on disk (seeds may differ)")
     parser.add_argument("--summary", action="store_true",
                         help="only list every configuration already run for --benchmark and --split")
     args = parser.parse_args(argv)
@@ -453,6 +455,8 @@ def main(argv=None) -> int:
                 if path.is_file() and not args.fresh:
                     results.setdefault(method, []).append(json.loads(path.read_text()))
                     continue
+                if args.report_only:
+                    continue
                 if data is None:
                     data = product_splits(args) if args.benchmark == "products" else class_splits(args)
                     print(f"{len(data[0].images)} training images, {len(data[1].images)} {args.split} images",
@@ -466,6 +470,8 @@ def main(argv=None) -> int:
                 m = result["metrics"]
                 print(f"   {method} seed {seed}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} H-AP {m['h_ap']:.4f} "
                       f"hier {m['hier_distance@10']:.4f} ({result['train_s']:.0f}s training)", file=sys.stderr)
+        if not results:
+            raise SystemExit(f"no results in {folder} for methods {', '.join(methods)}")
         plot_path = args.plot or folder / "consistency.png"
         budget = (f"{args.train} {'products x ' + str(args.photos) + ' photos' if args.benchmark == 'products' else 'images'}"
                   f", {args.epochs} epoch(s){f' of {args.steps} steps' if args.steps else ''}, {args.image_size} px")

@@ -93,3 +93,11 @@ def test_quality_overrides_apply_to_every_method_or_one():
     assert quality.overrides_for(overrides, "pyramid") == {"lr": 0.0003, "level_weights": (0.5, 1, 1)}
     with pytest.raises(SystemExit, match="expected \\[METHOD:\\]KEY=VALUE"):
         quality.parse_overrides(["colour=red"])
+
+
+@pytest.mark.unit
+def test_quality_report_only_needs_results(tmp_path):
+    from bench import quality
+
+    with pytest.raises(SystemExit, match="no results in"):
+        quality.main(["--report-only", "--out", str(tmp_path)])
