@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     command = "python bench/search_latency.py" + (" --smoke" if args.smoke else "") + (
         f" --n {args.n}" if not args.smoke and args.n != "100000" else "") + (
         f" --indexes {args.indexes}" if args.indexes != ",".join(LITE_INDEXES) else "") + (
+        f" --queries {args.queries}" if not args.smoke and args.queries != 200 else "") + (
         f" --search-param {args.search_param}" if fixed else "")
     print(f"# top-10 search on Milvus Lite, {' and '.join(f'{n:,}' for n in sizes)} vectors (192-d image + 3 x 64-d "
           f"level), {args.queries} queries, measured {args.settle:.0f}s after flush, search breadth "
