@@ -151,8 +151,8 @@ def overrides_for(overrides: dict[str | None, dict], method: str) -> dict:
     return overrides.get(None, {}) | overrides.get(method, {})
 
 
-def method_setup(method: str, hierarchy: Hierarchy, args, overrides: dict, seed: int):
-    """(EmbedderConfig, TrainConfig) of a trained method, with the --set overrides applied."""
+def method_setup(method: str, hierarchy: Hierarchy, labels: np.ndarray, args, overrides: dict, seed: int):
+    """(EmbedderConfig, TrainConfig) of a trained method on training `labels`, with the --set overrides applied."""
     depth = hierarchy.depth
     config_kwargs = {k: v for k, v in overrides.items() if k in CONFIG_KEYS}
     dim = config_kwargs.pop("dim", args.dim)
@@ -170,7 +170,7 @@ def method_setup(method: str, hierarchy: Hierarchy, args, overrides: dict, seed:
     if args.steps:
         train_kwargs.setdefault("steps_per_epoch", args.steps)
     base = TrainConfig(**train_kwargs, seed=seed, val_fraction=0.0)
-    default = base.loss_weights(dataclasses.replace(config, mode="pyramid"))
+    default = base.loss_weights(dataclasses.replace(config, mode="pyramid"), labels[:, -1])
     as_tuple = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * depth  # noqa: E731
     loss = LossWeights(
         contrastive=overrides.get("contrastive", default.contrastive),
@@ -272,8 +272,8 @@ def run_one(method: str, seed: int, data: tuple[Split, Split], level_names, args
             train_s = 0.0
         else:
             hierarchy = Hierarchy.from_paths(train_split.paths, level_names)
-            config, train_config = method_setup(method, hierarchy, args, overrides, seed)
             labels = hierarchy.encode_many(train_split.paths)
+            config, train_config = method_setup(method, hierarchy, labels, args, overrides, seed)
             result = train(train_split.images, labels, hierarchy, config, train_config, out=Path(tmp) / "m.pt",
                            backbone_weights="imagenet", log=lambda line: print("   ", line, file=sys.stderr))
             train_s = time.perf_counter() - started

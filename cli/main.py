@@ -190,12 +190,15 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Vector size per level.")
 @click.option("--mode", type=click.Choice(["pyramid", "flat"]), default="pyramid", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--leaf-softmax", type=click.FloatRange(min=0), default=None,
+              help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has 20 or "
+                   "more images (classes), else 0 (product-like leaves)]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is at --out.")
 @json_option
-def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr, seed,
-          val_fraction, resume, as_json):
+def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
+          leaf_softmax, seed, val_fraction, resume, as_json):
     """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest."""
     from embedder import EmbedderConfig, Hierarchy, TrainConfig, load_images, read_source
     from embedder import train as train_model
@@ -214,8 +217,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
         note(as_json, f"skipped {failure.source}: {failure.reason}")
     labels = hierarchy.encode_many([labelled[i].category for i in kept], pad=pad)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
-    train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, seed=seed,
-                               val_fraction=val_fraction)
+    train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
+                               seed=seed, val_fraction=val_fraction)
     note(as_json, f"training {mode} {backbone} on {len(kept)} images, levels "
                   f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
     started = time.perf_counter()

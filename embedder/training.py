@@ -39,14 +39,33 @@ logger = logging.getLogger(__name__)
 # search is in BENCHMARKS.md).
 DEFAULT_SOFTMAX = 0.05
 
+# The leaf's softmax weight where the leaves are well-populated classes (the median leaf
+# label has at least `LEAF_SOFTMAX_MIN_IMAGES` training images). On class-level
+# Fashion-MNIST (about 1,000 images per leaf) weight 1 lifted leaf R@1 from 0.854 to 0.864
+# on the validation split; where the leaves are products with a few photos each, a softmax
+# over them barely learns and cost unseen products' R@1 (0.07 for flat + softmax with
+# weight 1, against 0.53 without), so there the leaf gets none (BENCHMARKS.md).
+LEAF_SOFTMAX = 1.0
+LEAF_SOFTMAX_MIN_IMAGES = 20
+
+
+def default_leaf_softmax(leaf_labels: np.ndarray) -> float:
+    """`LEAF_SOFTMAX` when the median leaf label has `LEAF_SOFTMAX_MIN_IMAGES` images or more, else 0."""
+    counts = np.bincount(np.asarray(leaf_labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    if len(counts) == 0:
+        raise ConfigError("no leaf labels to choose the leaf softmax weight from")
+    return LEAF_SOFTMAX if float(np.median(counts)) >= LEAF_SOFTMAX_MIN_IMAGES else 0.0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. `loss` defaults by mode: pyramid = contrastive on the image vector with
-    leaf labels + softmax at every coarser level with weight `DEFAULT_SOFTMAX`; flat =
-    contrastive on leaf labels only. Classifiers without a softmax weight (the leaf's)
-    still learn, on detached vectors, for prediction. BENCHMARKS.md has the search that
-    chose these defaults."""
+    leaf labels + softmax at every coarser level with weight `DEFAULT_SOFTMAX`, and at the
+    leaf with weight `leaf_softmax` (None: `default_leaf_softmax` of the training labels,
+    on for well-populated leaf classes, off for product-like leaves); flat = contrastive on
+    leaf labels only. Classifiers without a softmax weight still learn, on detached
+    vectors, for prediction. BENCHMARKS.md has the search that chose these defaults."""
 
     epochs: int = 3
     steps_per_epoch: int | None = None  # default: one pass over the training split
@@ -57,6 +76,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     margin: float = 1.0
     loss: LossWeights | None = None
+    leaf_softmax: float | None = None
     seed: int = 0
     val_fraction: float = 0.1
     augment: bool = True
@@ -75,17 +95,21 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.margin <= 0:
             raise ConfigError(f"lr and margin must be positive, got {self.lr} and {self.margin}")
+        if self.leaf_softmax is not None and not (math.isfinite(self.leaf_softmax) and self.leaf_softmax >= 0):
+            raise ConfigError(f"leaf_softmax must be a finite weight >= 0, got {self.leaf_softmax}")
 
     @property
     def batch_size(self) -> int:
         return self.classes_per_batch * self.per_class
 
-    def loss_weights(self, config: EmbedderConfig) -> LossWeights:
+    def loss_weights(self, config: EmbedderConfig, leaf_labels: np.ndarray) -> LossWeights:
+        """The loss weights to train `config` on training images with these leaf labels."""
         if self.loss is not None:
             return self.loss
         if config.mode == "flat":
             return LossWeights(contrastive=1.0)
-        return LossWeights(contrastive=1.0, softmax=(DEFAULT_SOFTMAX,) * (config.depth - 1) + (0.0,))
+        leaf = self.leaf_softmax if self.leaf_softmax is not None else default_leaf_softmax(leaf_labels)
+        return LossWeights(contrastive=1.0, softmax=(DEFAULT_SOFTMAX,) * (config.depth - 1) + (leaf,))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -168,13 +192,16 @@ def train(
     train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
     steps = tc.steps_per_epoch or max(1, len(train_idx) // tc.batch_size)
     model = PyramidEmbedder(config, backbone_weights=None if resume else backbone_weights)
-    criterion = HierarchicalLoss(config.level_names, tc.loss_weights(config), tc.margin, model.classifiers)
+    weights = tc.loss_weights(config, labels[train_idx, -1])
+    criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classifiers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tc.epochs * steps, tc.warmup_fraction))
     start_epoch, history = 0, []
     if resume and Path(out).is_file():
         start_epoch, history, rng = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
         log(f"resuming {out} after epoch {start_epoch}")
+    log(f"loss weights: contrastive {weights.contrastive}, softmax per level {list(weights.softmax)}"
+        + (f", contrastive per level {list(weights.level_contrastive)}" if weights.level_contrastive else ""))
 
     augment = _augmenter(config.image_size) if tc.augment else None
     train_images, train_labels = images[train_idx], labels[train_idx]
@@ -213,6 +240,7 @@ def train(
             "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "train_config": tc.to_dict(),
+            "loss_weights": weights.to_dict(),
         }
         metrics_only = {k: v for k, v in record.items() if k.startswith("val/")}
         checkpoint = save_checkpoint(

@@ -38,6 +38,7 @@ def test_help_does_not_import_torch():
         (["search", "x.png"], "Missing option '--model'"),
         (["search", "x.png", "--model", "m.pt", "-k", "0"], "0 is not in the range 1<=x<=16384"),
         (["train", "no-such-dir", "--out", "m.pt"], "does not exist"),
+        (["train", ".", "--out", "m.pt", "--leaf-softmax", "-1"], "-1.0 is not in the range x>=0"),
         (["delete"], "give either IDS or --where/--under"),
         (["data", "fashion-mnist", "out", "--split", "val"], "'val' is not one of"),
         (["data", "fashion-mnist-products", "out", "--photos", "0"], "0 is not in the range x>=1"),

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import cli
+from embedder import load_checkpoint
 
 pytestmark = pytest.mark.lite
 
@@ -133,7 +134,8 @@ def test_errors_are_one_line_and_write_nothing(workspace, tmp_path):
     other = root / "other.pt"
     run("train", tree, "--out", other, "--levels", "department,category,item", "--backbone", "resnet18",
         "--weights", "none", "--epochs", "1", "--steps-per-epoch", "1", "--image-size", "32", "--dim", "8",
-        "--seed", "7", "--json")
+        "--seed", "7", "--leaf-softmax", "0.5", "--json")
+    assert load_checkpoint(other).train_state["loss_weights"]["softmax"] == [0.05, 0.05, 0.5]
     result = run("ingest", tree, "--model", other, "--uri", db, ok=False)
     assert result.exit_code == 1 and "model fingerprint" in result.stderr
     assert run_json("info", "--uri", db)["count"] == len(LEAVES) * PER_LEAF

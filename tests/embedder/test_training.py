@@ -99,6 +99,41 @@ def test_resume_continues_where_it_stopped(tmp_path):
 
 
 @pytest.mark.unit
+def test_default_loss_gives_the_leaf_a_softmax_only_for_well_populated_leaf_classes():
+    hierarchy = Hierarchy.from_paths(PATHS, LEVELS)
+    config = tiny_config(hierarchy)
+    classes = np.repeat(np.arange(4), 20)  # 20 images per leaf: classes
+    products = np.repeat(np.arange(4), 5)  # 5 photos per leaf: products
+    assert TrainConfig().loss_weights(config, classes) == LossWeights(contrastive=1.0, softmax=(0.05, 0.05, 1.0))
+    assert TrainConfig().loss_weights(config, products) == LossWeights(contrastive=1.0, softmax=(0.05, 0.05, 0.0))
+    # the median decides: one huge leaf does not switch it on for many small ones
+    skewed = np.concatenate([np.zeros(500, dtype=int), np.repeat(np.arange(1, 4), 5)])
+    assert TrainConfig().loss_weights(config, skewed).softmax[-1] == 0.0
+    assert TrainConfig(leaf_softmax=0.3).loss_weights(config, products).softmax == (0.05, 0.05, 0.3)
+    assert TrainConfig(leaf_softmax=0.0).loss_weights(config, classes).softmax == (0.05, 0.05, 0.0)
+    explicit = LossWeights(contrastive=2.0)
+    assert TrainConfig(loss=explicit, leaf_softmax=1.0).loss_weights(config, classes) is explicit
+    flat = tiny_config(hierarchy, mode="flat")
+    assert TrainConfig().loss_weights(flat, classes) == LossWeights(contrastive=1.0)
+    with pytest.raises(ValueError, match="leaf_softmax must be a finite weight >= 0, got -1"):
+        TrainConfig(leaf_softmax=-1.0)
+    with pytest.raises(ValueError, match="no leaf labels"):
+        TrainConfig().loss_weights(config, np.array([], dtype=int))
+
+
+@pytest.mark.unit
+def test_train_logs_and_records_the_loss_weights_it_used(tmp_path):
+    images, labels, hierarchy = tiny_data()
+    lines = []
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "leaf_softmax": 1.0})
+    train(images, labels, hierarchy, tiny_config(hierarchy), tc, out=tmp_path / "m.pt", log=lines.append)
+    assert "loss weights: contrastive 1.0, softmax per level [0.05, 0.05, 1.0]" in lines
+    assert any("softmax_item" in line for line in lines) and not any("probe_item" in line for line in lines)
+    saved = load_checkpoint(tmp_path / "m.pt").train_state
+    assert saved["loss_weights"]["softmax"] == [0.05, 0.05, 1.0] and saved["train_config"]["leaf_softmax"] == 1.0
+
+
+@pytest.mark.unit
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "none.pt")
