@@ -318,17 +318,21 @@ def table(results: dict[str, list[dict]], level_names) -> tuple[str, list[str]]:
     losses = []
     if "pyramid" in stats:
         for key, title, higher in columns:
-            winner = best[key]
             mean, std = stats["pyramid"][key]
-            if winner != "pyramid":
-                w_mean, w_std = stats[winner][key]
-                losses.append(f"{title}: pyramid {mean:.4f} ± {std:.4f}, {winner} {w_mean:.4f} ± {w_std:.4f}")
-            else:
-                runner = max((m for m in stats if m != "pyramid"), default=None,
-                             key=lambda m: stats[m][key][0] if higher else -stats[m][key][0])
-                if runner is not None and abs(mean - stats[runner][key][0]) <= 2 * max(std, stats[runner][key][1]):
-                    losses.append(f"{title}: pyramid {mean:.4f} ± {std:.4f} leads {runner} "
-                                  f"{stats[runner][key][0]:.4f} ± {stats[runner][key][1]:.4f} by less than 2 std")
+            behind, close = [], []
+            for other in stats:
+                if other == "pyramid":
+                    continue
+                o_mean, o_std = stats[other][key]
+                shown = f"{other} {o_mean:.4f} ± {o_std:.4f}"
+                if (o_mean > mean) if higher else (o_mean < mean):
+                    behind.append(shown)
+                elif abs(mean - o_mean) <= 2 * max(std, o_std):
+                    close.append(shown)
+            parts = ([f"behind {', '.join(behind)}"] if behind else []) + (
+                [f"within 2 std of {', '.join(close)}"] if close else [])
+            if parts:
+                losses.append(f"{title}: pyramid {mean:.4f} ± {std:.4f}; " + "; ".join(parts))
     return "\n".join(lines), losses
 
 
@@ -486,7 +490,8 @@ def main(argv=None) -> int:
         print("\nconsistency@K, mean ± std over seeds:\n")
         print(consistency_table(results, level_names))
         if "pyramid" in results:
-            print("\nwhere the pyramid model does not win (or wins by less than 2 standard deviations):")
+            print("\nwhere the pyramid model does not win, method by method (behind, or within 2 standard deviations, "
+                  "the larger of the two):")
             print("\n".join(f"- {line}" for line in losses) or "- nowhere: it leads every column by more than 2 std")
         print(f"\nplot: {'(smoke: temporary)' if args.smoke and not args.plot else plot_path}")
     return 0

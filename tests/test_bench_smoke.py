@@ -96,6 +96,27 @@ def test_quality_overrides_apply_to_every_method_or_one():
 
 
 @pytest.mark.unit
+def test_quality_lists_every_method_the_pyramid_does_not_clearly_beat():
+    from bench import quality
+
+    def runs(r1, hier):
+        return [{"metrics": {**{key: 0.5 for key, _, _ in quality.COLUMNS}, "recall@1": a,
+                             **{f"consistency@10/{n}": 0.9 for n in ("department", "item")}, "hier_distance@10": h}}
+                for a, h in zip(r1, hier)]
+
+    results = {"pyramid": runs([0.80, 0.82], [0.20, 0.22]), "flat": runs([0.70, 0.72], [0.20, 0.24]),
+               "flat+softmax": runs([0.79, 0.81], [0.30, 0.32]), "off-the-shelf": runs([0.90], [0.1])}
+    _, losses = quality.table(results, ("department", "item"))
+    by_title = {line.split(":")[0]: line for line in losses}
+    assert by_title["leaf R@1"] == ("leaf R@1: pyramid 0.8100 ± 0.0141; behind off-the-shelf 0.9000 ± 0.0000; "
+                                    "within 2 std of flat+softmax 0.8000 ± 0.0141")
+    assert by_title["hier. distance@10"] == ("hier. distance@10: pyramid 0.2100 ± 0.0141; behind off-the-shelf "
+                                             "0.1000 ± 0.0000; within 2 std of flat 0.2200 ± 0.0283")
+    # a tie is listed against everyone, never counted as a win
+    assert "flat 0.9000 ± 0.0000, flat+softmax" in by_title["consistency@10 department"]
+
+
+@pytest.mark.unit
 def test_quality_report_only_needs_results(tmp_path):
     from bench import quality
 
