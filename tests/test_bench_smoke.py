@@ -22,6 +22,29 @@ def test_search_latency_smoke(capsys):
     assert parts[3][0] >= parts[1][0]  # the whole takes at least its embedding
 
 
+@pytest.mark.unit
+def test_search_latency_settles_when_files_go_quiet_and_at_most_the_limit(tmp_path):
+    import os
+    import time
+
+    import numpy as np
+
+    (tmp_path / "db").mkdir()
+    segment = tmp_path / "db" / "segment.idx"
+    segment.write_bytes(b"x")
+    waited = search_latency.settle(tmp_path / "db", at_most_s=5, quiet_s=0.3, poll_s=0.05)
+    assert 0.2 <= waited < 2  # a fresh file: waits for the quiet period, not the limit
+    os.utime(segment, (time.time() + 60, time.time() + 60))  # "still being written" for the next minute
+    assert 0.4 <= search_latency.settle(tmp_path / "db", at_most_s=0.5, quiet_s=0.3, poll_s=0.05) < 2
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(500, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pool, queries = np.arange(0, 500, 3), vectors[:4] + 0.01
+    top = search_latency.exact_top(vectors, pool, queries, 5, chunk=37)
+    for query, ids in zip(queries, top):
+        assert set(ids) == set(pool[np.argsort(((vectors[pool] - query) ** 2).sum(1))[:5]])
+
+
 @pytest.mark.lite
 def test_speed_smoke(capsys):
     assert speed.main(["--smoke"]) == 0
