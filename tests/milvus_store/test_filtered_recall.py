@@ -3,7 +3,9 @@
 A graph search drops the rows that fail the filter after visiting them, so at the
 unfiltered breadth (ef=64) it misses filtered neighbours; the store widens ef by the
 share of rows passing. Milvus Lite searches brute force until its background indexing
-has finished (tens of seconds after flush), hence the wait.
+has finished (60 to 120 s after flush on a 2-core machine) and its `describe_index`
+says `Finished` at once, so the test waits on what it can observe: the fixed-breadth
+search losing recall, which only a graph index does.
 """
 
 import sys
@@ -20,6 +22,9 @@ from bench.search_latency import make_data  # noqa: E402
 
 pytestmark = [pytest.mark.lite, pytest.mark.slow]
 
+INDEX_DEADLINE_S = 900  # Lite's background index build, on a loaded 2-core machine
+POLL_S = 5
+
 
 def recall(store, vectors, queries, pool, **kwargs) -> float:
     found = []
@@ -30,6 +35,20 @@ def recall(store, vectors, queries, pool, **kwargs) -> float:
     return float(np.mean(found))
 
 
+def wait_for_graph_index(store, vectors, queries, pool) -> float:
+    """The ef=64 recall once it has fallen below 0.9 (the HNSW graph is searched), polling up to the deadline."""
+    started, seen = time.monotonic(), []
+    while time.monotonic() - started < INDEX_DEADLINE_S:
+        fixed = recall(store, vectors, queries, pool, search_params={"ef": 64})
+        if fixed < 0.9:
+            return fixed
+        seen.append(round(fixed, 2))
+        time.sleep(POLL_S)
+    pytest.fail(f"Milvus Lite's HNSW index never answered the filtered search within {INDEX_DEADLINE_S} s: "
+                f"ef=64 kept finding {seen[-5:]} of the filtered top 10 (a brute-force search); the widening "
+                f"cannot be checked without the index")
+
+
 def test_two_percent_filter_on_100k_vectors(tmp_path):
     vectors, queries, _, _ = make_data(100_000, 20)
     spec = CollectionSpec(("a", "b", "c"), dim=192, index="HNSW")
@@ -38,8 +57,6 @@ def test_two_percent_filter_on_100k_vectors(tmp_path):
         store.upsert([Record("a/b/rare" if i % 50 == 0 else "a/b/common", v, id=str(i))
                       for i, v in enumerate(vectors)], batch_size=5000)
         store.flush()
-        time.sleep(60)
-        fixed = recall(store, vectors, queries, pool, search_params={"ef": 64})
+        fixed = wait_for_graph_index(store, vectors, queries, pool)
         adaptive = recall(store, vectors, queries, pool)
-    assert fixed < 0.9, f"ef=64 already finds {fixed:.2f} of the filtered top 10: revisit the widening"
-    assert adaptive >= 0.99
+    assert adaptive >= 0.99, f"the widened search found {adaptive:.2f} of the filtered top 10 (ef=64: {fixed:.2f})"
