@@ -100,10 +100,37 @@ def optimize_option(func):
                              "same vectors to float rounding (see BENCHMARKS.md).")(func)
 
 
-def load_embedder(model_path: Path, optimize: bool = False):
+DEVICE_HELP = "Where the model runs: auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+
+
+def compute_options(func):
+    """--device, --amp and --threads: the command runs the model where it is told, with as many
+    threads as it is told (the library never sets a thread count on its own)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, threads: int | None, **kwargs):
+        if threads is not None:
+            from embedder.devices import set_threads
+
+            set_threads(threads)
+        return func(*args, **kwargs)
+
+    for option in reversed((
+        click.option("--device", default="auto", show_default=True, metavar="DEVICE", help=DEVICE_HELP),
+        click.option("--amp", is_flag=True,
+                     help="Mixed precision (bfloat16; float16 on GPUs without it). Stored vectors stay float32."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Torch threads of this process. [default: torch's; under torchrun, this machine's "
+                          "CPUs shared among its processes]"),
+    )):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def load_embedder(model_path: Path, optimize: bool = False, device: str = "auto", amp: bool = False):
     from embedder import Embedder
 
-    return Embedder.from_checkpoint(model_path, optimize=optimize)
+    return Embedder.from_checkpoint(model_path, optimize=optimize, device=device, amp=amp)
 
 
 @click.group(cls=HiervecGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,42 +220,75 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @click.option("--leaf-softmax", type=click.FloatRange(min=0), default=None,
               help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has 20 or "
                    "more images (classes), else 0 (product-like leaves)]")
+@click.option("--classes-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Leaf classes in each process's batch (under torchrun the global batch is this times the "
+                   "number of processes).")
+@click.option("--per-class", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Images of each class in a batch.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Random resized crops and flips of the training images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is at --out.")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is at --out (on any number of processes).")
+@click.option("--batch-norm", type=click.Choice(["auto", "batch", "sync", "frozen"]), default="auto",
+              show_default=True,
+              help="Batch-norm statistics: batch (each process's batch), sync (the global batch; CUDA), frozen "
+                   "(the backbone's running statistics). auto: batch in one process; under torchrun sync on "
+                   "CUDA, frozen on CPUs, so N processes train as one process on the global batch would.")
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+              help="Under torchrun: how long a process waits for the others before the job fails.")
+@compute_options
 @json_option
 def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
-          leaf_softmax, seed, val_fraction, resume, as_json):
-    """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest."""
+          leaf_softmax, classes_per_batch, per_class, augment, seed, val_fraction, resume, batch_norm,
+          dist_timeout, device, amp, as_json):
+    """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest.
+
+    \b
+    On several processes or machines, start it with torchrun (DistributedDataParallel):
+      torchrun --standalone --nproc-per-node 8 -m cli.main train data/train --out model.pt
+    """
     from embedder import EmbedderConfig, Hierarchy, TrainConfig, load_images, read_source
     from embedder import train as train_model
+    from embedder.devices import default_threads, set_threads
+    from embedder.distributed import DistributedContext, process_group
 
+    context = DistributedContext.from_environment()
+    if context.enabled and click.get_current_context().params["threads"] is None:
+        set_threads(default_threads(context.local_world_size))  # torchrun's processes share this machine's CPUs
+    quiet = as_json or not context.is_main
+    train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
+                               classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
+                               seed=seed, val_fraction=val_fraction, batch_norm=batch_norm)
     listing = read_source(source)
     labelled = [item for item in listing.items if item.category is not None]
     for failure in listing.failures[:5]:
-        note(as_json, f"skipped {failure.source}: {failure.reason}")
+        note(quiet, f"skipped {failure.source}: {failure.reason}")
     if not labelled:
         raise click.ClickException(f"no labelled images in {source}")
     level_names = tuple(name.strip() for name in levels.split(",")) if levels else None
     hierarchy = Hierarchy.from_paths([item.category for item in labelled], level_names, pad=pad)
-    note(as_json, f"decoding {len(labelled)} images at {image_size}px ...")
+    note(quiet, f"decoding {len(labelled)} images at {image_size}px ...")
     images, kept, failures = load_images([item.path for item in labelled], image_size)
     for failure in failures[:5]:
-        note(as_json, f"skipped {failure.source}: {failure.reason}")
+        note(quiet, f"skipped {failure.source}: {failure.reason}")
     labels = hierarchy.encode_many([labelled[i].category for i in kept], pad=pad)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
-    train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
-                               seed=seed, val_fraction=val_fraction)
-    note(as_json, f"training {mode} {backbone} on {len(kept)} images, levels "
-                  f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
+    note(quiet, f"training {mode} {backbone} on {len(kept)} images, levels "
+                f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
     started = time.perf_counter()
-    result = train_model(images, labels, hierarchy, config, train_config, out=out,
-                         backbone_weights=None if weights == "none" else weights, resume=resume,
-                         log=(lambda line: None) if as_json else (lambda line: click.echo(line, err=True)))
+    with process_group(context, device, timeout_s=dist_timeout) as process_device:
+        result = train_model(images, labels, hierarchy, config, train_config, out=out,
+                             backbone_weights=None if weights == "none" else weights, resume=resume,
+                             device=process_device, amp=amp,
+                             log=(lambda line: None) if quiet else (lambda line: click.echo(line, err=True)))
     checkpoint = result.checkpoint
+    if checkpoint is None:  # a rank other than 0: rank 0 reports
+        return
     summary = {"checkpoint": str(out), "fingerprint": checkpoint.vector_fingerprint, "epochs": checkpoint.epoch,
                "images": len(kept), "skipped": len(listing.failures) + len(failures),
-               "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics}
+               "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics,
+               "processes": context.world_size}
     if checkpoint.calibration:
         summary["calibration"] = checkpoint.calibration
     emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}) in {summary['seconds']}s\n"
@@ -247,15 +307,17 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
 @optimize_option
+@compute_options
 @json_option
 @uses_milvus
-def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, as_json):
+def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, device, amp,
+           as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
     from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
 
     listing = read_source(source)
-    embedder = load_embedder(model_path, optimize)
+    embedder = load_embedder(model_path, optimize, device, amp)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
     with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
@@ -312,10 +374,11 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
               help="With --auto: the query's probability at LEVEL needed to route it.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a contact sheet PNG: each query, then its hits with category and distance.")
+@compute_options
 @json_option
 @uses_milvus
 def search(images, model_path, uri, collection, token, k, where, under, level, group_by, group_size, predicted,
-           min_label_confidence, auto, min_confidence, sheet, as_json):
+           min_label_confidence, auto, min_confidence, sheet, device, amp, as_json):
     """Find the images nearest to each IMAGE, optionally inside parts of the hierarchy."""
     from milvus_store import CollectionNotFoundError, Confident, ImageIndex, Predicted
 
@@ -325,7 +388,7 @@ def search(images, model_path, uri, collection, token, k, where, under, level, g
     for image in images:
         if not image.is_file():
             raise click.ClickException(f"query image {str(image)!r} does not exist")
-    embedder = load_embedder(model_path)
+    embedder = load_embedder(model_path, device=device, amp=amp)
     known = {name: set(vocab) for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
     for option, value in (("--level", level), ("--group-by", group_by), ("--auto", auto)):
         if value is not None and value not in known:
@@ -369,9 +432,10 @@ def search(images, model_path, uri, collection, token, k, where, under, level, g
 @click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN")
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @optimize_option
+@compute_options
 @json_option
 @uses_milvus
-def eval_(source, model_path, uri, collection, token, k, optimize, as_json):
+def eval_(source, model_path, uri, collection, token, k, optimize, device, amp, as_json):
     """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level."""
     import tempfile
 
@@ -382,7 +446,7 @@ def eval_(source, model_path, uri, collection, token, k, optimize, as_json):
 
     listing = read_source(source)
     items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
-    embedder = load_embedder(model_path, optimize)
+    embedder = load_embedder(model_path, optimize, device, amp)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
         target = uri or str(Path(tmp) / "eval.db")
         with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
@@ -454,9 +518,10 @@ def delete(ids, uri, collection, token, where, under, as_json):
 @store_options
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
               help="Write a new prediction only when its finest level has at least this probability.")
+@compute_options
 @json_option
 @uses_milvus
-def relabel(model_path, uri, collection, token, min_confidence, as_json):
+def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_json):
     """Predict the stored predicted categories again with an updated MODEL, from the stored vectors.
 
     Works when MODEL makes the same vectors as the model that filled the collection (its
@@ -465,7 +530,7 @@ def relabel(model_path, uri, collection, token, min_confidence, as_json):
     """
     from milvus_store import ImageIndex, SchemaMismatchError
 
-    embedder = load_embedder(model_path)
+    embedder = load_embedder(model_path, device=device, amp=amp)
     try:
         image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except SchemaMismatchError as exc:
@@ -502,9 +567,10 @@ def relabel(model_path, uri, collection, token, min_confidence, as_json):
                    "(0: only queries that arrived while the previous batch ran share it).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
 @optimize_option
+@compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, max_upload_mb, media_dir, image_roots,
-          batch_window_ms, max_batch, optimize):
+          batch_window_ms, max_batch, optimize, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     import uvicorn
 
@@ -515,6 +581,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, max_
         model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
+        device=device, amp=amp, threads=click.get_current_context().params["threads"],
     )
     if workers > 1 and ConnectionSettings.resolve(uri).is_local:
         raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "

@@ -10,6 +10,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    DistributedError,
     EmbedderError,
     HierarchyError,
     ImageDecodeError,
@@ -23,7 +24,7 @@ from .prediction import Prediction, calibrate, decode_paths, expected_calibratio
 from .training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "Embedder",
+    "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "DistributedError", "Embedder",
     "EmbedderConfig", "EmbedderError", "Embeddings", "Failure", "HierarchicalLoss", "Hierarchy",
     "HierarchyError", "ImageDecodeError", "LevelCrossEntropy", "LossWeights", "PyramidEmbedder",
     "Prediction", "PyramidOutput", "SourceItem", "SourceListing", "TrainConfig", "TrainResult", "WeightsNotFoundError",

@@ -323,17 +323,31 @@ def balanced_batches(
     per_class: int,
     steps: int,
     rng: np.random.Generator,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterable[np.ndarray]:
     """`steps` batches of `classes_per_batch` leaf classes x `per_class` images each.
 
     Every batch therefore holds positive pairs; a class smaller than `per_class` is
-    sampled with replacement.
+    sampled with replacement. With `world_size` processes, every rank draws the same
+    global batch of ``world_size * classes_per_batch`` classes from the same seeded `rng`
+    and keeps the classes of its `rank`: disjoint classes per rank, equal local batches,
+    and together the batch one process would draw with ``world_size`` times the classes.
     """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     classes, inverse = np.unique(leaf_labels, return_inverse=True)
+    if len(classes) < world_size:
+        raise DataError(f"{world_size} processes need at least {world_size} leaf classes (one each per batch), "
+                        f"got {len(classes)}")
     members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-    take = min(classes_per_batch, len(classes))
+    local = min(classes_per_batch, len(classes) // world_size)
+    take = local * world_size
+    mine = slice(rank * local * per_class, (rank + 1) * local * per_class)
     for _ in range(steps):
         chosen = rng.choice(len(classes), size=take, replace=False)
-        yield np.concatenate(
+        batch = np.concatenate(
             [rng.choice(members[c], size=per_class, replace=len(members[c]) < per_class) for c in chosen]
         )
+        yield batch if world_size == 1 else batch[mine]

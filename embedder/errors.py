@@ -34,3 +34,8 @@ class ImageDecodeError(EmbedderError):
 
 class DataError(EmbedderError, ValueError):
     """A data source (folder tree, manifest) that cannot be read as labelled images."""
+
+
+class DistributedError(EmbedderError):
+    """A multi-process job that cannot start or go on: a process group that cannot form, a
+    rank that stopped answering, ranks that read different data."""

@@ -83,10 +83,14 @@ class LossWeights:
 
 
 class HierarchicalLoss(nn.Module):
-    """Weighted sum of the contrastive and per-level softmax parts; returns (total, parts)."""
+    """Weighted sum of the contrastive and per-level softmax parts; returns (total, parts).
+
+    `pair_loss` computes the contrastive parts (default ``ContrastiveLoss(margin)``);
+    training across processes passes it wrapped in `embedder.distributed.GlobalBatchLoss`.
+    """
 
     def __init__(self, level_names: Sequence[str], weights: LossWeights, margin: float = 1.0,
-                 classifiers: Sequence[nn.Module] | None = None):
+                 classifiers: Sequence[nn.Module] | None = None, *, pair_loss: nn.Module | None = None):
         super().__init__()
         depth = len(level_names)
         for name in ("level_contrastive", "softmax"):
@@ -95,7 +99,7 @@ class HierarchicalLoss(nn.Module):
                 raise ValueError(f"{name} weights need one value per level ({depth}), got {values}")
         self.level_names = tuple(level_names)
         self.weights = weights
-        self.contrastive = ContrastiveLoss(margin)
+        self.contrastive = pair_loss if pair_loss is not None else ContrastiveLoss(margin)
         self.cross_entropy = LevelCrossEntropy()
         # not registered as submodules: they belong to the model
         self._classifiers = tuple(classifiers) if classifiers is not None else None

@@ -1,7 +1,10 @@
 """The training loop: class-balanced batches, contrastive + per-level softmax, AdamW, cosine schedule.
 
 Every epoch is validated (leaf R@1, MAP@R, consistency@10 per level on a held-out split)
-and checkpointed; `resume=True` continues from the checkpoint at `out`.
+and checkpointed; `resume=True` continues from the checkpoint at `out`. It runs on any
+torch device, with mixed precision on request, and across processes under `torchrun`
+(DistributedDataParallel; see `embedder.distributed`): batch sizes are per process, the
+contrastive loss sees every process's batch, and only rank 0 logs, validates and writes.
 """
 
 from __future__ import annotations
@@ -18,14 +21,19 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .prediction import calibrate
 from .config import EmbedderConfig
 from .data import balanced_batches
-from .errors import CheckpointError, ConfigError
+from .devices import Precision, resolve_device
+from .errors import CheckpointError, ConfigError, DistributedError
 from .hierarchy import Hierarchy
 from .inference import forward_batches
-from .losses import HierarchicalLoss, LossWeights
+from .losses import ContrastiveLoss, HierarchicalLoss, LossWeights
 from .metrics import agreement, exact_neighbours, others_in_category, retrieval_report
 from .model import PyramidEmbedder
 
@@ -47,6 +55,13 @@ DEFAULT_SOFTMAX = 0.05
 # weight 1, against 0.53 without), so there the leaf gets none (BENCHMARKS.md).
 LEAF_SOFTMAX = 1.0
 LEAF_SOFTMAX_MIN_IMAGES = 20
+
+# How batch norm trains: `batch` (each process's own batch statistics, as one process
+# always did), `sync` (SyncBatchNorm: statistics of the global batch; CUDA only in torch),
+# `frozen` (the layers in eval mode: the backbone's running statistics). `auto` keeps
+# `batch` for one process and makes several processes train as one process on the
+# global batch would: `sync` on CUDA, `frozen` on CPUs, where SyncBatchNorm does not run.
+BATCH_NORM_CHOICES = ("auto", "batch", "sync", "frozen")
 
 
 def default_leaf_softmax(leaf_labels: np.ndarray) -> float:
@@ -81,6 +96,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     augment: bool = True
     log_every: int = 25
+    batch_norm: str = "auto"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "classes_per_batch", "per_class", "log_every")
@@ -97,10 +113,24 @@ class TrainConfig:
             raise ConfigError(f"lr and margin must be positive, got {self.lr} and {self.margin}")
         if self.leaf_softmax is not None and not (math.isfinite(self.leaf_softmax) and self.leaf_softmax >= 0):
             raise ConfigError(f"leaf_softmax must be a finite weight >= 0, got {self.leaf_softmax}")
+        if self.batch_norm not in BATCH_NORM_CHOICES:
+            raise ConfigError(f"batch_norm must be one of {', '.join(BATCH_NORM_CHOICES)}, got {self.batch_norm!r}")
 
     @property
     def batch_size(self) -> int:
+        """Images per step in one process (the global batch is this times the number of processes)."""
         return self.classes_per_batch * self.per_class
+
+    def resolved_batch_norm(self, world_size: int, device: torch.device) -> str:
+        """`batch_norm` with `auto` decided for this world size and device."""
+        if self.batch_norm == "auto":
+            if world_size == 1:
+                return "batch"
+            return "sync" if device.type == "cuda" else "frozen"
+        if self.batch_norm == "sync" and world_size > 1 and device.type != "cuda":
+            raise ConfigError(f"batch_norm 'sync' needs CUDA: torch's SyncBatchNorm does not run on {device.type}; "
+                              f"use 'frozen' (or 'batch' for per-process statistics)")
+        return self.batch_norm
 
     def loss_weights(self, config: EmbedderConfig, leaf_labels: np.ndarray) -> LossWeights:
         """The loss weights to train `config` on training images with these leaf labels."""
@@ -119,7 +149,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None  # None on the ranks other than 0 of a multi-process run
     history: list[dict] = field(default_factory=list)
 
 
@@ -177,75 +207,125 @@ def train(
     backbone_weights: str | os.PathLike | None = None,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
+    device: str | torch.device | None = "auto",
+    amp: bool = False,
 ) -> TrainResult:
     """Train on uint8 ``(n, 3, S, S)`` `images` (S = ``config.image_size``) with ``(n, depth)`` `labels`.
 
-    Writes a checkpoint to `out` after every epoch and returns the last one.
+    Writes a checkpoint to `out` after every epoch and returns the last one. `device`:
+    ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; `amp`: mixed precision (see
+    `embedder.devices.Precision`). In a process group of several processes (torchrun),
+    every process passes the same data and trains with DDP; rank 0 logs, validates and
+    writes `out`, and the other ranks return ``checkpoint=None``.
     """
-    log = log or logger.info
+    context = distributed.current()
+    device = distributed.process_device(context, device)
+    log = (log or logger.info) if context.is_main else (lambda line: None)
     labels = np.asarray(labels, dtype=np.int64)
     _check_inputs(images, labels, hierarchy, config)
+    distributed.check_same_on_every_rank("the training data (images, label checksum)",
+                                         [len(images), int(labels.sum()), int((labels * 31 % 1_000_003).sum())],
+                                         device)
     tc = train_config
+    precision = Precision.for_device(device, amp)
+    batch_norm = tc.resolved_batch_norm(context.world_size, device)
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
 
     train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
-    steps = tc.steps_per_epoch or max(1, len(train_idx) // tc.batch_size)
+    steps = tc.steps_per_epoch or max(1, len(train_idx) // (tc.batch_size * context.world_size))
     model = PyramidEmbedder(config, backbone_weights=None if resume else backbone_weights)
+    if batch_norm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
     weights = tc.loss_weights(config, labels[train_idx, -1])
-    criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classifiers)
+    pair_loss = distributed.GlobalBatchLoss(ContrastiveLoss(tc.margin)) if context.enabled else None
+    criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classifiers, pair_loss=pair_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tc.epochs * steps, tc.warmup_fraction))
+    scaler = precision.grad_scaler()
     start_epoch, history = 0, []
     if resume and Path(out).is_file():
         start_epoch, history, rng = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
         log(f"resuming {out} after epoch {start_epoch}")
+    distributed.check_same_on_every_rank(f"the epoch to resume {out} from (resume needs --out on a filesystem "
+                                         f"every process sees)", [start_epoch], device)
+    net = model
+    if context.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"distributed: {context.world_size} processes on {device.type}, {tc.batch_size} images per process "
+            f"and step ({tc.batch_size * context.world_size} in all), batch norm {batch_norm}")
     log(f"loss weights: contrastive {weights.contrastive}, softmax per level {list(weights.softmax)}"
         + (f", contrastive per level {list(weights.level_contrastive)}" if weights.level_contrastive else ""))
+    if device.type != "cpu" or precision.dtype is not None:
+        log(f"device {device}, {precision}")
 
     augment = _augmenter(config.image_size) if tc.augment else None
     train_images, train_labels = images[train_idx], labels[train_idx]
     val_images, val_labels = images[val_idx], labels[val_idx]
+    validate = context.is_main and len(val_idx) > 1
     checkpoint = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
+        if batch_norm == "frozen":
+            _freeze_batch_norm(model)
+        if context.enabled:  # each rank its own augmentations, reproducibly, whatever epoch a run resumes at
+            torch.manual_seed(tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
         started, seen, sums = time.perf_counter(), 0, {}
-        batches = balanced_batches(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng)
-        for step, batch_idx in enumerate(batches, start=1):
-            batch = train_images[batch_idx].float().div_(255)
-            if augment is not None:
-                batch = torch.stack([augment(img) for img in batch])
-            loss, parts = criterion(model(batch), torch.from_numpy(train_labels[batch_idx]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(batch_idx)
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            if step % tc.log_every == 0 or step == steps:
-                rate = seen / (time.perf_counter() - started)
-                shown = " ".join(f"{k} {v / step:.4f}" for k, v in sums.items())
-                log(f"epoch {epoch + 1}/{tc.epochs} step {step}/{steps} {shown} {rate:.0f} img/s")
+        batches = balanced_batches(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
+                                   rank=context.rank, world_size=context.world_size)
+        try:
+            for step, batch_idx in enumerate(batches, start=1):
+                batch = train_images[batch_idx].to(device).float().div_(255)
+                if augment is not None:
+                    batch = torch.stack([augment(img) for img in batch])
+                with precision.autocast():
+                    loss, parts = criterion(net(batch), torch.from_numpy(train_labels[batch_idx]).to(device))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                seen += len(batch_idx) * context.world_size
+                for key, value in {"loss": float(loss.detach()), **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                if step % tc.log_every == 0 or step == steps:
+                    rate = seen / (time.perf_counter() - started)
+                    shown = " ".join(f"{k} {v / step:.4f}"
+                                     for k, v in distributed.mean_across_ranks(sums, device).items())
+                    log(f"epoch {epoch + 1}/{tc.epochs} step {step}/{steps} {shown} {rate:.0f} img/s")
+        except RuntimeError as exc:
+            if not (context.enabled and _lost_a_peer(exc)):
+                raise
+            raise DistributedError(f"rank {context.rank}: another of the {context.world_size} processes died or "
+                                   f"stopped answering in epoch {epoch + 1} ({' '.join(str(exc).split())[:300]}); "
+                                   f"train again with --resume to continue from the last checkpoint") from exc
+        sums = distributed.mean_across_ranks(sums, device)
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
         record["img_per_s"] = seen / (time.perf_counter() - started)
-        if len(val_idx) > 1:
+        if validate:
             metrics = evaluate(model, val_images, val_labels)
             record.update({f"val/{k}": v for k, v in metrics.items()})
             log(f"epoch {epoch + 1} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         history.append(record)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "train_config": tc.to_dict(),
-            "loss_weights": weights.to_dict(),
-        }
-        metrics_only = {k: v for k, v in record.items() if k.startswith("val/")}
-        checkpoint = save_checkpoint(
-            out, model, hierarchy, epoch=epoch + 1, metrics=metrics_only, history=history, train_state=state
-        )
+        if context.is_main:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "train_config": tc.to_dict(),
+                "loss_weights": weights.to_dict(),
+                "world_size": context.world_size,
+                "batch_norm": batch_norm,
+            }
+            metrics_only = {k: v for k, v in record.items() if k.startswith("val/")}
+            checkpoint = save_checkpoint(
+                out, model, hierarchy, epoch=epoch + 1, metrics=metrics_only, history=history, train_state=state
+            )
+        distributed.barrier()  # no rank runs ahead of the checkpoint it could be resumed from
+    if not context.is_main:
+        return TrainResult(None, history)
     if checkpoint is None:  # resumed a run that had already finished
         checkpoint = load_checkpoint(out)
     elif len(val_idx) > 1:
@@ -258,17 +338,34 @@ def train(
     return TrainResult(checkpoint, history)
 
 
+# How gloo and NCCL word a collective that failed because a peer is gone or silent (torch
+# raises these as plain RuntimeErrors, not always as torch.distributed.DistError).
+_PEER_LOST = ("timeout", "timed out", "closed", "reset by peer", "broken pipe", "connection refused", "nccl error")
+
+
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or any(w in str(exc).lower() for w in _PEER_LOST)
+
+
+def _freeze_batch_norm(model: nn.Module) -> None:
+    """Batch-norm layers in eval mode: they normalise with their running statistics and keep them."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def validation_logits(model: PyramidEmbedder, images: torch.Tensor, batch_size: int = 128) -> list[torch.Tensor | None]:
-    """Per-level classifier logits of uint8 `images` in eval mode (None where a level has no classifier)."""
+    """Per-level classifier logits of uint8 `images` in eval mode, on the CPU (None where a level has no classifier)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     parts: list[list[torch.Tensor]] = [[] for _ in range(model.config.depth)]
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            out = model(images[start : start + batch_size].float().div_(255))
+            out = model(images[start : start + batch_size].to(device).float().div_(255))
             for level, logits in enumerate(out.logits):
                 if logits is not None:
-                    parts[level].append(logits)
+                    parts[level].append(logits.float().cpu())
     model.train(was_training)
     return [torch.cat(p) if p else None for p in parts]
 
@@ -292,7 +389,8 @@ def _restore(path, model, optimizer, scheduler, config, hierarchy, tc) -> tuple[
         raise CheckpointError(f"cannot resume {path}: it was trained with another model config or hierarchy")
     if checkpoint.train_state is None:
         raise CheckpointError(f"cannot resume {path}: it holds no optimizer state")
-    saved_tc = checkpoint.train_state["train_config"]
+    # fields added since the checkpoint was written count at their defaults
+    saved_tc = TrainConfig().to_dict() | checkpoint.train_state["train_config"]
     if saved_tc != tc.to_dict() | {"epochs": saved_tc["epochs"]}:
         raise CheckpointError(f"cannot resume {path}: it was trained with another TrainConfig ({saved_tc})")
     model.load_state_dict(checkpoint.state_dict)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from embedder import Embedder, ImageDecodeError
+from embedder.devices import set_threads
 from embedder.errors import EmbedderError
 from milvus_store import (
     CollectionNotFoundError,
@@ -80,6 +81,9 @@ class ServiceSettings:
     media_dir: str | os.PathLike | None = "hiervec-media"
     image_roots: tuple[str, ...] = ()
     optimize: bool = False  # embed through the traced, frozen model (embedder.inference.frozen_for_cpu)
+    device: str = "auto"  # where the model runs (embedder.devices.resolve_device)
+    amp: bool = False  # mixed-precision embedding; stored and searched vectors stay float32
+    threads: int | None = None  # torch threads of each server process (None: torch's default)
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_k", "max_batch"):
@@ -87,6 +91,8 @@ class ServiceSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must not be negative, got {self.batch_window_ms}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
 
     def to_json(self) -> str:
         """The settings without the secrets (workers read those from the environment)."""
@@ -147,7 +153,10 @@ class Service:
         """Load the model and open (or create) the default collection: mismatches fail here, before serving."""
         for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):  # errors reach clients as JSON, once
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize)
+        if settings.threads is not None:
+            set_threads(settings.threads)  # the service, not the library, owns the process's thread count
+        embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize, device=settings.device,
+                                            amp=settings.amp)
         index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
         return cls(settings, embedder, index)
 

@@ -118,3 +118,38 @@ def test_fashion_mnist_products_export(tmp_path):
     categories = sorted(item.category for item in read_folder_tree(tmp_path / "p").items)
     assert categories == sorted(f"{fashion_mnist.CLASS_PATHS[c]}/train-{10 + i:05d}" for i, c in enumerate(labels)
                                 for _ in range(2))
+
+
+TORCH_COMMANDS = ["train", "ingest", "search", "eval", "relabel", "serve"]
+
+
+@pytest.mark.parametrize("command", TORCH_COMMANDS)
+def test_every_command_that_runs_the_model_takes_device_amp_and_threads(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--device DEVICE", "--amp", "--threads"):
+        assert option in result.output
+
+
+def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path, tiny_model):
+    import torch
+
+    from cli.main import compute_options
+
+    seen = {}
+
+    @click.command()
+    @compute_options
+    def probe(device, amp):
+        seen.update(device=device, amp=amp, threads=torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    try:
+        assert CliRunner().invoke(probe, ["--threads", "1", "--device", "cpu", "--amp"]).exit_code == 0
+        assert seen == {"device": "cpu", "amp": True, "threads": 1}
+    finally:
+        torch.set_num_threads(before)
+    (tmp_path / "q.png").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "q.png"), "--model", str(tiny_model), "--device", "tpu"])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: device must be one of auto, cpu, cuda, cuda:N, mps, got 'tpu'\n"

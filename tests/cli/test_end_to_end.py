@@ -218,3 +218,23 @@ def test_optimized_ingest_stores_the_vectors_of_the_eager_model(workspace, tmp_p
     with HierStore(str(db), "images") as store:
         stored = store.embeddings([sha256(p) for p in paths])
     assert np.allclose(stored.concat, expected, atol=1e-4)
+
+
+def test_device_and_mixed_precision_through_ingest_search_and_eval(workspace, tmp_path):
+    from embedder import Embedder
+    from milvus_store import HierStore
+
+    _, tree, model = workspace
+    db = tmp_path / "amp.db"
+    summary = run_json("ingest", tree, "--model", model, "--uri", db, "--device", "cpu", "--amp")
+    assert summary["stored"] == len(LEAVES) * PER_LEAF
+    paths = all_images(tree)
+    exact = Embedder.from_checkpoint(model, device="cpu").embed(paths).concat
+    with HierStore(str(db), "images") as store:
+        stored = store.embeddings([sha256(p) for p in paths]).concat
+    assert stored.dtype == np.float32 and np.allclose(np.linalg.norm(stored, axis=1), 1, atol=1e-5)
+    assert np.abs(stored - exact).max() < 0.05  # bfloat16 inside, float32 stored
+    found = run_json("search", paths[0], "--model", model, "--uri", db, "-k", "3", "--device", "cpu")
+    assert found["queries"][0]["hits"][0]["id"] == sha256(paths[0])
+    metrics = run_json("eval", tree, "--model", model, "--device", "cpu", "--amp")
+    assert metrics["recall@1"] > 0

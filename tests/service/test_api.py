@@ -324,6 +324,23 @@ def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
     with pytest.raises(ValueError, match="max_k must be positive, got 0"):
         ServiceSettings(model="m.pt", max_k=0)
     assert json.loads(settings.to_json())["model"] == str(catalogue.model)
+    with pytest.raises(ValueError, match="threads must be positive, got 0"):
+        ServiceSettings(model="m.pt", threads=0)
+
+
+def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
+    import torch
+
+    settings = ServiceSettings(model=str(catalogue.model), device="cpu", amp=True, threads=1)
+    assert ServiceSettings.from_json(settings.to_json()) == settings  # what --workers N processes read
+    before = torch.get_num_threads()
+    try:
+        service = open_service(catalogue, tmp_path, device="cpu", amp=True, threads=1)
+        assert torch.get_num_threads() == 1  # the service sets it, once, for its process
+        assert service.embedder.device == torch.device("cpu") and service.embedder.precision.dtype == torch.bfloat16
+        service.close()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled, catalogue):
