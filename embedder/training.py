@@ -227,6 +227,7 @@ def train(
                                          [len(images), int(labels.sum()), int((labels * 31 % 1_000_003).sum())],
                                          device)
     tc = train_config
+    run_started = time.perf_counter()
     precision = Precision.for_device(device, amp)
     batch_norm = tc.resolved_batch_norm(context.world_size, device)
     torch.manual_seed(tc.seed)
@@ -307,6 +308,7 @@ def train(
             metrics = evaluate(model, val_images, val_labels)
             record.update({f"val/{k}": v for k, v in metrics.items()})
             log(f"epoch {epoch + 1} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        record["elapsed_s"] = time.perf_counter() - run_started  # since this run (or resume) started
         history.append(record)
         if context.is_main:
             state = {

@@ -120,8 +120,7 @@ def test_mixed_precision_embedding_returns_float32_unit_vectors_close_to_float32
     assert np.allclose(np.linalg.norm(b.levels["item"], axis=1), 1, atol=1e-6)
     assert not np.array_equal(a.concat, b.concat)  # bfloat16 really ran
     assert np.abs(a.concat - b.concat).max() < 0.05
-    # the nearest neighbours stay the same
-    assert np.array_equal((a.concat @ a.concat.T).argsort(1)[:, -2], (b.concat @ b.concat.T).argsort(1)[:, -2])
+    assert (a.concat * b.concat).sum(1).min() > 0.999  # cosine of each image's two vectors
 
 
 def test_the_traced_cpu_path_refuses_other_devices_and_mixed_precision(tmp_path):
