@@ -9,8 +9,9 @@ Every run trains the same model on the same data with the same *global* batch
 processes), the same steps and seeds, through the CLI exactly as a user starts it: one
 process with `hiervec train`, N with `torchrun --standalone --nproc-per-node N`. Batch norm
 is the one a multi-process run uses on that device (`frozen` on CPUs, `sync` on CUDA) in
-every row, so the rows compute the same updates and differ only in how the work is
-spread: the validation R@1 per epoch should agree, and the ratio of images/s is the
+every row, so the rows compute the same updates up to the random augmentations (each
+process draws its own) and differ in how the work is spread; with `--no-augment` they
+compute the same updates and their validation R@1 agrees. The ratio of images/s is the
 speed-up, or on a machine with fewer cores than processes, the overhead of DDP.
 
 Columns: training images/s (global, from the checkpoint's history, validation excluded),
@@ -106,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=8, help="Leaf classes in the global batch.")
     parser.add_argument("--per-class", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augment", action="store_true",
+                        help="Train without augmentation: every row then computes the same updates, so R@1 agrees "
+                             "across rows and the time to the target measures speed alone.")
     parser.add_argument("--target", type=float, default=None)
     parser.add_argument("--data", type=Path, default=None, help="A labelled folder tree instead of Fashion-MNIST.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "train_scale")
     parser.add_argument("--smoke", action="store_true", help="A tiny synthetic run of every code path.")
     args = parser.parse_args(argv)
-    args.train_args = []
+    args.train_args = ["--no-augment"] if args.no_augment else []
     processes = [int(p) for p in args.processes.split(",")]
     if any(args.classes % p for p in processes):
         parser.error(f"--classes {args.classes} must split evenly over every process count in {processes}")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             data = synthetic_tree(folder / "images")
             args.epochs, args.classes, args.per_class = 2, 4, 2
-            args.train_args = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--dim", "8",
+            args.train_args += ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--dim", "8",
                                "--steps-per-epoch", "3", "--val-fraction", "0.25"]
         elif args.data is not None:
             data = args.data

@@ -13,23 +13,23 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
-
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import v2
 
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .prediction import calibrate
 from .config import EmbedderConfig
 from .data import balanced_batches
-from .devices import Precision, resolve_device
+from .devices import Precision
 from .errors import CheckpointError, ConfigError, DistributedError
 from .hierarchy import Hierarchy
 from .inference import forward_batches
@@ -223,9 +223,8 @@ def train(
     log = (log or logger.info) if context.is_main else (lambda line: None)
     labels = np.asarray(labels, dtype=np.int64)
     _check_inputs(images, labels, hierarchy, config)
-    distributed.check_same_on_every_rank("the training data (images, label checksum)",
-                                         [len(images), int(labels.sum()), int((labels * 31 % 1_000_003).sum())],
-                                         device)
+    distributed.check_same_on_every_rank("the training data (images, CRC-32 of the labels)",
+                                         [len(images), zlib.crc32(np.ascontiguousarray(labels).tobytes())], device)
     tc = train_config
     run_started = time.perf_counter()
     precision = Precision.for_device(device, amp)

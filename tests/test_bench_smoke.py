@@ -145,3 +145,15 @@ def test_quality_report_only_needs_results(tmp_path):
 
     with pytest.raises(SystemExit, match="no results in"):
         quality.main(["--report-only", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_train_scale_smoke(capsys):
+    from bench import train_scale
+
+    assert train_scale.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\d) \| cpu \| 8 \| (\d+) \| ([\d.]+) \| \d+ \| ([\d., ]+) \| (.+) \|$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][2] == "1.00" and float(rows[1][2]) > 0
+    assert all(len(r[3].split(", ")) == 2 for r in rows)  # R@1 after each of the 2 epochs, from rank 0
