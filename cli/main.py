@@ -127,6 +127,21 @@ def compute_options(func):
     return wrapper
 
 
+def check_writable(path: Path | None, option: str) -> None:
+    """Fail before any work when the file `path` could not be written at the end of it."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"{option} {str(path)!r}: cannot create its folder "
+                                   f"({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise click.ClickException(f"{option} {str(path)!r} is a folder; give a file name")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.ClickException(f"{option} {str(path)!r}: no permission to write there")
+
+
 def load_embedder(model_path: Path, optimize: bool = False, device: str = "auto", amp: bool = False):
     from embedder import Embedder
 
@@ -253,6 +268,7 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     from embedder.devices import default_threads, set_threads
     from embedder.distributed import DistributedContext, process_group
 
+    check_writable(out, "--out")
     context = DistributedContext.from_environment()
     if context.enabled and click.get_current_context().params["threads"] is None:
         set_threads(default_threads(context.local_world_size))  # torchrun's processes share this machine's CPUs
@@ -316,6 +332,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
     from embedder import read_source
     from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
 
+    check_writable(report_path, "--report")
     listing = read_source(source)
     embedder = load_embedder(model_path, optimize, device, amp)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
@@ -382,29 +399,33 @@ def search(images, model_path, uri, collection, token, k, where, under, level, g
     """Find the images nearest to each IMAGE, optionally inside parts of the hierarchy."""
     from milvus_store import CollectionNotFoundError, Confident, ImageIndex, Predicted
 
-    from .filters import build_filter
+    from .filters import build_filter, known_categories, parse_pairs
     from .output import contact_sheet, hit_dict, hits_table, route_line
 
     for image in images:
         if not image.is_file():
             raise click.ClickException(f"query image {str(image)!r} does not exist")
+    check_writable(sheet, "--sheet")
     embedder = load_embedder(model_path, device=device, amp=amp)
-    known = {name: set(vocab) for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
+    model_known = {name: set(vocab)
+                   for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
     for option, value in (("--level", level), ("--group-by", group_by), ("--auto", auto)):
-        if value is not None and value not in known:
-            raise click.ClickException(f"unknown level {value!r} for {option}; levels are {', '.join(known)}")
-    filter_ = build_filter(where, under, known)
-    extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
-    if min_label_confidence is not None:
-        confident = Confident(embedder.hierarchy.level_names[-1], min_label_confidence)
-        extra = confident if extra is None else extra & confident
-    if extra is not None:
-        filter_ = extra if filter_ is None else filter_ & extra
+        if value is not None and value not in model_known:
+            raise click.ClickException(f"unknown level {value!r} for {option}; levels are {', '.join(model_known)}")
+    parse_pairs(where)  # a malformed --where is a usage error before anything is opened
     try:
         image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except CollectionNotFoundError as exc:
         raise click.ClickException(f"{exc}; run `hiervec ingest` first") from None
     with image_index:
+        known = known_categories(where, under, model_known, image_index.store.category_counts)
+        filter_ = build_filter(where, under, known)
+        extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
+        if min_label_confidence is not None:
+            confident = Confident(embedder.hierarchy.level_names[-1], min_label_confidence)
+            extra = confident if extra is None else extra & confident
+        if extra is not None:
+            filter_ = extra if filter_ is None else filter_ & extra
         if auto is None:
             results = image_index.search(list(images), k, level=level, where=filter_, group_by=group_by,
                                          group_size=group_size)
@@ -557,6 +578,9 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
               help="Server processes; more than one needs a Milvus server (a Lite file is locked by one process).")
 @click.option("--api-key", default=None, envvar="HIERVEC_API_KEY", show_envvar=True,
               help="When set, POST /images and DELETE need it in the X-API-Key header.")
+@click.option("--allow-anonymous-writes", is_flag=True,
+              help="Serve on a non-loopback address without --api-key: anyone who reaches it can add and "
+                   "delete images.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
 @click.option("--media", "media_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("hiervec-media"),
               show_default=True, help="Where images uploaded through POST /images are kept.")
@@ -569,8 +593,8 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
 @optimize_option
 @compute_options
 @uses_milvus
-def serve(model_path, uri, collection, token, host, port, workers, api_key, max_upload_mb, media_dir, image_roots,
-          batch_window_ms, max_batch, optimize, device, amp):
+def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
+          media_dir, image_roots, batch_window_ms, max_batch, optimize, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     import uvicorn
 
@@ -583,6 +607,13 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, max_
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, threads=click.get_current_context().params["threads"],
     )
+    if not api_key:
+        if not _is_loopback(host) and not allow_anonymous_writes:
+            raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
+                                   f"HIERVEC_API_KEY) is set, so anyone could add and delete images; set a key, "
+                                   f"or pass --allow-anonymous-writes to serve openly")
+        click.echo("warning: no API key: whoever reaches this server can add and delete images "
+                   "(set --api-key or HIERVEC_API_KEY)", err=True)
     if workers > 1 and ConnectionSettings.resolve(uri).is_local:
         raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "
                                    "one process (micro-batching already uses every core for embedding)")
@@ -599,6 +630,18 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, max_
             os.environ[name] = secret
     uvicorn.run("service.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
 
 
 def main() -> None:

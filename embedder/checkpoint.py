@@ -121,20 +121,37 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file; anything missing, damaged or of another format is a `CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): an interrupted copy or download?")
     try:
         # Our own files hold optimizer state and plain containers; weights_only keeps
         # arbitrary pickles from running code.
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+        reason = " ".join(str(exc).split()) or f"{type(exc).__name__} (a truncated or damaged file)"
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {reason}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a hiervec checkpoint ({FORMAT})")
+    missing = [key for key in ("config", "hierarchy", "state_dict", "fingerprint") if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is damaged or was not "
+                              f"written by hiervec")
+    if not isinstance(payload["state_dict"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no valid weights (state_dict)")
+    try:
+        config = EmbedderConfig.from_dict(payload["config"])
+        hierarchy = Hierarchy.from_dict(payload["hierarchy"])
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable model description: "
+                              f"{' '.join(str(exc).split()) or type(exc).__name__}") from exc
     return Checkpoint(
-        EmbedderConfig.from_dict(payload["config"]),
-        Hierarchy.from_dict(payload["hierarchy"]),
+        config,
+        hierarchy,
         payload["state_dict"],
         payload["fingerprint"],
         payload.get("epoch", 0),
@@ -143,3 +160,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         payload.get("train_state"),
         payload.get("calibration"),
     )
+
+
+def restore_weights(model: torch.nn.Module, checkpoint: Checkpoint, path: str | os.PathLike) -> None:
+    """`checkpoint`'s weights into `model`; weights that are missing, extra or of another shape are a
+    `CheckpointError` that names them (torch's own message is a page long)."""
+    expected = model.state_dict()
+    given = checkpoint.state_dict
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(given) if tuple(expected[k].shape) != tuple(given[k].shape))
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", extra), ("of another shape", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold the weights of the model it describes: "
+                              f"{'; '.join(problems)} weights")
+    model.load_state_dict(given)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, restore_weights
 from .config import EmbedderConfig
 from .data import decode_image, image_to_tensor, load_images
 from .devices import Precision, resolve_device
@@ -159,7 +159,7 @@ class Embedder:
         """The model of a checkpoint file, read onto the CPU (files are device-independent), then moved to `device`."""
         checkpoint = load_checkpoint(path)
         model = PyramidEmbedder(checkpoint.config)
-        model.load_state_dict(checkpoint.state_dict)
+        restore_weights(model, checkpoint, path)
         kwargs.setdefault("temperatures", checkpoint.temperatures)
         return cls(model, checkpoint.hierarchy, checkpoint.vector_fingerprint, device=device, **kwargs)
 

@@ -66,7 +66,9 @@ def decode_paths(log_probs: Sequence[torch.Tensor | None], hierarchy: Hierarchy,
     for level in range(hierarchy.depth):  # marginal of each category: sum over its paths
         marginal = torch.zeros(n, hierarchy.num_classes[level])
         marginal.index_add_(1, ancestors[:, level], path_probs)
-        level_probs.append(marginal)
+        # float32 sums of a sure prediction's path probabilities can come out at 1.0000001,
+        # which is no probability (the store refuses it): clamp where they are made
+        level_probs.append(marginal.clamp_(0.0, 1.0))
     ranked = torch.argsort(path_probs, dim=1, descending=True)[:, : top + 1]
     predictions = []
     for row in range(n):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
 from . import distributed
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, restore_weights, save_checkpoint
 from .prediction import calibrate
 from .config import EmbedderConfig
 from .data import balanced_batches
@@ -394,7 +394,7 @@ def _restore(path, model, optimizer, scheduler, config, hierarchy, tc) -> tuple[
     saved_tc = TrainConfig().to_dict() | checkpoint.train_state["train_config"]
     if saved_tc != tc.to_dict() | {"epochs": saved_tc["epochs"]}:
         raise CheckpointError(f"cannot resume {path}: it was trained with another TrainConfig ({saved_tc})")
-    model.load_state_dict(checkpoint.state_dict)
+    restore_weights(model, checkpoint, path)
     optimizer.load_state_dict(checkpoint.train_state["optimizer"])
     scheduler.load_state_dict(checkpoint.train_state["scheduler"])
     torch.set_rng_state(checkpoint.train_state["torch_rng"])

@@ -153,3 +153,41 @@ def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path,
     result = CliRunner().invoke(cli, ["search", str(tmp_path / "q.png"), "--model", str(tiny_model), "--device", "tpu"])
     assert result.exit_code == 1
     assert result.stderr == "Error: device must be one of auto, cpu, cuda, cuda:N, mps, got 'tpu'\n"
+
+
+def test_filters_read_the_collections_categories_only_when_the_models_cannot_settle_them():
+    from cli.filters import known_categories
+
+    model = {"gender": {"men", "women"}, "kind": {"women/dresses", "men/shirts"}}
+    reads = []
+
+    def stored():
+        reads.append(1)
+        return {"gender": {"women"}, "kind": {"women/hoodies"}}
+
+    assert known_categories(["kind=women/dresses"], "men", model, stored) is model and not reads
+    union = known_categories(["kind=hoodies"], None, model, stored)
+    assert union["kind"] == {"women/dresses", "men/shirts", "women/hoodies"} and len(reads) == 1
+    assert build_filter(["kind=hoodies"], None, union) == build_filter(["kind=women/hoodies"], None, union)
+    assert known_categories([], "women/hoodies", model, stored)["kind"] >= {"women/hoodies"}
+    with pytest.raises(click.BadParameter, match="expected LEVEL=VALUE, got 'kind'"):
+        known_categories(["kind"], None, model, stored)
+
+
+def test_unwritable_outputs_and_damaged_models_fail_before_any_work(tmp_path, tiny_model):
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "q.png").write_bytes(b"")
+    report, out = tmp_path / "file" / "r.json", tmp_path / "file" / "m.pt"
+    cases = [
+        (["ingest", str(tmp_path), "--model", str(tiny_model), "--uri", str(tmp_path / "h.db"), "--report", str(report)],
+         f"--report '{report}': cannot create its folder"),
+        (["train", str(tmp_path), "--out", str(out)], f"--out '{out}': cannot create its folder"),
+        (["search", str(tmp_path / "q.png"), "--model", str(tmp_path / "empty.pt")],
+         f"checkpoint '{tmp_path / 'empty.pt'}' is empty (0 bytes)"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "h.db").exists()  # nothing was ingested

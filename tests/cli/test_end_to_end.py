@@ -238,3 +238,18 @@ def test_device_and_mixed_precision_through_ingest_search_and_eval(workspace, tm
     assert found["queries"][0]["hits"][0]["id"] == sha256(paths[0])
     metrics = run_json("eval", tree, "--model", model, "--device", "cpu", "--amp")
     assert metrics["recall@1"] > 0
+
+
+def test_search_filters_know_categories_the_collection_holds_and_the_model_does_not(workspace, tmp_path):
+    _, tree, model = workspace
+    db = tmp_path / "new.db"
+    image = all_images(tree)[0]
+    manifest = tmp_path / "new.csv"
+    manifest.write_text(f"path,category\n{image},clothing/tops/hoodie\n")
+    assert run_json("ingest", manifest, "--model", model, "--uri", db)["stored"] == 1
+    run_json("ingest", tree, "--model", model, "--uri", db)
+    for value in ("item=clothing/tops/hoodie", "item=hoodie"):
+        hits = run_json("search", image, "--model", model, "--uri", db, "--where", value)["queries"][0]["hits"]
+        assert [h["category"] for h in hits] == ["clothing/tops/hoodie"]
+    result = run("search", image, "--model", model, "--uri", db, "--where", "item=cardigan", ok=False)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: unknown category 'cardigan' at level 'item'")

@@ -143,6 +143,33 @@ def test_checkpoint_errors(tmp_path):
 
 
 @pytest.mark.unit
+def test_damaged_checkpoints_are_named_errors_not_tracebacks(tmp_path):
+    _, _, hierarchy = tiny_data()
+    good = save_checkpoint(tmp_path / "good.pt", PyramidEmbedder(tiny_config(hierarchy)), hierarchy)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*empty.pt' is empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint '.*cut.pt': \S"):  # a reason, never empty
+        load_checkpoint(tmp_path / "cut.pt")
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    for key in ("config", "state_dict"):
+        torch.save({k: v for k, v in payload.items() if k != key}, tmp_path / f"no-{key}.pt")
+        with pytest.raises(CheckpointError, match=f"lacks {key}: it is damaged"):
+            load_checkpoint(tmp_path / f"no-{key}.pt")
+    torch.save(payload | {"config": {**payload["config"], "level_dims": "x"}}, tmp_path / "bad-config.pt")
+    with pytest.raises(CheckpointError, match="has an unreadable model description"):
+        load_checkpoint(tmp_path / "bad-config.pt")
+    weights = dict(good.state_dict)
+    weights.pop("heads.0.weight")
+    weights["heads.1.bias"] = torch.zeros(99)
+    torch.save(payload | {"state_dict": weights | {"extra.w": torch.zeros(1)}}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match=r"1 missing \(heads.0.weight\); 1 unexpected \(extra.w\); "
+                                              r"1 of another shape \(heads.1.bias\) weights"):
+        Embedder.from_checkpoint(tmp_path / "weights.pt", device="cpu")
+
+
+@pytest.mark.unit
 def test_train_rejects_mismatched_inputs(tmp_path):
     images, labels, hierarchy = tiny_data()
     with pytest.raises(ValueError, match=r"images must be uint8 \(n, 3, 32, 32\)"):

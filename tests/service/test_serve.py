@@ -96,6 +96,35 @@ def test_serve_reports_a_missing_model_as_one_line(tmp_path):
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "none.pt" in result.stderr
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "search.example.com"])
+def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, host, monkeypatch):
+    import uvicorn
+
+    monkeypatch.delenv("HIERVEC_API_KEY", raising=False)
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(k))
+    args = ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", host]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and f"--host {host} is reachable from other machines" in result.stderr
+    assert not started and not (tmp_path / "x.db").exists()  # refused before anything was opened
+    result = CliRunner().invoke(cli, [*args, "--allow-anonymous-writes"])
+    assert result.exit_code == 0, result.stderr
+    assert started[0]["host"] == host and "warning: no API key" in result.stderr
+    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y"])
+    assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_serve_on_loopback_without_a_key_warns(catalogue, tmp_path, monkeypatch):
+    import uvicorn
+
+    monkeypatch.delenv("HIERVEC_API_KEY", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        result = CliRunner().invoke(cli, ["serve", "--model", str(catalogue.model), "--uri",
+                                          str(tmp_path / f"{host.strip(':') or 'v6'}.db"), "--host", host])
+        assert result.exit_code == 0 and "warning: no API key" in result.stderr
+
+
 @pytest.mark.server
 def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path):
     from ..servers import LiteServer
