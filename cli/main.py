@@ -607,17 +607,17 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, threads=click.get_current_context().params["threads"],
     )
-    if not api_key:
-        if not _is_loopback(host) and not allow_anonymous_writes:
-            raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
-                                   f"HIERVEC_API_KEY) is set, so anyone could add and delete images; set a key, "
-                                   f"or pass --allow-anonymous-writes to serve openly")
-        click.echo("warning: no API key: whoever reaches this server can add and delete images "
-                   "(set --api-key or HIERVEC_API_KEY)", err=True)
+    if not api_key and not _is_loopback(host) and not allow_anonymous_writes:
+        raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
+                               f"HIERVEC_API_KEY) is set, so anyone could add and delete images; set a key, "
+                               f"or pass --allow-anonymous-writes to serve openly")
     if workers > 1 and ConnectionSettings.resolve(uri).is_local:
         raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "
                                    "one process (micro-batching already uses every core for embedding)")
     service = Service.open(settings)  # a bad model or a mismatched collection stops here, as one line
+    if not api_key:
+        click.echo("warning: no API key: whoever reaches this server can add and delete images "
+                   "(set --api-key or HIERVEC_API_KEY)", err=True)
     click.echo(f"serving {service.settings.collection!r} of {service.index(None).store.settings.display_uri} "
                f"on http://{host}:{port}/ (API schema at /docs)", err=True)
     if workers == 1:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import mimetypes
 import os
 import threading
 import time
@@ -232,15 +231,19 @@ class Service:
             return None
         return path
 
-    def media_path(self, record_id: str, filename: str | None) -> Path | None:
-        """Where an uploaded image is kept so the page can show it (None: uploads are not kept)."""
+    def media_path(self, record_id: str) -> Path | None:
+        """Where an uploaded image is kept so the page can show it (None: uploads are not kept).
+
+        One file per id, named by the id's hash and nothing the client chose: a re-upload
+        replaces it, and its media type is read from its bytes when it is served.
+        """
         if self.settings.media_dir is None:
             return None
-        suffix = Path(filename or "").suffix.lower()
-        if not mimetypes.guess_type("x" + suffix)[0]:
-            suffix = ".img"
         digest = content_id(record_id.encode())  # ids are free text; their hash is a safe file name
-        return (Path(self.settings.media_dir) / digest[:2] / f"{digest[:32]}{suffix}").resolve()
+        return (Path(self.settings.media_dir) / digest[:2] / f"{digest[:32]}.img").resolve()
+
+    def is_media(self, path: Path) -> bool:
+        return self.settings.media_dir is not None and path.is_relative_to(Path(self.settings.media_dir).resolve())
 
 
 # -- response models (they document the OpenAPI schema) ----------------------------------
@@ -342,9 +345,13 @@ def create_app(service: Service) -> FastAPI:
         service.requests[f"{request.method} {route.path if route else 'other'}"] += 1
         return response
 
+    page_html = PAGE.read_text(encoding="utf-8")
+    page_headers = {"Content-Security-Policy": _page_policy(page_html), "X-Content-Type-Options": "nosniff",
+                    "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html, headers=page_headers)
 
     @app.post("/search", response_model=SearchOut, responses=ERRORS, summary="Search by an uploaded image or a stored id")
     async def search(
@@ -458,7 +465,9 @@ def create_app(service: Service) -> FastAPI:
         if path is None:
             raise ApiError(404, "no_file", f"image {image_id!r} lives at {found[0].uri!r}, which this service "
                                            "does not serve (not a file under its image roots)")
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        # The type of what the bytes are, never of the file's name: a GIF named page.html is a GIF.
+        media_type = await run_in_threadpool(_image_type, path)
+        return FileResponse(path, media_type=media_type, headers=MEDIA_HEADERS)
 
     @app.delete("/images/{image_id}", responses=ERRORS, summary="Delete one image")
     async def delete_image(request: Request, image_id: str, collection: str | None = None) -> dict:
@@ -466,9 +475,13 @@ def create_app(service: Service) -> FastAPI:
         index = await run_in_threadpool(service.index, collection)
         if not await run_in_threadpool(index.store.existing_ids, [image_id]):
             raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
+        found = await run_in_threadpool(index.store.get, [image_id])
         await run_in_threadpool(index.store.delete, [image_id])
         await run_in_threadpool(index.store.flush)
         service.changed(collection)
+        kept = service.servable_file(found[0].uri) if found else None
+        if kept is not None and service.is_media(kept):  # the upload's copy goes with its record
+            kept.unlink(missing_ok=True)
         return {"deleted": image_id, "count": await run_in_threadpool(index.store.count)}
 
     @app.get("/categories", response_model=CategoriesOut, responses=ERRORS, summary="The hierarchy with counts")
@@ -541,6 +554,21 @@ def _stored_vectors(index: ImageIndex, record_id: str) -> Vectors:
     return Vectors(stored.concat[0], {name: v[0] for name, v in stored.levels.items()})
 
 
+def _page_policy(html: str) -> str:
+    """A strict Content-Security-Policy for the search page: its own inline script and style (by
+    hash) and nothing else; images from this service or the user's own file; no frames."""
+    import base64
+    import hashlib
+    import re
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            f"img-src 'self' blob:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -597,7 +625,7 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
     """Store the uploads through `ImageIndex.ingest`; keep each stored one's file under the media folder."""
     record_ids = [given or content_id(data) for given, data in zip(ids, blobs)]
     present = index.store.existing_ids(record_ids)
-    planned = [service.media_path(rid, upload.filename) for rid, upload in zip(record_ids, uploads)]
+    planned = [service.media_path(rid) for rid in record_ids]
     items = [IngestItem(data, cat, rid, meta, uri=str(path) if path else (upload.filename or ""))
              for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
     report = index.ingest(items, skip_existing=False)  # an upsert: a re-post updates category and meta
@@ -612,12 +640,28 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
             results.append(ImageResult(filename=upload.filename, id=item.id, status="failed", reason=reason,
                                        stage=failure.stage))
             continue
-        if path is not None and not path.exists():
+        if path is not None:  # the record's new bytes, also when an id is uploaded again
             _write_atomically(path, item.source)
         results.append(ImageResult(filename=upload.filename, id=item.id,
                                    status="updated" if item.id in present else "stored",
                                    predicted_path=guessed.get(item.id)))
     return results
+
+
+# Served files are images, whatever their names say; browsers must not guess otherwise, and
+# a file opened on its own runs nothing.
+MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+def _image_type(path: Path) -> str:
+    """The media type of the image in `path`, read from its bytes (application/octet-stream if not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return "application/octet-stream"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -197,6 +197,58 @@ def test_add_get_file_update_and_delete(empty, tmp_path):
     error_of(client.delete("/images/sku-1", headers=KEY), 404, "not_found")
 
 
+def gif_with_a_script() -> bytes:
+    """A valid GIF whose bytes also hold an HTML script (a polyglot a browser would run as text/html)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(buffer, format="GIF", comment=b"<script>alert(1)</script>")
+    return buffer.getvalue() + b"<html><script>alert(document.cookie)</script></html>"
+
+
+def test_media_is_served_as_the_image_it_is_never_as_its_name_says(empty):
+    _, client = empty
+    page = gif_with_a_script()
+    body = client.post("/images", headers=KEY, files={"images": ("catalog.html", page, "text/html")},
+                       data={"category": "clothing/tops/shirt", "id": "xss"}).json()
+    assert body["stored"] == 1, body
+    record = client.get("/images/xss").json()
+    assert not record["uri"].endswith(".html")
+    served = client.get(record["image_url"])
+    assert served.status_code == 200 and served.content == page
+    assert served.headers["content-type"] == "image/gif"
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert served.headers["content-security-policy"] == "default-src 'none'; sandbox"
+
+
+def test_the_search_page_runs_only_its_own_script(filled):
+    _, client = filled
+    page = client.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "script-src 'sha256-" in policy
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+
+
+def test_media_follows_its_record_on_reupload_and_delete(empty, tmp_path):
+    service, client = empty
+    red, blue = png_bytes((220, 40, 40), 1), png_bytes((40, 40, 220), 2)
+    client.post("/images", headers=KEY, files={"images": ("a.png", red, "image/png")},
+                data={"category": "clothing/tops/shirt", "id": "sku-9"})
+    first = client.get("/images/sku-9").json()
+    again = client.post("/images", headers=KEY, files={"images": ("a.jpg", blue, "image/jpeg")},
+                        data={"category": "clothing/tops/shirt", "id": "sku-9"}).json()
+    assert again["updated"] == 1
+    record = client.get("/images/sku-9").json()
+    assert client.get(record["image_url"]).content == blue  # not the first upload's bytes
+    media = [p for p in (tmp_path / "media").rglob("*") if p.is_file()]
+    assert [str(p) for p in media] == [record["uri"]] == [first["uri"]]  # one file per id, replaced
+    assert client.delete("/images/sku-9", headers=KEY).status_code == 200
+    assert not [p for p in (tmp_path / "media").rglob("*") if p.is_file()]  # gone with its record
+
+
 def test_same_content_is_the_same_record(empty):
     _, client = empty
     image = png_bytes((1, 200, 1), 3)
