@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -447,7 +448,9 @@ def create_app(service: Service) -> FastAPI:
                                  "results": [r.model_dump() for r in results]}, status_code=status)
         return body
 
-    @app.get("/images/{image_id}", response_model=HitOut, responses=ERRORS, summary="One stored image's record")
+    # Ids are opaque text ('/', '?', '%' included): in a path they are percent-encoded
+    # (image_url does it), and the `path` convertor hands the whole decoded rest over.
+    @app.get("/images/{image_id:path}", response_model=HitOut, responses=ERRORS, summary="One stored image's record")
     async def get_image(request: Request, image_id: str, collection: str | None = None) -> HitOut:
         index = await run_in_threadpool(service.index, collection)
         found = await run_in_threadpool(index.store.get, [image_id])
@@ -455,7 +458,7 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
         return _hit_out(service, request, found[0])
 
-    @app.get("/images/{image_id}/file", responses=ERRORS, summary="The stored image's file, when this service can read it")
+    @app.get("/media/{image_id:path}", responses=ERRORS, summary="The stored image's file, when this service can read it")
     async def get_image_file(image_id: str, collection: str | None = None) -> FileResponse:
         index = await run_in_threadpool(service.index, collection)
         found = await run_in_threadpool(index.store.get, [image_id])
@@ -469,7 +472,7 @@ def create_app(service: Service) -> FastAPI:
         media_type = await run_in_threadpool(_image_type, path)
         return FileResponse(path, media_type=media_type, headers=MEDIA_HEADERS)
 
-    @app.delete("/images/{image_id}", responses=ERRORS, summary="Delete one image")
+    @app.delete("/images/{image_id:path}", responses=ERRORS, summary="Delete one image")
     async def delete_image(request: Request, image_id: str, collection: str | None = None) -> dict:
         service.check_key(request)
         index = await run_in_threadpool(service.index, collection)
@@ -672,7 +675,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _hit_out(service: Service, request: Request, hit) -> HitOut:
-    url = str(request.url_for("get_image_file", image_id=hit.id)) if service.servable_file(hit.uri) else None
+    url = None
+    if service.servable_file(hit.uri):
+        url = str(request.url_for("get_image_file", image_id=quote(hit.id, safe="")))
     return HitOut(id=hit.id, distance=hit.distance, uri=hit.uri, category=hit.category,
                   categories=hit.categories, meta=hit.meta, predicted=hit.predicted, confidence=hit.confidence,
                   image_url=url)

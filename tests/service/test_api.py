@@ -66,7 +66,7 @@ def test_search_by_upload_matches_the_library(filled, catalogue):
     assert hits[0]["category"] == "clothing/tops/shirt"
     assert hits[0]["categories"] == {"department": "clothing", "category": "clothing/tops",
                                      "item": "clothing/tops/shirt"}
-    assert hits[0]["image_url"].endswith(f"/images/{sha(query)}/file")
+    assert hits[0]["image_url"].endswith(f"/media/{sha(query)}")
     assert body["query"] == {"filename": query.name} and body["level"] is None
 
 
@@ -249,6 +249,33 @@ def test_media_follows_its_record_on_reupload_and_delete(empty, tmp_path):
     assert not [p for p in (tmp_path / "media").rglob("*") if p.is_file()]  # gone with its record
 
 
+ODD_IDS = ["brand/sku-1", "a/../b", "/leading", "trailing/", "q?x=1#frag", "100% wool", "space id", "ünï/cødé",
+           "dots..", "a//b", "file"]
+
+
+def test_every_id_round_trips_through_every_endpoint(empty):
+    from urllib.parse import quote
+
+    _, client = empty
+    colours = [(20 * i, 200 - 15 * i, 90) for i in range(len(ODD_IDS))]
+    files = [("images", (f"{i}.png", png_bytes(c, 50 + i), "image/png")) for i, c in enumerate(colours)]
+    body = client.post("/images", headers=KEY, files=files,
+                       data={"category": "clothing/tops/shirt", "id": ODD_IDS}).json()
+    assert body["stored"] == len(ODD_IDS), body
+    for i, odd in enumerate(ODD_IDS):
+        path = quote(odd, safe="")
+        record = client.get(f"/images/{path}")
+        assert record.status_code == 200 and record.json()["id"] == odd, (odd, record.text)
+        hits = client.post("/search", data={"id": odd, "k": 20}).json()["hits"]
+        assert {h["id"] for h in hits} == set(ODD_IDS[i + 1:])  # the others not yet deleted below
+        for hit in hits:  # every hit's image URL leads to its own file
+            served = client.get(hit["image_url"])
+            assert served.status_code == 200, (hit["id"], hit["image_url"])
+            assert served.content == files[ODD_IDS.index(hit["id"])][1][1]
+        assert client.delete(f"/images/{path}", headers=KEY).json()["deleted"] == odd
+        error_of(client.get(f"/images/{path}"), 404, "not_found")
+
+
 def test_same_content_is_the_same_record(empty):
     _, client = empty
     image = png_bytes((1, 200, 1), 3)
@@ -315,7 +342,7 @@ def test_files_outside_the_image_roots_are_not_served(empty, tmp_path):
     service.index(None).ingest([IngestItem(secret, "a/b/c", id="outside", uri=str(secret))])
     record = client.get("/images/outside").json()
     assert record["uri"] == str(secret) and record["image_url"] is None
-    assert "does not serve" in error_of(client.get("/images/outside/file"), 404, "no_file")
+    assert "does not serve" in error_of(client.get("/media/outside"), 404, "no_file")
 
 
 # -- hierarchy, health, stats, page, schema ----------------------------------------------
@@ -356,7 +383,7 @@ def test_page_and_openapi_schema(filled):
     page = client.get("/")
     assert page.status_code == 200 and "<title>hiervec search</title>" in page.text
     schema = client.get("/openapi.json").json()
-    assert set(schema["paths"]) == {"/search", "/images", "/images/{image_id}", "/images/{image_id}/file",
+    assert set(schema["paths"]) == {"/search", "/images", "/images/{image_id}", "/media/{image_id}",
                                     "/categories", "/healthz", "/stats"}
     search = schema["paths"]["/search"]["post"]
     form = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
