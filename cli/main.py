@@ -316,7 +316,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @model_option
 @store_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images read, decoded and written together (memory grows with it).")
 @click.option("--index", type=click.Choice(["FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN"]),
               default=None, help="Vector index when the collection is created. [default: HNSW]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -132,14 +132,25 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
     for line, row in rows:
         where = f"{manifest}:{line}"
         if not isinstance(row, dict):
-            failures.append(Failure(where, f"row is not an object: {row!r}"))
+            failures.append(Failure(where, f"row is not an object: {row!r:.200}"))
             continue
         raw_path = row.get("path")
         if not raw_path:
             failures.append(Failure(where, "row has no 'path'"))
             continue
+        if not isinstance(raw_path, str):
+            failures.append(Failure(where, f"path must be a string, got {type(raw_path).__name__} {raw_path!r:.80}"))
+            continue
+        if "\0" in raw_path:
+            failures.append(Failure(where, f"path {raw_path!r:.200} holds a NUL byte, which no file name can"))
+            continue
         path = Path(raw_path) if Path(raw_path).is_absolute() else manifest.parent / raw_path
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as exc:  # e.g. a name longer than the filesystem allows
+            failures.append(Failure(where, f"file {str(path)!r:.200} cannot be looked up: {exc.strerror or exc}"))
+            continue
+        if not is_file:
             failures.append(Failure(where, f"file {str(path)!r} {_not_a_file(path)}"))
             continue
         category = row.get("category")
@@ -156,6 +167,9 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
                 continue
         item_id = row.get("id") or None
         if item_id is not None:
+            if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+                failures.append(Failure(where, f"id must be a string, got {type(item_id).__name__}"))
+                continue
             item_id = str(item_id)
             if item_id in seen_ids:
                 failures.append(Failure(where, f"duplicate id {item_id!r} (first on line {seen_ids[item_id]})"))
@@ -167,6 +181,9 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
                 meta = json.loads(meta)
             except json.JSONDecodeError as exc:
                 failures.append(Failure(where, f"meta is not JSON: {exc}"))
+                continue
+            except RecursionError:
+                failures.append(Failure(where, "meta is nested too deeply to read"))
                 continue
         if not isinstance(meta, dict):
             failures.append(Failure(where, f"meta must be a JSON object, got {meta!r}"))
@@ -194,6 +211,8 @@ def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             yield number, f"invalid JSON ({exc.msg})"
+        except RecursionError:
+            yield number, "invalid JSON (nested too deeply to read)"
 
 
 def _is_utf8(name: str) -> bool:

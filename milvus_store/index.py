@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import FilterError
 from .filters import Predicted, Under, WhereInput, both
-from .records import Hit, Record, content_id, path_uri, printable, validate_records
+from .records import Hit, Record, check_id, content_id, path_uri, printable, validate_records
 from .spec import CollectionSpec
 from .store import HierStore
 
@@ -223,7 +223,13 @@ class ImageIndex:
                 failures.append(FailedItem(item.name, "has no category path (and the model cannot predict one)",
                                            "invalid", item.id))
                 continue
-            loaded.append((item, item.id if item.id is not None else content_id(data), data))
+            rid = item.id if item.id is not None else content_id(data)
+            try:
+                check_id(rid)  # before the id reaches a query: one odd id must not fail the batch
+            except ValueError as exc:
+                failures.append(FailedItem(item.name, str(exc), "invalid", printable(rid)))
+                continue
+            loaded.append((item, rid, data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
         todo = [(item, rid, data) for item, rid, data in loaded if rid not in present]
         skipped = [rid for _, rid, _ in loaded if rid in present]

@@ -13,12 +13,17 @@ from urllib.parse import quote, unquote_to_bytes
 import numpy as np
 
 from .errors import RecordError
-from .spec import CATEGORY_MAX_LENGTH, ID_MAX_LENGTH, SEPARATOR, URI_MAX_LENGTH, CollectionSpec
+from .spec import (CATEGORY_MAX_LENGTH, ID_MAX_LENGTH, META_MAX_BYTES, META_MAX_DEPTH, SEPARATOR, URI_MAX_LENGTH,
+                   CollectionSpec)
 
 
 def printable(text: str) -> str:
-    """`text` with undecodable file-name bytes (lone surrogates) shown as ``\\xNN``: safe to print and store."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """`text` with undecodable file-name bytes (lone surrogates) shown as ``\\xNN``, and any other lone
+    surrogate as ``\\udNNN``: safe to print and store."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (from JSON's \\ud800, say)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def path_uri(path: str | os.PathLike) -> str:
@@ -135,9 +140,7 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
         raise ValueError(f"expected a Record, got {type(record).__name__}")
     if rid is None:
         raise ValueError("has neither an id nor content to hash")
-    if not rid or len(rid) > ID_MAX_LENGTH:
-        raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
-    row = {fields.id: _utf8(rid, "id")}
+    row = {fields.id: check_id(rid)}
     uri = _utf8(str(record.uri or ""), "uri")
     if len(uri) > URI_MAX_LENGTH:
         raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
@@ -174,6 +177,15 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     return row
 
 
+def check_id(rid: str) -> str:
+    """`rid` if Milvus can store it as an id (1 to `ID_MAX_LENGTH` characters of valid UTF-8), else a ValueError."""
+    if not isinstance(rid, str):
+        raise ValueError(f"id must be a string, got {type(rid).__name__}")
+    if not rid or len(rid) > ID_MAX_LENGTH:
+        raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
+    return _utf8(rid, "id")
+
+
 def _utf8(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
@@ -185,11 +197,39 @@ def _utf8(text: str, what: str) -> str:
 def _meta(meta) -> dict:
     if not isinstance(meta, Mapping):
         raise ValueError(f"meta must be a mapping, got {type(meta).__name__}")
+    depth = json_depth(meta)
+    if depth > META_MAX_DEPTH:
+        raise ValueError(f"meta is nested more than {META_MAX_DEPTH} levels deep; at most {META_MAX_DEPTH} are stored")
     try:
-        text = json.dumps(dict(meta), allow_nan=False)
+        text = json.dumps(dict(meta), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("meta holds text that is not valid Unicode (a lone surrogate)") from None
+    if size > META_MAX_BYTES:
+        raise ValueError(f"meta is {size} bytes as JSON; at most {META_MAX_BYTES} are stored")
     return json.loads(text)
+
+
+def json_depth(value, limit: int = META_MAX_DEPTH) -> int:
+    """How deeply objects and lists nest in `value` (a scalar is 0), counted without recursion and
+    no further than ``limit + 1``: a hostile value cannot exhaust the stack or the time."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def hit_from_entity(entity: Mapping, spec: CollectionSpec, *, id_: str, distance: float | None) -> Hit:

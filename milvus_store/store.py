@@ -336,6 +336,9 @@ class HierStore:
                 raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
             if group_size < 1:
                 raise ValueError(f"group_size must be positive, got {group_size}")
+            if k * group_size > MAX_TOPK:  # Milvus gathers k groups x group_size hits at once
+                raise ValueError(f"k x group_size must be at most {MAX_TOPK} hits, got {k} x {group_size} = "
+                                 f"{k * group_size}")
             extra = {"group_by_field": self.spec.fields.levels[group_by], "group_size": group_size,
                      "strict_group_size": False}
         expr, fparams = self._filter(where)

@@ -31,6 +31,7 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from embedder import Embedder, ImageDecodeError
 from embedder.devices import set_threads
 from embedder.errors import EmbedderError
+from milvus_store.spec import META_MAX_DEPTH
 from milvus_store import (
     CollectionNotFoundError,
     Confident,
@@ -75,7 +77,8 @@ class ServiceSettings:
     token: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)
     max_upload_bytes: int = 20 * 2**20
-    max_k: int = 1000
+    max_k: int = 1000  # hits per query: k, or k x group_size when grouped
+    max_files: int = 64  # images per POST /images
     max_batch: int = 32
     batch_window_ms: float = 0.0
     media_dir: str | os.PathLike | None = "hiervec-media"
@@ -86,7 +89,7 @@ class ServiceSettings:
     threads: int | None = None  # torch threads of each server process (None: torch's default)
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "max_k", "max_batch"):
+        for name in ("max_upload_bytes", "max_k", "max_files", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -379,6 +382,9 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(422, "bad_query", "give exactly one of an uploaded `image` or a stored `id`")
         if k > service.settings.max_k:
             raise ApiError(422, "bad_query", f"k must be at most {service.settings.max_k}, got {k}")
+        if group_by is not None and k * group_size > service.settings.max_k:
+            raise ApiError(422, "bad_query", f"k x group_size must be at most {service.settings.max_k} hits, got "
+                                             f"{k} x {group_size} = {k * group_size}")
         for name, value in (("level", level), ("group_by", group_by), ("auto", auto)):
             if value is not None and value not in service.level_names:
                 raise ApiError(400, "unknown_level",
@@ -428,6 +434,8 @@ def create_app(service: Service) -> FastAPI:
     ) -> ImagesOut:
         service.check_key(request)
         n = len(images)
+        if n > service.settings.max_files:
+            raise ApiError(413, "too_many_files", f"at most {service.settings.max_files} images per request, got {n}")
         categories = [c or None for c in _per_image("category", category, n, allow_one=True)] if category \
             else [None] * n
         ids = _per_image("id", id, n, allow_one=False) if id else [None] * n
@@ -602,6 +610,9 @@ def _json_object(text: str, position: int) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "bad_request", f"meta #{position + 1} is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ApiError(422, "bad_request", f"meta #{position + 1} is nested too deeply (at most "
+                                           f"{META_MAX_DEPTH} levels are stored)") from None
     if not isinstance(value, dict):
         raise ApiError(422, "bad_request", f"meta #{position + 1} must be a JSON object, got {type(value).__name__}")
     return value
@@ -716,6 +727,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        message = {404: f"no endpoint {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, codes.get(exc.status_code, "http_error"), message)
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
@@ -753,15 +773,30 @@ class BodyLimit:
             response = _error(413, "too_large", f"request body of {int(declared)} bytes is over the "
                                                 f"{self.limit} byte upload limit")
             return await response(scope, receive, send)
-        seen = 0
+        seen, over, answered = 0, False, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit + 64 * 1024:
-                    raise ApiError(413, "too_large", f"request body is over the {self.limit} byte upload limit")
+                    over = True  # stop reading: to the app the client has gone
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def unless_over(message):
+            nonlocal answered
+            if over:
+                return  # the app's answer to a cut-off body is dropped: the 413 below goes instead
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, unless_over)
+        except Exception:
+            if not over:
+                raise
+        if over and not answered:
+            response = _error(413, "too_large", f"request body is over the {self.limit} byte upload limit")
+            await response(scope, receive, send)

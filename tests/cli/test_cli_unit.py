@@ -40,6 +40,7 @@ def test_help_does_not_import_torch():
         (["train", "no-such-dir", "--out", "m.pt"], "does not exist"),
         (["train", ".", "--out", "m.pt", "--leaf-softmax", "-1"], "-1.0 is not in the range x>=0"),
         (["delete"], "give either IDS or --where/--under"),
+        (["ingest", ".", "--model", "m.pt", "--batch-size", "5000"], "5000 is not in the range 1<=x<=4096"),
         (["data", "fashion-mnist", "out", "--split", "val"], "'val' is not one of"),
         (["data", "fashion-mnist-products", "out", "--photos", "0"], "0 is not in the range x>=1"),
     ],

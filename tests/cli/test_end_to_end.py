@@ -253,3 +253,13 @@ def test_search_filters_know_categories_the_collection_holds_and_the_model_does_
         assert [h["category"] for h in hits] == ["clothing/tops/hoodie"]
     result = run("search", image, "--model", model, "--uri", db, "--where", "item=cardigan", ok=False)
     assert result.exit_code == 1 and result.stderr.startswith("Error: unknown category 'cardigan' at level 'item'")
+
+
+def test_a_grouped_search_beyond_milvus_limit_is_refused_not_attempted(workspace, tmp_path):
+    _, tree, model = workspace
+    db = tmp_path / "g.db"
+    run_json("ingest", tree, "--model", model, "--uri", db)
+    result = run("search", all_images(tree)[0], "--model", model, "--uri", db, "-k", "16384", "--group-by", "item",
+                 "--group-size", "16384", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: k x group_size must be at most 16384 hits, got 16384 x 16384 = 268435456\n"

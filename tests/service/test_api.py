@@ -111,6 +111,8 @@ def test_search_on_a_level_vector_and_grouped(filled, catalogue):
     ({"id": "x", "k": 0}, None, 422, "invalid_request", "k: Input should be greater than or equal to 1"),
     ({"id": "x", "k": "ten"}, None, 422, "invalid_request", "k: Input should be a valid integer"),
     ({"id": "x", "k": 5000}, None, 422, "bad_query", "k must be at most 1000, got 5000"),
+    ({"id": "x", "k": 1000, "group_by": "item", "group_size": 100000}, None, 422, "bad_query",
+     "k x group_size must be at most 1000 hits, got 1000 x 100000 = 100000000"),
     ({"id": "x", "level": "colour"}, None, 400, "unknown_level", "unknown level 'colour' for level; levels are "
                                                                  "department, category, item"),
     ({"id": "x", "group_by": "size"}, None, 400, "unknown_level", "unknown level 'size' for group_by"),
@@ -151,6 +153,36 @@ def test_body_over_the_limit_is_refused_before_it_is_read(filled):
     big = b"x" * (400 * 1024)
     response = client.post("/search", content=big, headers={"content-type": "multipart/form-data; boundary=x"})
     assert "over the 65536 byte upload limit" in error_of(response, 413, "too_large")
+
+
+def test_chunked_bodies_unknown_paths_and_methods_answer_in_the_documented_shape(filled):
+    _, client = filled
+
+    def chunks():  # no content-length: the limit is only seen while the body streams in
+        for _ in range(100):
+            yield b"x" * 4096
+
+    response = client.post("/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert "over the 65536 byte upload limit" in error_of(response, 413, "too_large")
+    assert error_of(client.get("/no/such/page"), 404, "not_found") == "no endpoint /no/such/page"
+    assert error_of(client.put("/search"), 405, "method_not_allowed") == "PUT is not allowed on /search"
+
+
+def test_per_request_sizes_are_bounded(empty):
+    _, client = empty
+    many = [("images", (f"{i}.png", png_bytes((i, 2 * i, 3 * i), i), "image/png")) for i in range(65)]
+    assert "at most 64 images per request, got 65" in error_of(
+        client.post("/images", headers=KEY, files=many, data={"category": "clothing/tops/shirt"}), 413, "too_many_files")
+    deep = "[" * 5000 + "]" * 5000
+    assert "meta #1 is nested too deeply" in error_of(
+        client.post("/images", headers=KEY, files=many[:1], data={"category": "clothing/tops/shirt", "meta": deep}),
+        422, "bad_request")
+    nested = '{"a": ' * 40 + "1" + "}" * 40  # parses, but deeper than the store keeps
+    response = client.post("/images", headers=KEY, files=many[:2], data={
+        "category": "clothing/tops/shirt", "meta": [nested, '{"ok": true}']})
+    body = response.json()
+    assert response.status_code == 200 and body["stored"] == 1 and body["failed"] == 1
+    assert "nested more than 32 levels deep" in body["results"][0]["reason"]
 
 
 def test_an_unexpected_fault_is_a_json_500_without_a_traceback(catalogue, tmp_path, monkeypatch):

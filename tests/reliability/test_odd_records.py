@@ -1,0 +1,85 @@
+"""Odd rows and odd values: each bad row is reported with its line and reason while every good row lands.
+
+Reliability II, item 6: a non-string path, a NUL byte in a path, a lone surrogate in an id
+or in meta, meta nested thousands of levels deep. Before, each aborted the ingest, lost
+the good rows of its batch, or answered 500 over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import cli
+from milvus_store import CollectionSpec, HierStore, Record
+from milvus_store.records import json_depth, validate_records
+from milvus_store.spec import META_MAX_DEPTH
+
+pytestmark = pytest.mark.lite
+
+
+def nested(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_a_manifest_of_odd_rows_stores_every_good_row_and_names_each_bad_one(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(4):
+        path = tmp_path / f"good-{i}.png"
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+        good.append(path)
+    lines = [json.dumps({"path": good[0].name, "category": "clothing/tops/shirt"}),
+             json.dumps({"path": 123, "category": "clothing/tops/shirt"}),
+             json.dumps({"path": "bad\u0000name.png"}),
+             json.dumps({"path": good[1].name, "id": "\ud800", "category": "clothing/tops/coat"}),
+             json.dumps({"path": good[1].name, "meta": {"note": "\udfff"}, "category": "clothing/tops/coat"}),
+             "[" * 5000 + "]" * 5000,
+             '{"path": "%s", "meta": %s}' % (good[2].name, '{"a": ' * 5000 + "1" + "}" * 5000),
+             json.dumps({"path": good[2].name, "meta": nested(META_MAX_DEPTH + 8)}),
+             json.dumps({"path": good[3].name, "category": "footwear/boots/boot", "meta": nested(3)}),
+             json.dumps({"path": good[1].name, "id": ["a", "list"]})]
+    manifest = tmp_path / "odd.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["ingest", str(manifest), "--model", str(tiny_model), "--uri",
+                                      str(tmp_path / "h.db"), "--json", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    failed = {f["source"].rsplit(":", 1)[-1] if f["source"].startswith(str(manifest)) else f["source"]: f["reason"]
+              for f in report["failures"]}
+    expected_lines = {"2": "path must be a string, got int", "3": "holds a NUL byte", "6": "nested too deeply",
+                      "7": "nested too deeply", "10": "id must be a string, got list"}
+    for line, reason in expected_lines.items():
+        assert reason in failed.get(line, ""), (line, failed)
+    reasons = " | ".join(failed.values())
+    assert "not valid UTF-8" in reasons or "not valid Unicode" in reasons  # the surrogate id
+    assert "lone surrogate" in reasons  # the surrogate in meta
+    assert f"nested more than {META_MAX_DEPTH} levels deep" in reasons
+    with HierStore(str(tmp_path / "h.db"), "images") as store:
+        stored = {h.id for h in store.iterate()}
+    assert stored == {hashlib.sha256(p.read_bytes()).hexdigest() for p in (good[0], good[3])}
+    assert report["stored"] == 2 and report["count"] == 2
+
+
+def test_the_store_refuses_odd_meta_per_record_and_keeps_the_rest():
+    spec = CollectionSpec(("a", "b"), dim=4)
+    vector = np.full(4, 0.5, np.float32)
+    records = [Record("x/y", vector, id="ok", meta={"k": [1, {"v": "w"}]}),
+               Record("x/y", vector, id="deep", meta=nested(META_MAX_DEPTH + 1)),
+               Record("x/y", vector, id="surrogate", meta={"k": "\ud800"}),
+               Record("x/y", vector, id="big", meta={"k": "x" * 70_000}),
+               Record("x/y", vector, id="edge", meta=nested(META_MAX_DEPTH))]
+    rows, problems = validate_records(records, spec)
+    assert [r["id"] for r in rows] == ["ok", "edge"]
+    assert [p for p, _ in problems] == [1, 2, 3]
+    assert "nested more than 32 levels deep" in problems[0][1]
+    assert "lone surrogate" in problems[1][1] and "at most 65536 are stored" in problems[2][1]
+    assert json_depth(nested(10_000)) == META_MAX_DEPTH + 1  # stops counting, never recurses
