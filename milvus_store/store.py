@@ -30,7 +30,7 @@ from .errors import (
     StoreConnectionError,
     StoreError,
 )
-from .filters import WhereInput, quote_literal, render
+from .filters import Eq, WhereInput, both, quote_literal, render
 from .records import Hit, Record, hit_from_entity, to_rows
 from .spec import (
     CATEGORY_MAX_LENGTH,
@@ -311,14 +311,21 @@ class HierStore:
     ) -> list[list[Hit]]:
         """Top-`k` hits per query vector, on the image vector or on one `level`'s vector.
 
-        `group_by` a level returns at most `group_size` hits per category of that level.
-        `radius`/`range_filter` make it a range search (for L2: squared distances in
-        ``[range_filter, radius)``). `output` limits the returned fields (``uri``,
-        ``meta``, level names); by default all of them come back.
+        `group_by` a level returns the `k` categories of that level nearest to the query
+        (ranked by their nearest hit), each with its `group_size` nearest hits or all it
+        has, in that order. `radius`/`range_filter` make it a range search (for L2: squared
+        distances in ``[range_filter, radius)``). `output` limits the returned fields
+        (``uri``, ``meta``, level names); by default all of them come back.
         """
         field, data = self._vector_field(level), self._queries(vectors, level)
         if not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
+        if group_by is not None and self.lite:
+            # Milvus Lite drops every category with fewer than group_size matches (3.2.2): group here.
+            self._check_grouping(k, group_by, group_size)
+            return [self._grouped(query, k, group_by, group_size, level=level, where=where, output=output,
+                                  radius=radius, range_filter=range_filter, search_params=search_params,
+                                  timeout=timeout) for query in data]
         # Exact (FLAT) search needs no breadth, so it skips the two counts that measure the share.
         share = 1.0 if self.spec.index == "FLAT" else self._share(where, timeout)
         if share == 0:
@@ -332,13 +339,7 @@ class HierStore:
             params["params"].update(search_params)
         extra = {}
         if group_by is not None:
-            if group_by not in self.spec.fields.levels:
-                raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
-            if group_size < 1:
-                raise ValueError(f"group_size must be positive, got {group_size}")
-            if k * group_size > MAX_TOPK:  # Milvus gathers k groups x group_size hits at once
-                raise ValueError(f"k x group_size must be at most {MAX_TOPK} hits, got {k} x {group_size} = "
-                                 f"{k * group_size}")
+            self._check_grouping(k, group_by, group_size)
             extra = {"group_by_field": self.spec.fields.levels[group_by], "group_size": group_size,
                      "strict_group_size": False}
         expr, fparams = self._filter(where)
@@ -349,6 +350,38 @@ class HierStore:
                 **self._params(fparams), **extra,
             )
         return [self._hits(hits) for hits in result]
+
+    def _check_grouping(self, k: int, group_by: str, group_size: int) -> None:
+        if group_by not in self.spec.fields.levels:
+            raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        if k * group_size > MAX_TOPK:  # Milvus gathers k groups x group_size hits at once
+            raise ValueError(f"k x group_size must be at most {MAX_TOPK} hits, got {k} x {group_size} = "
+                             f"{k * group_size}")
+
+    def _grouped(self, query, k: int, group_by: str, group_size: int, *, where: WhereInput, output, **search):
+        """One query's grouped hits from ungrouped searches: the first `k` categories met in distance
+        order are the `k` nearest; a category short of `group_size` hits in a cut-off list gets its
+        own search."""
+        wanted = None if output is None else list(dict.fromkeys([*output, group_by]))
+        limit = min(MAX_TOPK, max(4 * k * group_size, 64))
+        while True:
+            [hits] = self.search(query, limit, where=where, output=wanted, **search)
+            groups: dict[str, list[Hit]] = {}
+            for hit in hits:
+                groups.setdefault(hit.categories[group_by], []).append(hit)
+            cut_off = len(hits) == limit
+            if len(groups) >= k or not cut_off or limit == MAX_TOPK:
+                break
+            limit = min(MAX_TOPK, limit * 4)
+        found = []
+        for value, members in list(groups.items())[:k]:
+            if len(members) < group_size and cut_off:
+                [members] = self.search(query, group_size, where=both(where, Eq(group_by, value)), output=wanted,
+                                        **search)
+            found += members[:group_size]
+        return found
 
     def hybrid_search(
         self,

@@ -10,7 +10,7 @@ from milvus_store import (
 from milvus_store.spec import LITE_INDEXES, SERVER_INDEXES
 
 from .conftest import fresh_collection
-from .helpers import LEVELS, SPEC, assert_same_neighbours, brute_force, levels_of, make_records
+from .helpers import LEAVES, LEVELS, SPEC, assert_same_neighbours, brute_force, levels_of, make_records
 
 
 @pytest.fixture
@@ -103,6 +103,38 @@ class TestStoreContract:
         group = levels_of(first)["category"]
         ids, _ = brute_force(records, query, 2, keep=lambda r: levels_of(r)["category"] == group)
         assert [h.id for h in per_category[group]] == ids
+
+    @pytest.mark.parametrize("group_size", [1, 2, 3, 6, 50])
+    def test_group_by_keeps_small_categories_like_a_brute_force_oracle(self, make_store, group_size):
+        """Milvus Lite 3.2.2 drops every category with fewer than group_size matches; the store must not."""
+        from dataclasses import replace
+
+        sizes = {leaf: n for leaf, n in zip(LEAVES, [1, 2, 3, 5, 8, 1, 2, 4, 6, 1, 3, 7])}
+        base = make_records(sum(sizes.values()), seed=9)
+        records, start = [], 0
+        for leaf, n in sizes.items():
+            records += [replace(r, category=leaf) for r in base[start:start + n]]
+            start += n
+        store = make_store()
+        store.upsert(records)
+        store.flush()
+        by_id = {r.id: r for r in records}
+        rng = np.random.default_rng(group_size)
+        for query, k, where in ((rng.normal(size=SPEC.dim).astype(np.float32), 5, None),
+                                (rng.normal(size=SPEC.dim).astype(np.float32), 12, None),
+                                (rng.normal(size=SPEC.dim).astype(np.float32), 3, under("d1"))):
+            keep = None if where is None else (lambda r: r.category.startswith("d1/"))
+            ranked, _ = brute_force(records, query, len(records), keep=keep)
+            oracle: dict[str, list[str]] = {}
+            for rid in ranked:
+                oracle.setdefault(by_id[rid].category, []).append(rid)
+            expected = {leaf: ids[:group_size] for leaf, ids in list(oracle.items())[:k]}
+            [hits] = store.search(query, k=k, group_by="item", group_size=group_size, where=where)
+            found: dict[str, list[str]] = {}
+            for hit in hits:
+                found.setdefault(hit.categories["item"], []).append(hit.id)
+            assert found == expected, (k, group_size, where)
+            assert list(found) == list(expected)  # categories in order of their nearest image
 
     def test_range_search_returns_exactly_the_records_inside_the_radius(self, filled):
         store, records = filled
