@@ -356,9 +356,10 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""
     emit(as_json, result, f"seen {report.seen}, stored {report.stored} ({report.predicted} with a predicted "
          f"category), skipped {report.skipped_present} "
-         f"(already present), failed {len(report.failed)}; collection {collection!r} holds {count} "
+         f"(already present){duplicates}, failed {len(report.failed)}; collection {collection!r} holds {count} "
          f"({result['images_per_s'] or 0} img/s)")
     if not as_json:
         for failure in report.failed[:10]:
@@ -366,6 +367,9 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
         if len(report.failed) > 10:
             click.echo(f"  ... {len(report.failed) - 10} more" + (f" in {report_path}" if report_path else ""),
                        err=True)
+        for duplicate in report.duplicates[:10]:
+            click.echo(f"  not stored {duplicate.source}: the same image as {duplicate.same_as}, stored with its "
+                       f"category", err=True)
     if strict and report.failed:
         sys.exit(1)
 

@@ -14,12 +14,12 @@ from .filters import (
     And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, both, category_filter, quote_literal, render, resolve_category, under,
 )
 from .records import Hit, Record, content_id, path_uri, printable, uri_path
-from .index import FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport, Route
+from .index import DuplicateItem, FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport, Route
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
 from .store import HierStore, StoredVectors
 
 __all__ = [
-    "And", "Confident", "CollectionNotFoundError", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
+    "And", "Confident", "CollectionNotFoundError", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
     "SERVER_INDEXES", "SchemaMismatchError", "StoredVectors", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",

@@ -72,6 +72,16 @@ class FailedItem:
     id: str | None = None
 
 
+@dataclass(frozen=True)
+class DuplicateItem:
+    """An item with the same id (the same bytes, without a caller's id) as an earlier item of the same
+    ingest: the first one is stored, with its category and meta; this one is not."""
+
+    source: str
+    same_as: str
+    id: str
+
+
 @dataclass
 class IngestReport:
     seen: int = 0
@@ -79,6 +89,7 @@ class IngestReport:
     predicted: int = 0  # of the stored: category path predicted by the model, not given
     skipped_present: int = 0
     failed: list[FailedItem] = field(default_factory=list)
+    duplicates: list[DuplicateItem] = field(default_factory=list)
     seconds: float = 0.0
     ids: list[str] = field(default_factory=list)  # of every item now stored, new or already present
 
@@ -89,10 +100,11 @@ class IngestReport:
     def to_dict(self) -> dict:
         return {
             "seen": self.seen, "stored": self.stored, "predicted": self.predicted,
-            "skipped_present": self.skipped_present,
+            "skipped_present": self.skipped_present, "duplicates": len(self.duplicates),
             "failed": len(self.failed), "seconds": round(self.seconds, 3),
             "images_per_s": round(self.stored / self.seconds, 1) if self.seconds else None,
             "failures": [{"source": f.source, "reason": f.reason, "stage": f.stage} for f in self.failed],
+            "duplicate_items": [{"source": d.source, "same_as": d.same_as, "id": d.id} for d in self.duplicates],
         }
 
 
@@ -185,7 +197,10 @@ class ImageIndex:
 
         Files are read and decoded in a thread pool while the previous batch is embedded;
         ids already stored are skipped without decoding (re-running never duplicates);
-        the collection is flushed at the end so searches use the built index.
+        the collection is flushed at the end so searches use the built index. Items
+        with the id of an earlier item of the same call (the same bytes, when ids are
+        content hashes) are not stored: the first wins, and the report lists the others
+        under `duplicates`, whatever the batch size.
         `progress(n)` is called with the number of items finished in each batch.
         """
         if batch_size < 1:
@@ -199,8 +214,9 @@ class ImageIndex:
         decoders = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
         with decoders, ThreadPoolExecutor(max_workers=1) as stage:
             pending: Future | None = None
+            first_of: dict[str, str] = {}  # id -> the item that brought it (prepares run one at a time)
             for batch in _batches(items, batch_size):
-                ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders)
+                ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders, first_of)
                 if pending is not None:
                     self._store_batch(pending.result(), report, progress)
                 pending = ready
@@ -210,9 +226,10 @@ class ImageIndex:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _prepare_batch(self, batch: list[IngestItem], skip_existing: bool, pool: ThreadPoolExecutor):
-        """Read, hash and decode a batch: (prepared, ids already present, failures, seen)."""
-        failures, loaded = [], []
+    def _prepare_batch(self, batch: list[IngestItem], skip_existing: bool, pool: ThreadPoolExecutor,
+                       first_of: dict[str, str]):
+        """Read, hash and decode a batch: (prepared, ids already present, failures, duplicates, seen)."""
+        failures, loaded, duplicates = [], [], []
         for item in batch:
             try:
                 data = item.source if isinstance(item.source, bytes) else _read(item.source)
@@ -229,6 +246,10 @@ class ImageIndex:
             except ValueError as exc:
                 failures.append(FailedItem(item.name, str(exc), "invalid", printable(rid)))
                 continue
+            if rid in first_of:
+                duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+                continue
+            first_of[rid] = item.name
             loaded.append((item, rid, data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
         todo = [(item, rid, data) for item, rid, data in loaded if rid not in present]
@@ -236,7 +257,7 @@ class ImageIndex:
         decoded = list(pool.map(self._decode, todo)) if todo else []
         prepared = [p for p in decoded if isinstance(p, _Prepared)]
         failures += [p for p in decoded if isinstance(p, FailedItem)]
-        return prepared, skipped, failures, len(batch)
+        return prepared, skipped, failures, duplicates, len(batch)
 
     def _decode(self, entry) -> _Prepared | FailedItem:
         item, rid, data = entry
@@ -247,11 +268,12 @@ class ImageIndex:
             return FailedItem(item.name, reason, "decode", rid)
 
     def _store_batch(self, prepared_batch, report: IngestReport, progress) -> None:
-        prepared, skipped, failures, seen = prepared_batch
+        prepared, skipped, failures, duplicates, seen = prepared_batch
         report.seen += seen
         report.skipped_present += len(skipped)
         report.ids += skipped
         report.failed += failures
+        report.duplicates += duplicates
         if prepared:
             vectors = self.embedder.embed([p.data for p in prepared])
             unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]

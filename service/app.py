@@ -282,7 +282,8 @@ class ImageResult(BaseModel):
     filename: str | None
     id: str
     status: str = Field(description="stored (new), updated (the id was stored already: category and meta "
-                                    "replaced) or failed.")
+                                    "replaced), duplicate (the same id as an earlier upload of this request, "
+                                    "which is the one stored) or failed.")
     reason: str | None = None
     stage: str | None = Field(None, description="For a failure: decode (not an image) or invalid (bad record).")
     predicted_path: str | None = Field(None, description="The category the model predicted, when none was given.")
@@ -291,6 +292,7 @@ class ImageResult(BaseModel):
 class ImagesOut(BaseModel):
     stored: int
     updated: int
+    duplicates: int = 0
     predicted: int = Field(description="How many of the stored or updated got a predicted category.")
     failed: int
     count: int
@@ -447,6 +449,7 @@ def create_app(service: Service) -> FastAPI:
         service.changed(collection)
         counts = Counter(r.status for r in results)
         body = ImagesOut(stored=counts["stored"], updated=counts["updated"], failed=counts["failed"],
+                         duplicates=counts["duplicate"],
                          predicted=sum(1 for r in results if r.predicted_path),
                          count=await run_in_threadpool(index.store.count), results=results)
         if counts["failed"] == n:
@@ -638,16 +641,26 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
          categories: Sequence[str], ids: Sequence[str | None], metas: Sequence[dict]) -> list[ImageResult]:
     """Store the uploads through `ImageIndex.ingest`; keep each stored one's file under the media folder."""
     record_ids = [given or content_id(data) for given, data in zip(ids, blobs)]
-    present = index.store.existing_ids(record_ids)
+    first: dict[str, int] = {}
+    for position, rid in enumerate(record_ids):
+        first.setdefault(rid, position)
+    present = index.store.existing_ids(list(first))
     planned = [service.media_path(rid) for rid in record_ids]
     items = [IngestItem(data, cat, rid, meta, uri=str(path) if path else (upload.filename or ""))
              for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
-    report = index.ingest(items, skip_existing=False)  # an upsert: a re-post updates category and meta
+    unique = [items[position] for position in first.values()]  # the first of each id wins, as in ingest
+    report = index.ingest(unique, skip_existing=False)  # an upsert: a re-post updates category and meta
     failed = {failure.id: failure for failure in report.failed}
     unlabelled = [item.id for item in items if item.category is None and item.id not in failed]
     guessed = {hit.id: hit.category for hit in index.store.get(unlabelled)} if unlabelled else {}
     results = []
-    for item, path, upload in zip(items, planned, uploads):
+    for position, (item, path, upload) in enumerate(zip(items, planned, uploads)):
+        if first[item.id] != position:
+            same = first[item.id]
+            results.append(ImageResult(filename=upload.filename, id=item.id, status="duplicate",
+                                       reason=f"the same image (id) as upload #{same + 1} "
+                                              f"({uploads[same].filename}), which is the one stored"))
+            continue
         failure = failed.get(item.id)
         if failure is not None:
             reason = f"not an image: {failure.reason}" if failure.stage == "decode" else failure.reason

@@ -83,3 +83,30 @@ def test_the_store_refuses_odd_meta_per_record_and_keeps_the_rest():
     assert "nested more than 32 levels deep" in problems[0][1]
     assert "lone surrogate" in problems[1][1] and "at most 65536 are stored" in problems[2][1]
     assert json_depth(nested(10_000)) == META_MAX_DEPTH + 1  # stops counting, never recurses
+
+
+@pytest.mark.parametrize("batch_size", ["1", "64"])
+def test_the_same_bytes_at_two_paths_store_the_first_and_report_the_second(tmp_path, tiny_model, batch_size):
+    rng = np.random.default_rng(1)
+    tree = tmp_path / "tree"
+    image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    for leaf in ("clothing/tops/coat", "footwear/boots/boot"):  # listed in this order
+        (tree / leaf).mkdir(parents=True)
+        Image.fromarray(image).save(tree / leaf / "same.png")
+    (tree / "clothing/tops/shirt").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tree / "clothing/tops/shirt/other.png")
+    db = tmp_path / f"h{batch_size}.db"
+    result = CliRunner().invoke(cli, ["ingest", str(tree), "--model", str(tiny_model), "--uri", str(db), "--json",
+                                      "--batch-size", batch_size])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["stored"], report["duplicates"], report["failed"], report["count"]) == (2, 1, 0, 2)
+    [duplicate] = report["duplicate_items"]
+    assert duplicate["source"].endswith("footwear/boots/boot/same.png")
+    assert duplicate["same_as"].endswith("clothing/tops/coat/same.png")
+    digest = hashlib.sha256((tree / "clothing/tops/coat/same.png").read_bytes()).hexdigest()
+    with HierStore(str(db), "images") as store:
+        [record] = store.get([digest])
+    assert record.category == "clothing/tops/coat"
+    text = CliRunner().invoke(cli, ["ingest", str(tree), "--model", str(tiny_model), "--uri", str(db)])
+    assert "skipped 2 (already present), 1 duplicate(s) of an earlier file" in text.stdout

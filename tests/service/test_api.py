@@ -308,6 +308,18 @@ def test_every_id_round_trips_through_every_endpoint(empty):
         error_of(client.get(f"/images/{path}"), 404, "not_found")
 
 
+def test_the_same_image_twice_in_one_request_is_one_record_and_says_so(empty):
+    _, client = empty
+    red = png_bytes((220, 40, 40), 1)
+    body = client.post("/images", headers=KEY, files=[("images", ("a.png", red, "image/png")),
+                                                      ("images", ("b.png", red, "image/png"))],
+                       data={"category": ["clothing/tops/shirt", "footwear/boots/boot"]}).json()
+    assert (body["stored"], body["duplicates"], body["failed"], body["count"]) == (1, 1, 0, 1)
+    assert [r["status"] for r in body["results"]] == ["stored", "duplicate"]
+    assert "as upload #1 (a.png), which is the one stored" in body["results"][1]["reason"]
+    assert client.get(f"/images/{body['results'][0]['id']}").json()["category"] == "clothing/tops/shirt"
+
+
 def test_same_content_is_the_same_record(empty):
     _, client = empty
     image = png_bytes((1, 200, 1), 3)
