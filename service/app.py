@@ -214,16 +214,38 @@ class Service:
         return {level: set(vocab) | set(stored.get(level, ()))
                 for level, vocab in zip(self.level_names, self.embedder.hierarchy.vocabularies)}
 
-    def check_key(self, request: Request) -> None:
-        expected = self.settings.api_key
-        if not expected:
-            return
+    def _has_key(self, request: Request) -> bool:
         given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization", "")
         if not given and auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        return hmac.compare_digest(given.encode(), (self.settings.api_key or "").encode())
+
+    def check_key(self, request: Request) -> None:
+        if self.settings.api_key and not self._has_key(request):
             raise ApiError(401, "unauthorized", "this endpoint needs the API key in the X-API-Key header")
+
+    def is_admin(self, request: Request) -> bool:
+        """A request with the API key sees the server's own paths; nobody does when no key is set."""
+        return bool(self.settings.api_key) and self._has_key(request)
+
+    def server_paths(self) -> list[str]:
+        """The server's file-system paths that responses must not show anonymous clients, longest first."""
+        places = [self.settings.uri, self.settings.media_dir, self.settings.model, *self.settings.image_roots,
+                  str(Path.cwd())]
+        found = set()
+        for place in places:
+            if place and "://" not in str(place):
+                found |= {str(place), str(Path(place).resolve())}
+        return sorted((p for p in found if len(p) > 1), key=len, reverse=True)
+
+    def redact(self, text: str, request: Request) -> str:
+        """`text` with the server's paths replaced, unless the request is an admin's."""
+        if self.is_admin(request):
+            return text
+        for path in self.server_paths():
+            text = text.replace(path, "<server path>")
+        return text
 
     def servable_file(self, uri: str) -> Path | None:
         """The stored `uri` as a local file under one of the image roots, else None."""
@@ -470,15 +492,16 @@ def create_app(service: Service) -> FastAPI:
         return _hit_out(service, request, found[0])
 
     @app.get("/media/{image_id:path}", responses=ERRORS, summary="The stored image's file, when this service can read it")
-    async def get_image_file(image_id: str, collection: str | None = None) -> FileResponse:
+    async def get_image_file(request: Request, image_id: str, collection: str | None = None) -> FileResponse:
         index = await run_in_threadpool(service.index, collection)
         found = await run_in_threadpool(index.store.get, [image_id])
         if not found:
             raise ApiError(404, "not_found", f"no image with id {image_id!r} in collection {index.store.collection!r}")
         path = service.servable_file(found[0].uri)
         if path is None:
-            raise ApiError(404, "no_file", f"image {image_id!r} lives at {found[0].uri!r}, which this service "
-                                           "does not serve (not a file under its image roots)")
+            where = f" at {found[0].uri!r}" if service.is_admin(request) else ""
+            raise ApiError(404, "no_file", f"image {image_id!r} lives{where} where this service does not serve "
+                                           "files from (not a file under its image roots)")
         # The type of what the bytes are, never of the file's name: a GIF named page.html is a GIF.
         media_type = await run_in_threadpool(_image_type, path)
         return FileResponse(path, media_type=media_type, headers=MEDIA_HEADERS)
@@ -506,22 +529,22 @@ def create_app(service: Service) -> FastAPI:
                              tree=_tree(service.level_names, known, counts))
 
     @app.get("/healthz", responses={503: {"model": ErrorOut}}, summary="Model loaded and store reachable")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
         try:
             count = await run_in_threadpool(service.index(None).store.count, timeout=5)
         except StoreError as exc:
             return JSONResponse({"status": "unavailable", "model": service.embedder.fingerprint,
-                                 "store": str(exc)}, status_code=503)
+                                 "store": service.redact(str(exc), request)}, status_code=503)
         return JSONResponse({"status": "ok", "model": service.embedder.fingerprint, "store": "reachable",
                              "count": count})
 
     @app.get("/stats", summary="Collection, model and request statistics")
-    async def stats(collection: str | None = None) -> dict:
+    async def stats(request: Request, collection: str | None = None) -> dict:
         index = await run_in_threadpool(service.index, collection)
         spec = index.store.spec
         config = service.embedder.config
         return {
-            "collection": index.store.collection, "uri": index.store.settings.display_uri,
+            "collection": index.store.collection, "uri": service.redact(index.store.settings.display_uri, request),
             "count": await run_in_threadpool(index.store.count),
             "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
             "metric": spec.metric, "index": spec.index,
@@ -702,7 +725,11 @@ def _hit_out(service: Service, request: Request, hit) -> HitOut:
     url = None
     if service.servable_file(hit.uri):
         url = str(request.url_for("get_image_file", image_id=quote(hit.id, safe="")))
-    return HitOut(id=hit.id, distance=hit.distance, uri=hit.uri, category=hit.category,
+    uri = hit.uri
+    local = uri_path(uri) if uri else None
+    if local and not service.is_admin(request):  # the file's name, not where the server keeps it
+        uri = Path(local).name
+    return HitOut(id=hit.id, distance=hit.distance, uri=uri, category=hit.category,
                   categories=hit.categories, meta=hit.meta, predicted=hit.predicted, confidence=hit.confidence,
                   image_url=url)
 
@@ -736,9 +763,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         (ValueError, 422, "bad_request"),
     ]
 
+    service: Service = app.state.service
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, service.redact(exc.message, request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -759,7 +788,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = " ".join(str(exc).split()) or type(exc).__name__
             if isinstance(exc, SchemaMismatchError):
                 message += " (the served model and this collection do not match)"
-            return _error(status, code, message)
+            return _error(status, code, service.redact(message, request))
 
         return handle
 

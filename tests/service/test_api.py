@@ -269,11 +269,11 @@ def test_media_follows_its_record_on_reupload_and_delete(empty, tmp_path):
     red, blue = png_bytes((220, 40, 40), 1), png_bytes((40, 40, 220), 2)
     client.post("/images", headers=KEY, files={"images": ("a.png", red, "image/png")},
                 data={"category": "clothing/tops/shirt", "id": "sku-9"})
-    first = client.get("/images/sku-9").json()
+    first = client.get("/images/sku-9", headers=KEY).json()  # with the key: the server's own paths
     again = client.post("/images", headers=KEY, files={"images": ("a.jpg", blue, "image/jpeg")},
                         data={"category": "clothing/tops/shirt", "id": "sku-9"}).json()
     assert again["updated"] == 1
-    record = client.get("/images/sku-9").json()
+    record = client.get("/images/sku-9", headers=KEY).json()
     assert client.get(record["image_url"]).content == blue  # not the first upload's bytes
     media = [p for p in (tmp_path / "media").rglob("*") if p.is_file()]
     assert [str(p) for p in media] == [record["uri"]] == [first["uri"]]  # one file per id, replaced
@@ -384,9 +384,28 @@ def test_files_outside_the_image_roots_are_not_served(empty, tmp_path):
     from milvus_store import IngestItem
 
     service.index(None).ingest([IngestItem(secret, "a/b/c", id="outside", uri=str(secret))])
-    record = client.get("/images/outside").json()
+    record = client.get("/images/outside", headers=KEY).json()
     assert record["uri"] == str(secret) and record["image_url"] is None
-    assert "does not serve" in error_of(client.get("/media/outside"), 404, "no_file")
+    assert f"lives at '{secret}' where" in error_of(client.get("/media/outside", headers=KEY), 404, "no_file")
+    # anonymous clients see no server paths: the file's name in hits, none in errors
+    assert client.get("/images/outside").json()["uri"] == "secret.png"
+    message = error_of(client.get("/media/outside"), 404, "no_file")
+    assert "does not serve" in message and str(tmp_path) not in message
+
+
+def test_anonymous_clients_see_no_server_paths(catalogue, tmp_path):
+    service = open_service(catalogue, tmp_path, api_key="adm1n")
+    ingest_catalogue(service, catalogue)
+    with TestClient(create_app(service)) as client:
+        anonymous, admin = client.get("/stats").json(), client.get("/stats", headers={"X-API-Key": "adm1n"}).json()
+        assert str(tmp_path) not in json.dumps(anonymous) and anonymous["uri"] == "<server path>"
+        assert admin["uri"] == str(tmp_path / "api.db")
+        query = catalogue.files["clothing/tops/coat"][0]
+        hits = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": 3}).json()["hits"]
+        assert hits and all("/" not in h["uri"] for h in hits) and hits[0]["uri"] == query.name
+        assert str(catalogue.tree) not in json.dumps(hits)
+        error = client.post("/search", data={"id": "x", "collection": "missing"}).json()["error"]["message"]
+        assert str(tmp_path) not in error
 
 
 # -- hierarchy, health, stats, page, schema ----------------------------------------------
