@@ -595,11 +595,16 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
               help="How long a query may wait for others to share its forward pass and search call "
                    "(0: only queries that arrived while the previous batch ran share it).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=40, show_default=True,
+              help="Largest uploaded image decoded, from its header (Pillow's own bomb limit is 89).")
+@click.option("--max-requests", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests in progress at once; more are answered 503. With the other limits it bounds the "
+                   "memory held for requests (GET /stats: memory_budget_bytes).")
 @optimize_option
 @compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
-          media_dir, image_roots, batch_window_ms, max_batch, optimize, device, amp):
+          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, optimize, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     import uvicorn
 
@@ -611,6 +616,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, threads=click.get_current_context().params["threads"],
+        max_pixels=int(max_megapixels * 1_000_000), max_requests=max_requests,
     )
     if not api_key and not _is_loopback(host) and not allow_anonymous_writes:
         raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
@@ -626,7 +632,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
     click.echo(f"serving {service.settings.collection!r} of {service.index(None).store.settings.display_uri} "
                f"on http://{host}:{port}/ (API schema at /docs)", err=True)
     if workers == 1:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(service), host=host, port=port, log_level="info", limit_concurrency=max_requests)
         return
     service.close()
     os.environ["HIERVEC_SERVE_SETTINGS"] = settings.to_json()
@@ -634,6 +640,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         if secret:
             os.environ[name] = secret
     uvicorn.run("service.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                limit_concurrency=max_requests,
                 log_level="info")
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from embedder import Embedder, ImageDecodeError
-from embedder.devices import set_threads
+from embedder.devices import available_cpus, set_threads
 from embedder.errors import EmbedderError
 from milvus_store.spec import META_MAX_DEPTH
 from milvus_store import (
@@ -47,6 +47,7 @@ from milvus_store import (
     FilterError,
     Ids,
     ImageIndex,
+    FailedItem,
     IngestItem,
     Predicted,
     SchemaMismatchError,
@@ -79,6 +80,8 @@ class ServiceSettings:
     max_upload_bytes: int = 20 * 2**20
     max_k: int = 1000  # hits per query: k, or k x group_size when grouped
     max_files: int = 64  # images per POST /images
+    max_pixels: int = 40_000_000  # per uploaded image, read from its header before it is decoded
+    max_requests: int = 64  # requests in progress at once (more answer 503), a bound on bodies held
     max_batch: int = 32
     batch_window_ms: float = 0.0
     media_dir: str | os.PathLike | None = "hiervec-media"
@@ -89,7 +92,7 @@ class ServiceSettings:
     threads: int | None = None  # torch threads of each server process (None: torch's default)
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "max_k", "max_files", "max_batch"):
+        for name in ("max_upload_bytes", "max_k", "max_files", "max_batch", "max_pixels", "max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -146,6 +149,11 @@ class Service:
         self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
         self._lock = threading.Lock()
         self._counting = threading.Lock()
+        # The memory budget: decoded query images at most one per CPU at a time, writes one
+        # request at a time (each decodes with ImageIndex's pool); see `memory_budget`.
+        self.decode_slots = available_cpus()
+        self.decoding = threading.BoundedSemaphore(self.decode_slots)
+        self.writing = threading.BoundedSemaphore(1)
         roots = [Path(r) for r in settings.image_roots] or [Path.cwd()]
         if settings.media_dir is not None:
             roots.append(Path(settings.media_dir))
@@ -213,6 +221,17 @@ class Service:
         stored = self.categories(collection)
         return {level: set(vocab) | set(stored.get(level, ()))
                 for level, vocab in zip(self.level_names, self.embedder.hierarchy.vocabularies)}
+
+    @property
+    def memory_budget(self) -> dict[str, int]:
+        """Bytes the service holds for requests at most, by part: bodies in flight, decoded query
+        images, and one write's decoding (an RGB image and its resized copy per decoding thread)."""
+        settings = self.settings
+        image = settings.max_pixels * 3 * 2
+        parts = {"bodies": settings.max_requests * (settings.max_upload_bytes + BODY_SLACK),
+                 "query_decoding": self.decode_slots * image,
+                 "write_decoding": min(8, available_cpus() + 2) * image}
+        return parts | {"total": sum(parts.values())}
 
     def _has_key(self, request: Request) -> bool:
         given = request.headers.get("x-api-key") or ""
@@ -307,7 +326,8 @@ class ImageResult(BaseModel):
                                     "replaced), duplicate (the same id as an earlier upload of this request, "
                                     "which is the one stored) or failed.")
     reason: str | None = None
-    stage: str | None = Field(None, description="For a failure: decode (not an image) or invalid (bad record).")
+    stage: str | None = Field(None, description="For a failure: decode (not an image), too_large (more pixels "
+                                                "than the service decodes) or invalid (bad record).")
     predicted_path: str | None = Field(None, description="The category the model predicted, when none was given.")
 
 
@@ -428,7 +448,7 @@ def create_app(service: Service) -> FastAPI:
         routing = None
         if image is not None:
             data = await _read_upload(image, service.settings.max_upload_bytes)
-            prepared = await run_in_threadpool(_prepare, service.embedder, data, image.filename)
+            prepared = await run_in_threadpool(_prepare, service, data, image.filename)
             vectors = await service.embedding.submit(prepared)
             query_vector = vectors.concat if level is None else vectors.levels[level]
             query = {"filename": image.filename}
@@ -476,7 +496,9 @@ def create_app(service: Service) -> FastAPI:
                          count=await run_in_threadpool(index.store.count), results=results)
         if counts["failed"] == n:
             first = results[0].reason or "failed"
-            status, code = (415, "not_an_image") if all(r.stage == "decode" for r in results) else (422, "rejected")
+            stages = {r.stage for r in results}
+            status, code = {frozenset({"decode"}): (415, "not_an_image"),
+                            frozenset({"too_large"}): (413, "too_many_pixels")}.get(frozenset(stages), (422, "rejected"))
             return JSONResponse({"error": {"status": status, "code": code, "message": first},
                                  "results": [r.model_dump() for r in results]}, status_code=status)
         return body
@@ -553,6 +575,7 @@ def create_app(service: Service) -> FastAPI:
             "uptime_s": round(time.time() - service.started, 1),
             "requests": {key: n for key, n in sorted(service.requests.items()) if n},
             "batching": {"max_batch": service.settings.max_batch, "window_ms": service.settings.batch_window_ms},
+            "memory_budget_bytes": service.memory_budget,
             "embedding": service.embedding.stats.to_dict(),
             "searching": service.searching.stats.to_dict(),
         }
@@ -653,11 +676,31 @@ async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-def _prepare(embedder: Embedder, data: bytes, filename: str | None):
+def _prepare(service: Service, data: bytes, filename: str | None):
+    problem = _pixels_over(data, service.settings.max_pixels)
+    if problem:
+        raise ApiError(413, "too_many_pixels", f"{filename or 'upload'} {problem}")
     try:
-        return embedder.prepare(data)
+        with service.decoding:
+            return service.embedder.prepare(data)
     except ImageDecodeError as exc:
         raise ApiError(415, "not_an_image", f"{filename or 'upload'} is not an image: {exc.reason}") from None
+
+
+def _pixels_over(data: bytes, limit: int) -> str | None:
+    """Why an encoded image is too large to decode here (from its header alone), or None."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # not an image: decoding says so, with the reason
+        return None
+    if width * height > limit:
+        return f"is {width}x{height} = {width * height} pixels; this service decodes at most {limit}"
+    return None
 
 
 def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blobs: Sequence[bytes],
@@ -671,9 +714,13 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
     planned = [service.media_path(rid) for rid in record_ids]
     items = [IngestItem(data, cat, rid, meta, uri=str(path) if path else (upload.filename or ""))
              for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
-    unique = [items[position] for position in first.values()]  # the first of each id wins, as in ingest
-    report = index.ingest(unique, skip_existing=False)  # an upsert: a re-post updates category and meta
+    too_big = {rid: problem for rid, data in zip(record_ids, blobs)
+               if (problem := _pixels_over(data, service.settings.max_pixels))}
+    unique = [items[position] for position in first.values() if items[position].id not in too_big]
+    with service.writing:  # the first of each id wins, as in ingest; an upsert: a re-post updates
+        report = index.ingest(unique, skip_existing=False)
     failed = {failure.id: failure for failure in report.failed}
+    failed |= {rid: FailedItem("", problem, "too_large", rid) for rid, problem in too_big.items()}
     unlabelled = [item.id for item in items if item.category is None and item.id not in failed]
     guessed = {hit.id: hit.category for hit in index.store.get(unlabelled)} if unlabelled else {}
     results = []
@@ -801,6 +848,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal", "internal error; the server log has the details")
 
 
+BODY_SLACK = 64 * 1024  # form fields and multipart framing around the largest file allowed
+
+
 class BodyLimit:
     """Refuse request bodies over `limit` bytes with a 413, by header or while they stream in."""
 
@@ -811,7 +861,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit + 64 * 1024:
+        if declared is not None and declared.isdigit() and int(declared) > self.limit + BODY_SLACK:
             response = _error(413, "too_large", f"request body of {int(declared)} bytes is over the "
                                                 f"{self.limit} byte upload limit")
             return await response(scope, receive, send)
@@ -822,7 +872,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit + 64 * 1024:
+                if seen > self.limit + BODY_SLACK:
                     over = True  # stop reading: to the app the client has gone
                     return {"type": "http.disconnect"}
             return message

@@ -185,6 +185,53 @@ def test_per_request_sizes_are_bounded(empty):
     assert "nested more than 32 levels deep" in body["results"][0]["reason"]
 
 
+def test_images_with_more_pixels_than_the_budget_are_refused_before_decoding(catalogue, tmp_path):
+    service = open_service(catalogue, tmp_path, max_pixels=40 * 40, api_key="k")
+    big, small = png_bytes((200, 30, 30), 1, size=41), png_bytes((30, 30, 200), 2, size=40)
+    with TestClient(create_app(service)) as client:
+        message = error_of(client.post("/search", files={"image": ("big.png", big)}), 413, "too_many_pixels")
+        assert message == "big.png is 41x41 = 1681 pixels; this service decodes at most 1600"
+        body = client.post("/images", headers={"X-API-Key": "k"}, data={"category": "clothing/tops/shirt"},
+                           files=[("images", ("big.png", big, "image/png")), ("images", ("ok.png", small, "image/png"))])
+        results = body.json()["results"]
+        assert body.status_code == 200 and [r["status"] for r in results] == ["failed", "stored"]
+        assert results[0]["stage"] == "too_large" and "at most 1600" in results[0]["reason"]
+        error_of(client.post("/images", headers={"X-API-Key": "k"}, data={"category": "clothing/tops/shirt"},
+                             files={"images": ("big.png", big, "image/png")}), 413, "too_many_pixels")
+        budget = client.get("/stats").json()["memory_budget_bytes"]
+        assert budget == service.memory_budget
+        assert budget["bodies"] == 64 * (service.settings.max_upload_bytes + 64 * 1024)
+        assert budget["total"] == budget["bodies"] + budget["query_decoding"] + budget["write_decoding"]
+
+
+def test_query_images_are_decoded_at_most_one_per_cpu_at_a_time(catalogue, tmp_path, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.app import _prepare
+
+    service = open_service(catalogue, tmp_path)
+    busy, peak, lock = [0], [0], threading.Lock()
+    prepare = service.embedder.prepare
+
+    def slow_prepare(data):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.05)
+        with lock:
+            busy[0] -= 1
+        return prepare(data)
+
+    monkeypatch.setattr(service.embedder, "prepare", slow_prepare)
+    image = png_bytes((1, 2, 3), 3)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: _prepare(service, image, "q.png"), range(32)))
+    assert 1 <= peak[0] <= service.decode_slots
+    service.close()
+
+
 def test_an_unexpected_fault_is_a_json_500_without_a_traceback(catalogue, tmp_path, monkeypatch):
     service = open_service(catalogue, tmp_path)
     with TestClient(create_app(service), raise_server_exceptions=False) as client:

@@ -110,8 +110,9 @@ def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, h
     result = CliRunner().invoke(cli, [*args, "--allow-anonymous-writes"])
     assert result.exit_code == 0, result.stderr
     assert started[0]["host"] == host and "warning: no API key" in result.stderr
-    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y"])
+    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y", "--max-requests", "7"])
     assert result.exit_code == 0 and "warning" not in result.stderr
+    assert started[-1]["limit_concurrency"] == 7 and started[0]["limit_concurrency"] == 64
 
 
 def test_serve_on_loopback_without_a_key_warns(catalogue, tmp_path, monkeypatch):
