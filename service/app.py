@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -166,6 +167,7 @@ class Service:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         if settings.threads is not None:
             set_threads(settings.threads)  # the service, not the library, owns the process's thread count
+        _return_freed_images_to_the_system()
         embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize, device=settings.device,
                                             amp=settings.amp)
         index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
@@ -685,6 +687,32 @@ def _prepare(service: Service, data: bytes, filename: str | None):
             return service.embedder.prepare(data)
     except ImageDecodeError as exc:
         raise ApiError(415, "not_an_image", f"{filename or 'upload'} is not an image: {exc.reason}") from None
+
+
+def _return_freed_images_to_the_system() -> None:
+    """Make glibc hand decoded images' memory back when they are freed.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB), after which decoded images come from per-thread heaps that keep the memory:
+    with a thread pool of decoders the process grew by about 22 images' worth after one
+    burst of 32 queries, whatever the bound on images decoded at once. A fixed threshold
+    (blocks from 1 MiB are mapped and unmapped) and two arenas keep memory to what is in
+    use. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_arena_max, 2)
 
 
 def _pixels_over(data: bytes, limit: int) -> str | None:

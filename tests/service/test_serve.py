@@ -154,3 +154,59 @@ def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path)
             process.terminate()
             process.wait(timeout=60)
         assert "workers-k3y" not in process.stderr.read()
+
+
+def peak_rss(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads and resets peak RSS through Linux's /proc")
+def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, tmp_path):
+    """32 clients at once, each with a 3.9-megapixel query (25 kB as PNG, 23 MB decoded with its
+    resized copy): peak memory grows by less than the budget the service reports, which counts
+    two decoded images at a time on 2 CPUs, not 32."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
+    db = tmp_path / "budget.db"
+    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
+                   check=True, capture_output=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
+         "--max-upload-mb", "1", "--max-megapixels", "4", "--max-requests", "48", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/healthz", process)
+        rng = np.random.default_rng(0)
+        images = []
+        for i in range(32):
+            pixels = np.zeros((1980, 1980, 3), np.uint8)
+            pixels[::64, ::64] = rng.integers(0, 255, (31, 31, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            images.append(buffer.getvalue())
+        assert max(map(len, images)) < 2**20
+        warm = httpx.post(f"{base}/search", files={"image": ("w.png", images[0])}, data={"k": 1}, timeout=60)
+        assert warm.status_code == 200, warm.text
+        budget = httpx.get(f"{base}/stats").json()["memory_budget_bytes"]
+        with open(f"/proc/{process.pid}/clear_refs", "w") as refs:
+            refs.write("5")  # peak RSS := current RSS
+        before = peak_rss(process.pid)
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda data: httpx.post(f"{base}/search", files={"image": ("q.png", data)},
+                                                            data={"k": 1}, timeout=120), images))
+        assert all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
+        grown = peak_rss(process.pid) - before
+        decoded = 1980 * 1980 * 3 * 2
+        assert grown < budget["total"], (grown, budget)
+        assert grown < 8 * decoded, f"peak grew by {grown / 2**20:.0f} MiB: more than 8 decoded images at once"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
