@@ -244,7 +244,8 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
               help="Random resized crops and flips of the training images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is at --out (on any number of processes).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run whose checkpoint is at --out (on any number of processes).")
 @click.option("--batch-norm", type=click.Choice(["auto", "batch", "sync", "frozen"]), default="auto",
               show_default=True,
               help="Batch-norm statistics: batch (each process's batch), sync (the global batch; CUDA), frozen "

@@ -214,7 +214,7 @@ class ImageIndex:
         decoders = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
         with decoders, ThreadPoolExecutor(max_workers=1) as stage:
             pending: Future | None = None
-            first_of: dict[str, str] = {}  # id -> the item that brought it (prepares run one at a time)
+            first_of: dict[str, str] = {}  # id -> the item that stored it or found it present (one prepare at a time)
             for batch in _batches(items, batch_size):
                 ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders, first_of)
                 if pending is not None:
@@ -246,17 +246,29 @@ class ImageIndex:
             except ValueError as exc:
                 failures.append(FailedItem(item.name, str(exc), "invalid", printable(rid)))
                 continue
-            if rid in first_of:
+            if rid in first_of:  # an earlier item with this id is stored or present: no need to decode
                 duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
                 continue
-            first_of[rid] = item.name
             loaded.append((item, rid, data))
         present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
-        todo = [(item, rid, data) for item, rid, data in loaded if rid not in present]
-        skipped = [rid for _, rid, _ in loaded if rid in present]
-        decoded = list(pool.map(self._decode, todo)) if todo else []
-        prepared = [p for p in decoded if isinstance(p, _Prepared)]
-        failures += [p for p in decoded if isinstance(p, FailedItem)]
+        todo, skipped = [], []
+        for item, rid, data in loaded:
+            if rid not in present:
+                todo.append((item, rid, data))
+            elif rid in first_of:
+                duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+            else:
+                first_of[rid] = item.name
+                skipped.append(rid)
+        prepared = []
+        for result in pool.map(self._decode, todo) if todo else ():
+            if isinstance(result, FailedItem):  # a copy that also fails is reported failed too, not a duplicate
+                failures.append(result)
+            elif result.id in first_of:
+                duplicates.append(DuplicateItem(result.item.name, first_of[result.id], result.id))
+            else:
+                first_of[result.id] = result.item.name
+                prepared.append(result)
         return prepared, skipped, failures, duplicates, len(batch)
 
     def _decode(self, entry) -> _Prepared | FailedItem:

@@ -192,3 +192,15 @@ def test_unwritable_outputs_and_damaged_models_fail_before_any_work(tmp_path, ti
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "h.db").exists()  # nothing was ingested
+
+
+def test_train_option_defaults_are_the_librarys():
+    from dataclasses import fields
+
+    from embedder import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    options = {p.name: p.default for p in cli.commands["train"].params}
+    for name in ("epochs", "lr", "classes_per_batch", "per_class", "augment", "seed", "val_fraction", "batch_norm",
+                 "leaf_softmax", "steps_per_epoch"):
+        assert options[name] == defaults[name], name

@@ -108,7 +108,7 @@ def test_relabel_predicts_again_from_stored_vectors_and_never_touches_given_path
 
     before = {h["id"]: h for h in hits_of(run_json("search", flat / "u0.png", "--model", tiny_model, "--uri", db,
                                                    "-k", "100"))}
-    report = run_json("relabel", "--model", tmp_path / "heads.pt", "--uri", db)
+    report = run_json("relabel", "--model", tmp_path / "heads.pt", "--uri", db, "--device", "cpu")
     assert report["examined"] == 8 and report["changed"] + report["confirmed"] + report["kept"] == 8
     assert report["changed"] > 0 and report["kept"] == 0
     after = {h["id"]: h for h in hits_of(run_json("search", flat / "u0.png", "--model", tmp_path / "heads.pt",
