@@ -1,10 +1,13 @@
 """`HierStore`: one Milvus collection per catalogue, on Milvus Lite or a server.
 
+>>> import tempfile
+>>> from milvus_store import CollectionSpec, HierStore, Record, under
 >>> spec = CollectionSpec(("department", "category"), dim=4, level_dims=(2, 2))
->>> with HierStore("./demo.db", "images", spec=spec) as store:       # doctest: +SKIP
+>>> with HierStore(f"{tempfile.mkdtemp()}/demo.db", "images", spec=spec) as store:
 ...     store.upsert([Record("clothing/tops", [.5] * 4, {"department": [1, 0], "category": [0, 1]}, id="a")])
 ...     store.search([[.5] * 4], k=1, where=under("clothing"))
-[[Hit(id='a', distance=0.0, uri='', categories={'department': 'clothing', 'category': 'clothing/tops'}, meta={})]]
+1
+[[Hit(id='a', distance=0.0, uri='', categories={'department': 'clothing', 'category': 'clothing/tops'}, meta={}, predicted=False, confidence={'department': 1.0, 'category': 1.0})]]
 """
 
 from __future__ import annotations

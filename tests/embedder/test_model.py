@@ -68,9 +68,21 @@ def test_flat_mode_has_one_vector_of_the_total_size():
     assert out.logits[:2] == (None, None) and tuple(out.logits[2].shape) == (2, config.num_classes[2])
 
 
-def test_gem_pooling_runs():
-    out = PyramidEmbedder(make_config(2, pooling="gem")).eval()(torch.rand(2, 3, 64, 64))
-    assert torch.isfinite(out.concat).all()
+def test_gem_pooling_matches_the_generalised_mean():
+    from embedder.model import GeM
+
+    x = torch.tensor([[[[1.0, 8.0], [1.0, 8.0]]]])  # one channel: mean of cubes 256.5
+    assert float(GeM(p=3.0)(x).detach()) == pytest.approx(256.5 ** (1 / 3))
+    assert float(GeM(p=1.0)(x).detach()) == pytest.approx(4.5)  # p = 1 is average pooling
+    torch.manual_seed(0)
+    gem = PyramidEmbedder(make_config(2, pooling="gem")).eval()
+    torch.manual_seed(0)
+    avg = PyramidEmbedder(make_config(2, pooling="avg")).eval()
+    images = torch.rand(2, 3, 64, 64)
+    out, baseline = gem(images), avg(images)
+    assert torch.allclose(out.concat.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(out.concat, baseline.concat)  # the pooling is really GeM's
+    assert [p.item() for p in gem.pools[0].parameters()] == [3.0]  # the learned exponent starts at 3
 
 
 @pytest.mark.parametrize(
