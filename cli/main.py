@@ -354,8 +354,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
         report.seen += len(listing.failures)
         count = image_index.store.count()
     result = report.to_dict() | {"collection": collection, "count": count}
-    if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
+    if report_path is not None:  # its folder was made (or refused) by check_writable before the work
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""
     emit(as_json, result, f"seen {report.seen}, stored {report.stored} ({report.predicted} with a predicted "

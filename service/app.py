@@ -14,6 +14,7 @@ with the same shape and the traceback goes to the server log only.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -250,6 +251,7 @@ class Service:
         """A request with the API key sees the server's own paths; nobody does when no key is set."""
         return bool(self.settings.api_key) and self._has_key(request)
 
+    @functools.cached_property
     def server_paths(self) -> list[str]:
         """The server's file-system paths that responses must not show anonymous clients, longest first."""
         places = [self.settings.uri, self.settings.media_dir, self.settings.model, *self.settings.image_roots,
@@ -264,7 +266,7 @@ class Service:
         """`text` with the server's paths replaced, unless the request is an admin's."""
         if self.is_admin(request):
             return text
-        for path in self.server_paths():
+        for path in self.server_paths:
             text = text.replace(path, "<server path>")
         return text
 
