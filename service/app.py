@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import io
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -719,14 +721,10 @@ def _return_freed_images_to_the_system() -> None:
 
 def _pixels_over(data: bytes, limit: int) -> str | None:
     """Why an encoded image is too large to decode here (from its header alone), or None."""
-    import io
-
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except Exception:  # not an image: decoding says so, with the reason
+    except (*UNREADABLE_IMAGE, Image.DecompressionBombError):  # decoding says why, with the reason
         return None
     if width * height > limit:
         return f"is {width}x{height} = {width * height} pixels; this service decodes at most {limit}"
@@ -775,6 +773,8 @@ def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blo
     return results
 
 
+UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what Pillow raises on bad headers
+
 # Served files are images, whatever their names say; browsers must not guess otherwise, and
 # a file opened on its own runs nothing.
 MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
@@ -782,12 +782,10 @@ MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy":
 
 def _image_type(path: Path) -> str:
     """The media type of the image in `path`, read from its bytes (application/octet-stream if not an image)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             return Image.MIME.get(image.format or "", "application/octet-stream")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except UNREADABLE_IMAGE:
         return "application/octet-stream"
 
 

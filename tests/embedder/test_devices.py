@@ -8,7 +8,6 @@ import torch
 from embedder import ConfigError, Embedder, PyramidEmbedder, TrainConfig, load_checkpoint, save_checkpoint, train
 from embedder import devices
 from embedder.devices import Precision, default_threads, resolve_device, set_threads
-from embedder.inference import forward_batches
 
 from .test_training import TINY_TRAIN, tiny_config, tiny_data
 
