@@ -282,8 +282,8 @@ def run_one(method: str, seed: int, data: tuple[Split, Split], level_names, args
 
             net = PyramidEmbedder(model.config)
             net.load_state_dict(model.state_dict)
-            level_vectors, concat = forward_batches(net, eval_split.images, 128)
-            levels = dict(zip(level_names, level_vectors))
+            vectors = forward_batches(net, eval_split.images, 128)
+            concat, levels = vectors.concat, dict(vectors.levels)
             setup = {"config": config.to_dict() | {"num_classes": None}, "train": train_config.to_dict()}
         report = evaluate(concat, levels, eval_split, level_names, Path(tmp))
     return {"method": method, "seed": seed, "train_s": round(train_s, 1), **setup, "metrics": report}

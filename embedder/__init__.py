@@ -17,7 +17,9 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .hierarchy import Hierarchy
-from .inference import Embedder, Embeddings
+from hiervec_core.vectors import LevelVectors
+
+from .inference import Embedder
 from .losses import ContrastiveLoss, HierarchicalLoss, LevelCrossEntropy, LossWeights
 from .model import PyramidEmbedder, PyramidOutput
 from .prediction import Prediction, calibrate, decode_paths, expected_calibration_error, fit_temperature
@@ -25,7 +27,7 @@ from .training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "DistributedError", "Embedder",
-    "EmbedderConfig", "EmbedderError", "Embeddings", "Failure", "HierarchicalLoss", "Hierarchy",
+    "EmbedderConfig", "EmbedderError", "Failure", "LevelVectors", "HierarchicalLoss", "Hierarchy",
     "HierarchyError", "ImageDecodeError", "LevelCrossEntropy", "LossWeights", "PyramidEmbedder",
     "Prediction", "PyramidOutput", "SourceItem", "SourceListing", "TrainConfig", "TrainResult", "WeightsNotFoundError",
     "calibrate", "decode_image", "decode_paths", "evaluate", "expected_calibration_error", "fit_temperature", "load_checkpoint", "load_images", "read_folder_tree", "read_manifest",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EmbedderConfig
+from .config import IMAGE, EmbedderConfig
 from .errors import CheckpointError
 from .hierarchy import Hierarchy
 
@@ -44,16 +44,52 @@ class Checkpoint:
         return tuple(found) if found else (1.0,) * self.config.depth
 
 
+PER_LEVEL_PARTS = ("pools", "heads", "classifiers")  # the model's parts keyed by level name
+
+
+def positional_key(key: str, config: EmbedderConfig) -> str:
+    """`key` as the first model format named it, per-level parts by position (``heads.item.weight``
+    -> ``heads.2.weight``): fingerprints hash these, so collections filled before the parts were
+    keyed by level name keep their fingerprint."""
+    part, _, rest = key.partition(".")
+    name, _, tail = rest.partition(".")
+    if part not in PER_LEVEL_PARTS or not tail:
+        return key
+    if config.mode == "flat":
+        return f"{part}.0.{tail}"
+    return f"{part}.{config.level_names.index(name)}.{tail}" if name in config.level_names else key
+
+
+def named_key(key: str, config: EmbedderConfig) -> str:
+    """`key` of a file written before per-level parts were keyed by level name, as the model names it now."""
+    part, _, rest = key.partition(".")
+    position, _, tail = rest.partition(".")
+    if part not in PER_LEVEL_PARTS or not position.isdigit() or not tail:
+        return key
+    if config.mode == "flat":
+        return f"{part}.{config.level_names[-1] if part == 'classifiers' else IMAGE}.{tail}"
+    index = int(position)
+    return f"{part}.{config.level_names[index]}.{tail}" if index < config.depth else key
+
+
+def _hash_weights(digest, config: EmbedderConfig, state_dict: dict[str, torch.Tensor], *, classifiers: bool) -> None:
+    keyed = sorted((positional_key(key, config), key) for key in state_dict)
+    for position, key in keyed:
+        if not classifiers and position.startswith("classifiers."):
+            continue
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(position.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def fingerprint(config: EmbedderConfig, hierarchy: Hierarchy, state_dict: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     digest.update(repr(sorted(config.to_dict().items())).encode())
     digest.update(hierarchy.to_json().encode())
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _hash_weights(digest, config, state_dict, classifiers=True)
     return digest.hexdigest()[:16]
+
 
 
 CLASSIFIER_ONLY = ("num_classes", "classifier_scale")  # config fields that change predictions, not vectors
@@ -67,13 +103,7 @@ def vector_fingerprint(config: EmbedderConfig, state_dict: dict[str, torch.Tenso
     """
     digest = hashlib.sha256()
     digest.update(repr(sorted((k, v) for k, v in config.to_dict().items() if k not in CLASSIFIER_ONLY)).encode())
-    for key in sorted(state_dict):
-        if key.startswith("classifiers."):
-            continue
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _hash_weights(digest, config, state_dict, classifiers=False)
     return digest.hexdigest()[:16]
 
 
@@ -152,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(
         config,
         hierarchy,
-        payload["state_dict"],
+        {named_key(key, config): value for key, value in payload["state_dict"].items()},
         payload["fingerprint"],
         payload.get("epoch", 0),
         payload.get("metrics", {}),

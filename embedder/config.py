@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from hiervec_core.names import DEFAULT_BACKBONE
+
 from .backbones import backbone_spec
 from .errors import ConfigError
 from .hierarchy import MAX_LEVELS, MIN_LEVELS, Hierarchy, validate_level_names
@@ -12,6 +14,8 @@ from .hierarchy import MAX_LEVELS, MIN_LEVELS, Hierarchy, validate_level_names
 Mode = Literal["pyramid", "flat"]
 Pooling = Literal["avg", "gem"]
 
+
+IMAGE = "image"  # the key of the flat model's one head (the image vector)
 
 @dataclass(frozen=True)
 class EmbedderConfig:
@@ -27,7 +31,7 @@ class EmbedderConfig:
     level_names: tuple[str, ...]
     num_classes: tuple[int, ...]
     level_dims: tuple[int, ...]
-    backbone: str = "mobilenet_v2"
+    backbone: str = DEFAULT_BACKBONE
     fpn_channels: int = 128
     image_size: int = 64
     mode: Mode = "pyramid"

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import nn
 
 from .errors import HierarchyError
 
@@ -27,6 +28,7 @@ SEPARATOR = "/"
 MIN_LEVELS, MAX_LEVELS = 2, 5
 # Level names become Milvus field names and Python identifiers in filters.
 _LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_RESERVED_LEVEL_NAMES = frozenset(dir(nn.ModuleDict))  # `keys`, `items`, `train`, ...: not a part's name
 
 PathLike = str | Sequence[str]
 
@@ -234,3 +236,7 @@ def validate_level_names(level_names: Sequence[str]) -> None:
             )
     if len(set(names)) != len(names):
         raise HierarchyError(f"level names must be distinct, got {names}")
+    taken = [name for name in names if name in _RESERVED_LEVEL_NAMES]
+    if taken:
+        raise HierarchyError(f"level name {taken[0]!r} is reserved (the model keys its per-level parts by level "
+                             f"name, and {taken[0]!r} is a method of torch's ModuleDict); rename that level")

@@ -2,8 +2,8 @@
 
 >>> embedder = Embedder.from_checkpoint("model.pt")            # doctest: +SKIP
 >>> out = embedder.embed(["a.jpg", "b.png"])                   # doctest: +SKIP
->>> out.concat.shape, {k: v.shape for k, v in out.levels.items()}  # doctest: +SKIP
-((2, 192), {'department': (2, 64), 'category': (2, 64), 'item': (2, 64)})
+>>> out.concat.shape, out.dims                                 # doctest: +SKIP
+((2, 192), {'department': 64, 'category': 64, 'item': 64})
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
+
+from hiervec_core.vectors import LevelVectors
 
 from .checkpoint import load_checkpoint, restore_weights
 from .config import EmbedderConfig
@@ -30,11 +31,6 @@ from .prediction import Prediction, decode_paths
 ImageInput = str | os.PathLike | bytes | Image.Image
 
 
-class Embeddings(NamedTuple):
-    levels: dict[str, np.ndarray]  # level name -> (n, d_i) float32; empty for a flat model
-    concat: np.ndarray  # (n, sum d_i) float32, unit length
-
-
 class _VectorsOnly(torch.nn.Module):
     def __init__(self, model: PyramidEmbedder):
         super().__init__()
@@ -42,10 +38,13 @@ class _VectorsOnly(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         levels, concat = self.model.vectors(images)
-        return (concat, *levels)
+        return (concat, *levels.values())
 
 
-def frozen_for_cpu(model: PyramidEmbedder) -> Callable[[torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+Runner = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def frozen_for_cpu(model: PyramidEmbedder) -> Runner:
     """`model.vectors`, traced and frozen for inference: a faster path on CPUs.
 
     `torch.jit.freeze` folds batch norms into convolutions and constants into the graph,
@@ -60,9 +59,11 @@ def frozen_for_cpu(model: PyramidEmbedder) -> Callable[[torch.Tensor], tuple[tup
         warnings.simplefilter("ignore")  # torch.jit's own deprecation notice; the path is measured, not assumed
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(_VectorsOnly(model).eval(), example)))
 
-    def run(images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    names = model.config.level_names
+
+    def run(images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         concat, *levels = frozen(images)
-        return tuple(levels), concat
+        return dict(zip(names, levels)), concat
 
     return run
 
@@ -71,11 +72,11 @@ def forward_batches(
     model: PyramidEmbedder,
     images: torch.Tensor,
     batch_size: int = 64,
-    runner: Callable[[torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor]] | None = None,
+    runner: Runner | None = None,
     precision: Precision | None = None,
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> LevelVectors:
     """Run `model` (or `runner`, e.g. `frozen_for_cpu(model)`) over uint8 ``(n, 3, H, W)`` images
-    in eval mode, on the model's device: (level arrays, concat array), float32 on the CPU.
+    in eval mode, on the model's device: float32 vectors on the CPU.
 
     Under mixed `precision` the vectors come back as float32 and are normalised again in
     float32, so they keep unit length whatever the model computed in.
@@ -85,7 +86,7 @@ def forward_batches(
     run = runner or model.vectors
     device = next(model.parameters()).device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    levels: list[list[np.ndarray]] = []
+    levels: dict[str, list[np.ndarray]] = {}
     concat: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -93,14 +94,14 @@ def forward_batches(
             with autocast:
                 level_vectors, image_vectors = run(batch.contiguous(memory_format=torch.channels_last))
             concat.append(_host_float32(image_vectors))
-            for i, vector in enumerate(level_vectors):
-                if len(levels) <= i:
-                    levels.append([])
-                levels[i].append(_host_float32(vector))
+            for name, vector in level_vectors.items():
+                levels.setdefault(name, []).append(_host_float32(vector))
     model.train(was_training)
-    dim = model.config.dim
-    concat_array = np.concatenate(concat) if concat else np.empty((0, dim), np.float32)
-    return [np.concatenate(parts) for parts in levels], concat_array
+    config = model.config
+    if not concat:  # no images: empty arrays of the right widths
+        dims = {} if config.mode == "flat" else dict(zip(config.level_names, config.level_dims))
+        return LevelVectors({n: np.empty((0, d), np.float32) for n, d in dims.items()}, np.empty((0, config.dim), np.float32))
+    return LevelVectors({name: np.concatenate(parts) for name, parts in levels.items()}, np.concatenate(concat))
 
 
 def _host_float32(vectors: torch.Tensor) -> np.ndarray:
@@ -119,8 +120,8 @@ class Embedder:
     frozen, about twice the speed on CPUs, float32; vectors agree with the eager model to
     float rounding). Thread counts are the caller's: `embedder.devices.set_threads`.
 
-    Satisfies `milvus_store.ImageEmbedder`: `level_names`, `level_dims`, `fingerprint`, `embed`,
-    and `predict_vectors` for category prediction. `fingerprint` is the checkpoint's vector
+    Satisfies `milvus_store.ImageEmbedder` (`level_names`, `level_dims`, `fingerprint`, `embed`)
+    and `milvus_store.CategoryPredictor` (`categories`, `predict_vectors`). `fingerprint` is the checkpoint's vector
     fingerprint: what a collection records, unchanged by retrained or recalibrated heads.
     """
 
@@ -137,7 +138,7 @@ class Embedder:
         amp: bool = False,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         self.device = resolve_device(device)
         if optimize and (self.device.type != "cpu" or amp):
             raise ConfigError(f"optimize=True is the traced float32 path for CPUs; got device {self.device} "
@@ -151,7 +152,7 @@ class Embedder:
         self.batch_size = batch_size
         self.temperatures = tuple(temperatures) if temperatures else (1.0,) * model.config.depth
         if len(self.temperatures) != model.config.depth or min(self.temperatures) <= 0:
-            raise ValueError(f"expected {model.config.depth} positive temperatures, got {self.temperatures}")
+            raise ConfigError(f"expected {model.config.depth} positive temperatures, got {self.temperatures}")
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device | None = "auto",
@@ -180,27 +181,29 @@ class Embedder:
     def dim(self) -> int:
         return self.config.dim
 
+    @property
+    def categories(self) -> dict[str, set[str]]:
+        """The category paths the model knows, per level."""
+        return {name: set(vocab) for name, vocab in zip(self.hierarchy.level_names, self.hierarchy.vocabularies)}
+
     def prepare(self, image: ImageInput) -> torch.Tensor:
         """Decode and resize one image: a ``(3, s, s)`` uint8 tensor, or `ImageDecodeError`."""
         return image_to_tensor(decode_image(image), self.config.image_size)
 
-    def embed(self, images: Sequence[ImageInput] | torch.Tensor) -> Embeddings:
+    def embed(self, images: Sequence[ImageInput] | torch.Tensor) -> LevelVectors:
         """Vectors for PIL images, paths, encoded bytes, prepared uint8 tensors or a batch tensor.
 
         A batch tensor is ``(n, 3, H, W)``: uint8, or float in [0, 1]; it is resized to the
         model's input size. An image that cannot be decoded raises `ImageDecodeError`
         naming it; use `prepare` per file to skip such files instead.
         """
-        batch = self._to_batch(images)
-        levels, concat = forward_batches(self.model, batch, self.batch_size, self._runner, self.precision)
-        return Embeddings(dict(zip(self.level_names, levels)), concat)
+        return forward_batches(self.model, self._to_batch(images), self.batch_size, self._runner, self.precision)
 
     def predict(self, images: Sequence[ImageInput] | torch.Tensor, *, top: int = 3) -> list[Prediction]:
         """The most probable category path of each image, decoded jointly over the tree, calibrated."""
-        out = self.embed(images)
-        return self.predict_vectors(out.levels, out.concat, top=top)
+        return self.predict_vectors(self.embed(images), top=top)
 
-    def predict_vectors(self, levels: dict[str, np.ndarray], concat: np.ndarray, *, top: int = 3) -> list[Prediction]:
+    def predict_vectors(self, vectors: LevelVectors, *, top: int = 3) -> list[Prediction]:
         """Predictions from vectors this model made (e.g. read back from a collection): no image needed.
 
         The classifiers read the level vectors (the image vector for a flat model), so
@@ -209,29 +212,22 @@ class Embedder:
         def on_device(array: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.asarray(array, np.float32)).to(self.device)
 
+        temperature = dict(zip(self.level_names, self.temperatures))
         with torch.inference_mode():
-            if self.config.mode == "flat":
-                vectors = [None] * (self.config.depth - 1) + [on_device(concat)]
-            else:
-                vectors = [on_device(levels[name]) for name in self.level_names]
-            log_probs = []
-            classifiers = iter(self.model.classifiers)
-            for vector, temperature in zip(vectors, self.temperatures):
-                if vector is None:
-                    log_probs.append(None)
-                    continue
-                logits = next(classifiers)(vector) / temperature
-                log_probs.append(torch.log_softmax(logits, dim=1).cpu())
+            logits = self.model.classify({name: on_device(v) for name, v in vectors.levels.items()},
+                                         on_device(vectors.concat))
+            log_probs = {name: torch.log_softmax(value / temperature[name], dim=1).cpu()
+                         for name, value in logits.items()}
         return decode_paths(log_probs, self.hierarchy, top=top)
 
     def _to_batch(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"expected a (n, 3, H, W) tensor, got shape {tuple(images.shape)}")
+                raise ConfigError(f"expected a (n, 3, H, W) tensor, got shape {tuple(images.shape)}")
             if images.dtype != torch.uint8:
                 if images.numel() and (images.min() < 0 or images.max() > 1):
-                    raise ValueError("float image tensors must hold values in [0, 1]")
+                    raise ConfigError("float image tensors must hold values in [0, 1]")
                 images = (images * 255).round().to(torch.uint8)
             if images.shape[-2:] != (size, size):
                 images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",

@@ -9,13 +9,14 @@ tensor(1.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .model import PyramidOutput
 
 
@@ -31,12 +32,12 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, margin: float = 1.0):
         super().__init__()
         if margin <= 0:
-            raise ValueError(f"margin must be positive, got {margin}")
+            raise ConfigError(f"margin must be positive, got {margin}")
         self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.shape[0] != labels.shape[0]:
-            raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+            raise ConfigError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
         dist = torch.cdist(embeddings, embeddings).clamp_min(0)
         n = embeddings.shape[0]
         upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=embeddings.device), diagonal=1)
@@ -90,19 +91,20 @@ class HierarchicalLoss(nn.Module):
     """
 
     def __init__(self, level_names: Sequence[str], weights: LossWeights, margin: float = 1.0,
-                 classifiers: Sequence[nn.Module] | None = None, *, pair_loss: nn.Module | None = None):
+                 classify: Callable[[dict, torch.Tensor], dict] | None = None, *,
+                 pair_loss: nn.Module | None = None):
         super().__init__()
         depth = len(level_names)
         for name in ("level_contrastive", "softmax"):
             values = getattr(weights, name)
             if values and len(values) != depth:
-                raise ValueError(f"{name} weights need one value per level ({depth}), got {values}")
+                raise ConfigError(f"{name} weights need one value per level ({depth}), got {values}")
         self.level_names = tuple(level_names)
         self.weights = weights
         self.contrastive = pair_loss if pair_loss is not None else ContrastiveLoss(margin)
         self.cross_entropy = LevelCrossEntropy()
-        # not registered as submodules: they belong to the model
-        self._classifiers = tuple(classifiers) if classifiers is not None else None
+        # the model's `classify` (its classifiers are the model's, not registered here)
+        self._classify = classify
 
     def forward(self, output: PyramidOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         parts: dict[str, torch.Tensor] = {}
@@ -110,29 +112,26 @@ class HierarchicalLoss(nn.Module):
         if w.contrastive:
             parts["contrastive"] = w.contrastive * self.contrastive(output.concat, labels[:, -1])
         for i, weight in enumerate(w.level_contrastive):
-            if weight and output.levels:
-                key = f"contrastive_{self.level_names[i]}"
-                parts[key] = weight * self.contrastive(output.levels[i], labels[:, i])
+            name = self.level_names[i]
+            if weight and name in output.levels:
+                parts[f"contrastive_{name}"] = weight * self.contrastive(output.levels[name], labels[:, i])
         for i, weight in enumerate(w.softmax):
-            if weight and output.logits[i] is not None:
-                key = f"softmax_{self.level_names[i]}"
-                parts[key] = weight * self.cross_entropy(output.logits[i], labels[:, i])
+            name = self.level_names[i]
+            if weight and name in output.logits:
+                parts[f"softmax_{name}"] = weight * self.cross_entropy(output.logits[name], labels[:, i])
         if not parts:
-            raise ValueError("every loss weight is zero for this model: nothing to train")
-        if self._classifiers is not None:
+            raise ConfigError("every loss weight is zero for this model: nothing to train")
+        if self._classify is not None:
             parts.update(self._probes(output, labels, w.softmax))
         total = torch.stack(list(parts.values())).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
     def _probes(self, output: PyramidOutput, labels: torch.Tensor, softmax: tuple[float, ...]) -> dict:
         """Cross-entropy of the classifiers without a softmax weight, on detached vectors."""
-        vectors = output.levels or (None,) * (len(self.level_names) - 1) + (output.concat,)
-        heads = iter(self._classifiers)
-        probes = {}
-        for i, (vector, logits) in enumerate(zip(vectors, output.logits)):
-            if logits is None:
-                continue
-            head = next(heads)
-            if not (softmax and softmax[i]):
-                probes[f"probe_{self.level_names[i]}"] = self.cross_entropy(head(vector.detach()), labels[:, i])
-        return probes
+        unweighted = [i for i, name in enumerate(self.level_names)
+                      if name in output.logits and not (softmax and softmax[i])]
+        if not unweighted:
+            return {}
+        logits = self._classify({k: v.detach() for k, v in output.levels.items()}, output.concat.detach())
+        return {f"probe_{self.level_names[i]}": self.cross_entropy(logits[self.level_names[i]], labels[:, i])
+                for i in unweighted}

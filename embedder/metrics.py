@@ -13,13 +13,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def exact_neighbours(vectors: np.ndarray, k: int, *, chunk: int = 2048) -> np.ndarray:
     """Leave-one-out top-`k` by Euclidean distance, brute force in chunks: ``(n, k)`` indices."""
     vectors = np.asarray(vectors, dtype=np.float32)
     n = len(vectors)
     if not 0 < k < n:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} vectors, got {k}")
+        raise ConfigError(f"k must be in [1, {n - 1}] for {n} vectors, got {k}")
     norms = (vectors * vectors).sum(1)
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
@@ -66,7 +68,7 @@ def map_at_r(same: np.ndarray, r: np.ndarray, level: int = -1) -> float:
     """
     r = np.asarray(r)
     if r.max() > same.shape[1]:
-        raise ValueError(f"MAP@R needs {r.max()} hits per query, got {same.shape[1]}")
+        raise ConfigError(f"MAP@R needs {r.max()} hits per query, got {same.shape[1]}")
     hit = same[:, : r.max(), level]
     ranks = np.arange(1, hit.shape[1] + 1)
     precision = np.cumsum(hit, axis=1) / ranks
@@ -118,9 +120,9 @@ def hierarchical_ap(
     n, depth = labels.shape
     w = np.ones(depth) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (depth,) or (w <= 0).any():
-        raise ValueError(f"weights must be {depth} positive numbers, got {weights}")
+        raise ConfigError(f"weights must be {depth} positive numbers, got {weights}")
     if len(vectors) != n or n < 2:
-        raise ValueError(f"need at least 2 vectors with one label row each, got {len(vectors)} and {n}")
+        raise ConfigError(f"need at least 2 vectors with one label row each, got {len(vectors)} and {n}")
     norms = (vectors * vectors).sum(1)
     ranks = np.arange(1, n, dtype=np.float64)
     scores: list[np.ndarray] = []

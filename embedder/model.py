@@ -12,10 +12,17 @@ vector is the concatenation of the level vectors, each times its weight
 unit length, so L2, inner-product and cosine search rank alike, and its squared
 distance is the weighted mean of the per-level squared distances.
 
+Per-level parts (pools, heads, classifiers) and outputs (level vectors, logits) are keyed
+by level name. A flat model (the baseline) has one head, `IMAGE`, on the deepest map and
+one classifier, for the finest level, reading the image vector: its outputs have no level
+vectors and logits for that level only.
+
 >>> config = EmbedderConfig(("dept", "cat", "item"), (3, 6, 10), (32, 32, 64), backbone="resnet18")
 >>> out = PyramidEmbedder(config)(torch.rand(2, 3, 64, 64))
->>> [tuple(v.shape) for v in out.levels], tuple(out.concat.shape)
-([(2, 32), (2, 32), (2, 64)], (2, 128))
+>>> {level: tuple(v.shape) for level, v in out.levels.items()}, tuple(out.concat.shape)
+({'dept': (2, 32), 'cat': (2, 32), 'item': (2, 64)}, (2, 128))
+>>> {level: tuple(v.shape) for level, v in out.logits.items()}
+{'dept': (2, 3), 'cat': (2, 6), 'item': (2, 10)}
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec, build_backbone
-from .config import EmbedderConfig
+from .config import IMAGE, EmbedderConfig
+from .errors import ConfigError
 
 
 class PyramidOutput(NamedTuple):
-    levels: tuple[torch.Tensor, ...]  # one (n, d_i) unit vector per level, coarsest first; () when flat
+    levels: dict[str, torch.Tensor]  # level -> (n, d_i) unit vectors, coarsest first; empty when flat
     concat: torch.Tensor  # (n, sum d_i), unit length
-    logits: tuple[torch.Tensor | None, ...]  # per level; None where the mode has no classifier
+    logits: dict[str, torch.Tensor]  # level -> (n, classes) for each level with a classifier
 
 
 class GeM(nn.Module):
@@ -86,7 +94,7 @@ class PyramidEmbedder(nn.Module):
         spec = backbone_spec(config.backbone)
         taken = 1 if config.mode == "flat" else config.depth
         if taken > len(spec.stages):
-            raise ValueError(f"{spec.name} has {len(spec.stages)} stages, {taken} levels asked")
+            raise ConfigError(f"{spec.name} has {len(spec.stages)} stages, {taken} levels asked")
         self.stages = spec.stages[-taken:]  # shallow to deep
         self.strides = spec.strides[-taken:]
         self.body = create_feature_extractor(
@@ -99,20 +107,19 @@ class PyramidEmbedder(nn.Module):
         weights = config.level_weights or (1.0,) * config.depth
         norm = math.sqrt(sum(w * w for w in weights))
         self.level_weights = tuple(w / norm for w in weights)
+        names = config.level_names
         if config.mode == "pyramid":
             self.fpn = FeaturePyramidNetwork(list(self.stage_channels), config.fpn_channels)
-            self.pools = nn.ModuleList(_pool(config.pooling) for _ in range(config.depth))
-            self.heads = nn.ModuleList(nn.Linear(config.fpn_channels, d) for d in config.level_dims)
-            self.classifiers = nn.ModuleList(
-                CosineClassifier(d, n, config.classifier_scale)
-                for d, n in zip(config.level_dims, config.num_classes)
-            )
+            self.pools = nn.ModuleDict({name: _pool(config.pooling) for name in names})
+            self.heads = nn.ModuleDict({name: nn.Linear(config.fpn_channels, d)
+                                        for name, d in zip(names, config.level_dims)})
+            self.classifiers = nn.ModuleDict({name: CosineClassifier(d, n, config.classifier_scale)
+                                              for name, d, n in zip(names, config.level_dims, config.num_classes)})
         else:
-            self.pools = nn.ModuleList([_pool(config.pooling)])
-            self.heads = nn.ModuleList([nn.Linear(self.stage_channels[-1], config.dim)])
-            self.classifiers = nn.ModuleList(
-                [CosineClassifier(config.dim, config.num_classes[-1], config.classifier_scale)]
-            )
+            self.pools = nn.ModuleDict({IMAGE: _pool(config.pooling)})
+            self.heads = nn.ModuleDict({IMAGE: nn.Linear(self.stage_channels[-1], config.dim)})
+            self.classifiers = nn.ModuleDict(
+                {names[-1]: CosineClassifier(config.dim, config.num_classes[-1], config.classifier_scale)})
 
     def _dry_run_channels(self) -> tuple[int, ...]:
         was_training = self.body.training
@@ -139,23 +146,25 @@ class PyramidEmbedder(nn.Module):
         maps = self.fpn(OrderedDict((s, feats[s]) for s in self.stages))
         return [maps[s] for s in reversed(self.stages)]
 
-    def vectors(self, images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def vectors(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(level vectors, image vector) without the classifiers: what retrieval needs."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (n, 3, H, W), got {tuple(images.shape)}")
+            raise ConfigError(f"expected images of shape (n, 3, H, W), got {tuple(images.shape)}")
         if self.config.mode == "flat":
             deepest = self.body((images - self.mean) / self.std)[self.stages[-1]]
-            return (), F.normalize(self.heads[0](self.pools[0](deepest)), dim=1)
-        levels = tuple(
-            F.normalize(head(pool(fmap)), dim=1)
-            for fmap, pool, head in zip(self.pyramid(images), self.pools, self.heads)
-        )
-        return levels, torch.cat([w * v for w, v in zip(self.level_weights, levels)], dim=1)
+            return {}, F.normalize(self.heads[IMAGE](self.pools[IMAGE](deepest)), dim=1)
+        levels = {
+            name: F.normalize(self.heads[name](self.pools[name](fmap)), dim=1)
+            for name, fmap in zip(self.config.level_names, self.pyramid(images))
+        }
+        return levels, torch.cat([w * v for w, v in zip(self.level_weights, levels.values())], dim=1)
+
+    def classify(self, levels: dict[str, torch.Tensor], concat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every level with a classifier, from the vectors it reads (its level's; the image
+        vector for a flat model): also from vectors read back from a collection."""
+        flat = self.config.mode == "flat"
+        return {name: classifier(concat if flat else levels[name]) for name, classifier in self.classifiers.items()}
 
     def forward(self, images: torch.Tensor) -> PyramidOutput:
         levels, concat = self.vectors(images)
-        if self.config.mode == "flat":
-            logits = (None,) * (self.config.depth - 1) + (self.classifiers[0](concat),)
-            return PyramidOutput((), concat, logits)
-        logits = tuple(clf(v) for clf, v in zip(self.classifiers, levels))
-        return PyramidOutput(levels, concat, logits)
+        return PyramidOutput(levels, concat, self.classify(levels, concat))

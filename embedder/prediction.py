@@ -10,19 +10,20 @@ with depth.
 >>> hierarchy = Hierarchy.from_paths(["a/x", "a/y", "b/z"], ("top", "leaf"))
 >>> top = torch.log(torch.tensor([[0.6, 0.4]]))            # a, b
 >>> leaf = torch.log(torch.tensor([[0.05, 0.05, 0.9]]))    # a/x, a/y, b/z
->>> [p.path for p in decode_paths([top, leaf], hierarchy)]  # argmax per level: a, then b/z
+>>> [p.path for p in decode_paths({"top": top, "leaf": leaf}, hierarchy)]  # argmax per level: a, then b/z
 ['b/z']
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .hierarchy import Hierarchy
 
 
@@ -48,19 +49,18 @@ class Prediction:
                 "alternatives": [{"path": p, "probability": q} for p, q in self.alternatives]}
 
 
-def decode_paths(log_probs: Sequence[torch.Tensor | None], hierarchy: Hierarchy, *, top: int = 3) -> list[Prediction]:
-    """Joint decoding of per-level log-probabilities ``(n, C_level)`` (None where a level has no classifier)."""
-    if len(log_probs) != hierarchy.depth:
-        raise ValueError(f"expected log-probabilities for {hierarchy.depth} levels, got {len(log_probs)}")
+def decode_paths(log_probs: Mapping[str, torch.Tensor], hierarchy: Hierarchy, *, top: int = 3) -> list[Prediction]:
+    """Joint decoding of per-level log-probabilities ``{level: (n, C_level)}`` (the levels with a classifier)."""
+    unknown = [name for name in log_probs if name not in hierarchy.level_names]
+    if unknown:
+        raise ConfigError(f"log-probabilities for unknown levels {unknown}; levels are {list(hierarchy.level_names)}")
     ancestors = torch.from_numpy(hierarchy.ancestors())  # (n_leaves, depth): each leaf's code at every level
-    present = [lp for lp in log_probs if lp is not None]
-    if not present:
-        raise ValueError("no level has a classifier: nothing to predict from")
-    n = present[0].shape[0]
+    if not log_probs:
+        raise ConfigError("no level has a classifier: nothing to predict from")
+    n = next(iter(log_probs.values())).shape[0]
     scores = torch.zeros(n, len(hierarchy.leaves))
-    for level, lp in enumerate(log_probs):
-        if lp is not None:
-            scores += lp.float()[:, ancestors[:, level]]
+    for name, lp in log_probs.items():
+        scores += lp.float()[:, ancestors[:, hierarchy.level_names.index(name)]]
     path_probs = torch.softmax(scores, dim=1)  # over every path of the tree
     level_probs = []
     for level in range(hierarchy.depth):  # marginal of each category: sum over its paths
@@ -116,14 +116,15 @@ def expected_calibration_error(probs: np.ndarray | torch.Tensor, labels, *, bins
     return float(ece)
 
 
-def calibrate(logits: Sequence[torch.Tensor | None], labels: np.ndarray, level_names: Sequence[str]) -> dict:
-    """Per-level temperatures fitted on held-out `logits`, with ECE and NLL before and after.
+def calibrate(logits: Mapping[str, torch.Tensor], labels: np.ndarray, level_names: Sequence[str]) -> dict:
+    """Per-level temperatures fitted on held-out `logits` ``{level: (n, C)}``, with ECE and NLL before and after.
 
     Returns ``{"temperatures": [...], "ece_before": {...}, "ece_after": {...}, "nll_before": ..., "nll_after": ...}``
     (a level without a classifier keeps temperature 1).
     """
     report: dict = {"temperatures": [], "ece_before": {}, "ece_after": {}, "nll_before": {}, "nll_after": {}}
-    for level, (name, level_logits) in enumerate(zip(level_names, logits)):
+    for level, name in enumerate(level_names):
+        level_logits = logits.get(name)
         if level_logits is None:
             report["temperatures"].append(1.0)
             continue

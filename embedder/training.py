@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
+from hiervec_core.names import LEAF_SOFTMAX_MIN_IMAGES
+
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, restore_weights, save_checkpoint
 from .prediction import calibrate
@@ -54,7 +56,6 @@ DEFAULT_SOFTMAX = 0.05
 # over them barely learns and cost unseen products' R@1 (0.07 for flat + softmax with
 # weight 1, against 0.53 without), so there the leaf gets none (BENCHMARKS.md).
 LEAF_SOFTMAX = 1.0
-LEAF_SOFTMAX_MIN_IMAGES = 20
 
 # How batch norm trains: `batch` (each process's own batch statistics, as one process
 # always did), `sync` (SyncBatchNorm: statistics of the global batch; CUDA only in torch),
@@ -168,7 +169,7 @@ def split_validation(leaf_labels: np.ndarray, fraction: float, seed: int) -> tup
 
 def evaluate(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray, batch_size: int = 128) -> dict[str, float]:
     """Exact leave-one-out retrieval metrics of `model` on uint8 `images` with `labels`."""
-    _, concat = forward_batches(model, images, batch_size)
+    concat = forward_batches(model, images, batch_size).concat
     r = others_in_category(labels)
     k = min(len(images) - 1, max(10, int(r.max())))
     same = agreement(labels, exact_neighbours(concat, k))
@@ -240,7 +241,7 @@ def train(
     model.to(device)
     weights = tc.loss_weights(config, labels[train_idx, -1])
     pair_loss = distributed.GlobalBatchLoss(ContrastiveLoss(tc.margin)) if context.enabled else None
-    criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classifiers, pair_loss=pair_loss)
+    criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classify, pair_loss=pair_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tc.epochs * steps, tc.warmup_fraction))
     scaler = precision.grad_scaler()
@@ -355,20 +356,19 @@ def _freeze_batch_norm(model: nn.Module) -> None:
             module.eval()
 
 
-def validation_logits(model: PyramidEmbedder, images: torch.Tensor, batch_size: int = 128) -> list[torch.Tensor | None]:
-    """Per-level classifier logits of uint8 `images` in eval mode, on the CPU (None where a level has no classifier)."""
+def validation_logits(model: PyramidEmbedder, images: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Classifier logits of uint8 `images` in eval mode, on the CPU: ``{level: (n, C)}`` for the levels with one."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts: list[list[torch.Tensor]] = [[] for _ in range(model.config.depth)]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in model.classifiers}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             out = model(images[start : start + batch_size].to(device).float().div_(255))
-            for level, logits in enumerate(out.logits):
-                if logits is not None:
-                    parts[level].append(logits.float().cpu())
+            for level, logits in out.logits.items():
+                parts[level].append(logits.float().cpu())
     model.train(was_training)
-    return [torch.cat(p) if p else None for p in parts]
+    return {level: torch.cat(p) for level, p in parts.items() if p}
 
 
 def _check_inputs(images: torch.Tensor, labels: np.ndarray, hierarchy: Hierarchy, config: EmbedderConfig) -> None:

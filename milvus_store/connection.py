@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hiervec_core.names import DEFAULT_URI
+
 from .errors import StoreConnectionError
 
-DEFAULT_URI = "./hiervec.db"
 URI_ENV = "HIERVEC_MILVUS_URI"
 TOKEN_ENV = "HIERVEC_MILVUS_TOKEN"
 _REMOTE = re.compile(r"^(https?|tcp|grpcs?|unix)://", re.IGNORECASE)

@@ -15,13 +15,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
+from hiervec_core.names import LITE_INDEXES, SERVER_INDEXES
+
 from .errors import StoreError, UnsupportedIndexError
 
 METRICS = ("L2", "IP", "COSINE")
-# Milvus Lite accepts IVF_PQ, DISKANN and SCANN but fails when loading them.
-LITE_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
-SERVER_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN")
-DEFAULT_INDEX = "HNSW"
 ID_MAX_LENGTH = 512
 URI_MAX_LENGTH = 4096
 CATEGORY_MAX_LENGTH = 2048
@@ -30,6 +28,7 @@ META_MAX_DEPTH = 32  # objects and lists inside one another; deeper is refused, 
 SEPARATOR = "/"
 PROPERTY_SPEC = "hiervec.spec"
 PROPERTY_FINGERPRINT = "hiervec.fingerprint"
+PROPERTY_MODEL = "hiervec.model"  # where the model that fills the collection lives (written at ingest)
 LAYOUT = 2  # 1: before predicted paths (no predicted / conf_<level> fields)
 _RESERVED = ("id", "uri", "meta", "vec", "predicted")
 _LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")

@@ -97,13 +97,14 @@ def test_nothing_reads_a_device_tensor_without_bringing_it_to_the_host(tmp_path,
     expected = embedder.embed(images[:3])
     model = embedder.model
     vectors = model.vectors
-    monkeypatch.setattr(model, "vectors", lambda x: (tuple(map(on_device, vectors(x)[0])), on_device(vectors(x)[1])))
-    for classifier in model.classifiers:
+    monkeypatch.setattr(model, "vectors", lambda x: ({k: on_device(v) for k, v in vectors(x)[0].items()},
+                                                     on_device(vectors(x)[1])))
+    for classifier in model.classifiers.values():
         forward = classifier.forward
         monkeypatch.setattr(classifier, "forward", lambda x, forward=forward: on_device(forward(x)))
     out = embedder.embed(images[:3])
     assert type(out.concat) is np.ndarray and np.array_equal(out.concat, expected.concat)
-    predictions = embedder.predict_vectors(out.levels, out.concat)
+    predictions = embedder.predict_vectors(out)
     assert len(predictions) == 3 and all(0 < p.confidence() <= 1 for p in predictions)
 
 

@@ -27,14 +27,15 @@ def test_model_contract(backbone, depth):
     model = PyramidEmbedder(config).eval()
     with torch.no_grad():
         out = model(torch.rand(3, 3, 64, 64))
-    assert len(out.levels) == depth == len(model.level_maps)
-    assert [tuple(v.shape) for v in out.levels] == [(3, d) for d in config.level_dims]
+    assert list(out.levels) == list(config.level_names) == list(model.level_maps)
+    assert [tuple(v.shape) for v in out.levels.values()] == [(3, d) for d in config.level_dims]
     assert tuple(out.concat.shape) == (3, config.dim)
-    for vector in (*out.levels, out.concat):
+    for vector in (*out.levels.values(), out.concat):
         assert torch.isfinite(vector).all()
         assert torch.allclose(vector.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert torch.allclose(out.concat, torch.cat(out.levels, 1) / math.sqrt(depth))
-    assert [tuple(l.shape) for l in out.logits] == [(3, n) for n in config.num_classes]
+    assert torch.allclose(out.concat, torch.cat(list(out.levels.values()), 1) / math.sqrt(depth))
+    assert {k: tuple(v.shape) for k, v in out.logits.items()} == {
+        name: (3, n) for name, n in zip(config.level_names, config.num_classes)}
 
 
 def test_coarsest_level_reads_the_deepest_map():
@@ -53,19 +54,20 @@ def test_each_level_vector_comes_from_its_own_map():
     x = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        model.heads[0].weight.normal_()
+        model.heads["department"].weight.normal_()
         after = model(x)
-    assert not torch.allclose(before.levels[0], after.levels[0])
-    assert torch.equal(before.levels[1], after.levels[1])
-    assert torch.equal(before.levels[2], after.levels[2])
+    assert not torch.allclose(before.levels["department"], after.levels["department"])
+    assert torch.equal(before.levels["category"], after.levels["category"])
+    assert torch.equal(before.levels["item"], after.levels["item"])
 
 
 def test_flat_mode_has_one_vector_of_the_total_size():
     config = make_config(3, mode="flat")
     out = PyramidEmbedder(config).eval()(torch.rand(2, 3, 64, 64))
-    assert out.levels == ()
+    assert out.levels == {}
     assert tuple(out.concat.shape) == (2, config.dim)
-    assert out.logits[:2] == (None, None) and tuple(out.logits[2].shape) == (2, config.num_classes[2])
+    leaf = config.level_names[-1]
+    assert list(out.logits) == [leaf] and tuple(out.logits[leaf].shape) == (2, config.num_classes[2])
 
 
 def test_gem_pooling_matches_the_generalised_mean():
@@ -82,7 +84,7 @@ def test_gem_pooling_matches_the_generalised_mean():
     out, baseline = gem(images), avg(images)
     assert torch.allclose(out.concat.norm(dim=1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(out.concat, baseline.concat)  # the pooling is really GeM's
-    assert [p.item() for p in gem.pools[0].parameters()] == [3.0]  # the learned exponent starts at 3
+    assert [p.item() for p in gem.pools[gem.config.level_names[0]].parameters()] == [3.0]  # the learned exponent starts at 3
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,8 @@ def test_config_validation(change, message):
 def test_level_weights_scale_each_level_in_the_image_vector():
     config = make_config(3, level_weights=(0.5, 1.0, 2.0))
     out = PyramidEmbedder(config).eval()(torch.rand(2, 3, 64, 64))
-    expected = torch.cat([0.5 * out.levels[0], out.levels[1], 2 * out.levels[2]], 1) / math.sqrt(0.25 + 1 + 4)
+    first, second, third = out.levels.values()
+    expected = torch.cat([0.5 * first, second, 2 * third], 1) / math.sqrt(0.25 + 1 + 4)
     assert torch.allclose(out.concat, expected, atol=1e-6)
     assert torch.allclose(out.concat.norm(dim=1), torch.ones(2), atol=1e-5)
 

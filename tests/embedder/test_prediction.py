@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedder import Hierarchy, calibrate, decode_paths, expected_calibration_error, fit_temperature
+from embedder import ConfigError, Hierarchy, calibrate, decode_paths, expected_calibration_error, fit_temperature
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ def test_joint_decoding_never_picks_a_child_outside_its_parent():
                        [one_hot_ish(2, "footwear/boots/boot", 0.4)])
     argmax_path = [TREE.vocabularies[i][int(lp.argmax())] for i, lp in enumerate(levels)]
     assert argmax_path == ["clothing", "footwear/boots", "footwear/boots/boot"]
-    [prediction] = decode_paths(levels, TREE)
+    [prediction] = decode_paths(dict(zip(TREE.level_names, levels)), TREE)
     assert prediction.path == "footwear/boots/boot"
     p = prediction.probabilities
     assert list(p) == ["department", "category", "item"]
@@ -53,13 +53,15 @@ def test_joint_decoding_never_picks_a_child_outside_its_parent():
 
 
 def test_a_level_without_a_classifier_is_decided_by_the_others():
-    leaf_only = [None, None, torch.log(torch.tensor([one_hot_ish(2, "clothing/tops/coat", 0.7)]))]
+    leaf_only = {"item": torch.log(torch.tensor([one_hot_ish(2, "clothing/tops/coat", 0.7)]))}
     [prediction] = decode_paths(leaf_only, TREE)
     assert prediction.path == "clothing/tops/coat"
     assert prediction.probabilities["item"] == pytest.approx(0.7, rel=1e-5)
     assert prediction.probabilities["department"] == pytest.approx(0.7 + 2 * 0.075, rel=1e-5)
-    with pytest.raises(ValueError, match="expected log-probabilities for 3 levels, got 2"):
-        decode_paths(leaf_only[:2], TREE)
+    with pytest.raises(ConfigError, match=r"log-probabilities for unknown levels \['leaf'\]"):
+        decode_paths({"leaf": leaf_only["item"]}, TREE)
+    with pytest.raises(ConfigError, match="no level has a classifier"):
+        decode_paths({}, TREE)
 
 
 def overconfident(n, classes, seed):
@@ -82,7 +84,7 @@ def test_calibration_lowers_held_out_nll_and_ece():
     assert expected_calibration_error(torch.softmax(test_logits / t, 1), test_labels) < 0.5 * \
         expected_calibration_error(torch.softmax(test_logits, 1), test_labels)
 
-    report = calibrate([fit_logits, None], np.stack([fit_labels, fit_labels], 1), ("a", "b"))
+    report = calibrate({"a": fit_logits}, np.stack([fit_labels, fit_labels], 1), ("a", "b"))
     assert report["temperatures"][0] == pytest.approx(t) and report["temperatures"][1] == 1.0
     assert report["nll_after"]["a"] < report["nll_before"]["a"] and "b" not in report["ece_before"]
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_fingerprint_follows_the_weights(tmp_path):
     a = save_checkpoint(tmp_path / "a.pt", model, hierarchy).fingerprint
     assert save_checkpoint(tmp_path / "b.pt", model, hierarchy).fingerprint == a
     with torch.no_grad():
-        model.heads[0].bias.add_(1e-3)
+        model.heads[hierarchy.level_names[0]].bias.add_(1e-3)
     assert save_checkpoint(tmp_path / "c.pt", model, hierarchy).fingerprint != a
 
 
@@ -161,12 +163,37 @@ def test_damaged_checkpoints_are_named_errors_not_tracebacks(tmp_path):
     with pytest.raises(CheckpointError, match="has an unreadable model description"):
         load_checkpoint(tmp_path / "bad-config.pt")
     weights = dict(good.state_dict)
-    weights.pop("heads.0.weight")
-    weights["heads.1.bias"] = torch.zeros(99)
+    first, second = hierarchy.level_names[:2]
+    weights.pop(f"heads.{first}.weight")
+    weights[f"heads.{second}.bias"] = torch.zeros(99)
     torch.save(payload | {"state_dict": weights | {"extra.w": torch.zeros(1)}}, tmp_path / "weights.pt")
-    with pytest.raises(CheckpointError, match=r"1 missing \(heads.0.weight\); 1 unexpected \(extra.w\); "
-                                              r"1 of another shape \(heads.1.bias\) weights"):
+    with pytest.raises(CheckpointError, match=rf"1 missing \(heads.{first}.weight\); 1 unexpected \(extra.w\); "
+                                              rf"1 of another shape \(heads.{second}.bias\) weights"):
         Embedder.from_checkpoint(tmp_path / "weights.pt", device="cpu")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["pyramid", "flat"])
+def test_files_of_the_positional_format_load_with_the_same_vectors_and_fingerprints(tmp_path, mode):
+    """Per-level parts were once numbered by position (heads.0.weight); such files load, and the
+    fingerprints (which collections record) are the same as for the level-keyed model."""
+    from embedder.checkpoint import positional_key
+
+    images, _, hierarchy = tiny_data()
+    config = replace(tiny_config(hierarchy), mode=mode)
+    saved = save_checkpoint(tmp_path / "new.pt", PyramidEmbedder(config), hierarchy)
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    old_keys = {positional_key(k, config): v for k, v in payload["state_dict"].items()}
+    assert ("heads.0.weight" in old_keys) and not any(k.startswith(f"heads.{hierarchy.level_names[0]}.")
+                                                      for k in old_keys)
+    torch.save(payload | {"state_dict": old_keys}, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt")
+    assert sorted(old.state_dict) == sorted(saved.state_dict)
+    assert old.vector_fingerprint == saved.vector_fingerprint
+    new_embedder = Embedder.from_checkpoint(tmp_path / "new.pt", device="cpu")
+    old_embedder = Embedder.from_checkpoint(tmp_path / "old.pt", device="cpu")
+    assert old_embedder.fingerprint == new_embedder.fingerprint
+    np.testing.assert_array_equal(old_embedder.embed(images[:4]).concat, new_embedder.embed(images[:4]).concat)
 
 
 @pytest.mark.unit
@@ -214,3 +241,16 @@ def test_fashion_mnist_training_lowers_the_loss_and_beats_the_untrained_model(tm
     assert after["recall@1"] > before["recall@1"] + 2 * standard_error
     assert after["map@r"] > before["map@r"]
     assert after["consistency@10/department"] > before["consistency@10/department"]
+
+
+@pytest.mark.unit
+def test_fingerprints_of_a_seeded_model_are_those_of_earlier_releases(tmp_path):
+    """Collections record the vector fingerprint: a refactor of the model must not change it. These
+    values were computed by the release whose parts were numbered by position."""
+    hierarchy = Hierarchy.from_paths(["a/x/1", "a/y/2", "b/z/3"], ("dept", "cat", "item"))
+    expected = {"pyramid": ("019c6ce4684d3f44", "aaa70d84b58cafaf"), "flat": ("dfbbaaea2770df8f", "190c44e2401b0925")}
+    for mode, (full, vectors) in expected.items():
+        torch.manual_seed(0)
+        config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, mode=mode)
+        saved = save_checkpoint(tmp_path / f"{mode}.pt", PyramidEmbedder(config), hierarchy)
+        assert (saved.fingerprint, saved.vector_fingerprint) == (full, vectors), mode

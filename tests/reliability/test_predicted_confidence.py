@@ -40,7 +40,7 @@ def test_every_prediction_is_a_probability_the_store_accepts(data):
         logits = torch.from_numpy(data.draw(arrays(np.float32, (n, classes), elements=LOGIT)))
         scale = data.draw(st.sampled_from([1.0, 16.0, 1e3]))
         log_probs.append(torch.log_softmax(logits * scale, dim=1))
-    predictions = decode_paths(log_probs, HIERARCHY)
+    predictions = decode_paths(dict(zip(HIERARCHY.level_names, log_probs)), HIERARCHY)
     for p in predictions:
         assert all(0.0 <= v <= 1.0 for v in p.probabilities.values()), p.probabilities
         assert all(0.0 <= q <= 1.0 for _, q in p.alternatives)

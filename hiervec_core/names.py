@@ -1,0 +1,27 @@
+"""Names and defaults that more than one room uses: the one place they are written.
+
+The library validates against these and the CLI builds its choices and help from them;
+`tests/test_defaults.py` checks that the registries behind them (torchvision backbones,
+Milvus index builders) cover exactly these names.
+"""
+
+from __future__ import annotations
+
+DEFAULT_URI = "./hiervec.db"  # a Milvus Lite file, the embedded default
+DEFAULT_COLLECTION = "images"
+
+BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50")  # embedder.backbones builds each
+DEFAULT_BACKBONE = "mobilenet_v2"
+
+# Milvus Lite accepts IVF_PQ, DISKANN and SCANN but fails when loading them.
+LITE_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
+SERVER_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN")
+DEFAULT_INDEX = "HNSW"
+MAX_TOPK = 16384  # Milvus's limit on the hits of one search; `HierStore.search_iter` goes past it
+
+# A leaf label needs this many images (median) for its softmax to help retrieval; below it
+# (product-like leaves) the leaf level trains with the contrastive loss alone.
+LEAF_SOFTMAX_MIN_IMAGES = 20
+
+FUSIONS = ("rrf", "weighted")  # how a hybrid search fuses the level vectors' rankings
+PREDICTED_CHOICES = ("include", "exclude", "only")  # stored images whose category the model predicted
