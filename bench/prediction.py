@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",")]
 
     from embedder import Embedder, expected_calibration_error, fashion_mnist
-    from milvus_store import Ids, ImageIndex, Record, Under
+    from milvus_store import ImageIndex, Record, SearchRequest
 
     if args.smoke:
         images, labels, embedder = _smoke_setup()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     hierarchy, names = embedder.hierarchy, embedder.level_names
     started = time.perf_counter()
     out = embedder.embed(images)
-    predictions = embedder.predict_vectors(out.levels, out.concat)
+    predictions = embedder.predict_vectors(out)
     truth = [hierarchy.leaves[int(code)] for code in labels[:, -1]]
     report: dict = {"machine": describe(("torch", "pymilvus", "milvus-lite")),
                     "command": "python bench/prediction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -84,18 +84,16 @@ def main(argv: list[str] | None = None) -> int:
                    for i in range(len(truth))]
         index.store.upsert(records)
         index.store.flush()
-        vectors = _Rows(out, queries)
-        configs = [("plain", None, None)] + [(f"auto {name} >= {t}", name, t) for name in names for t in thresholds]
+        configs = [("plain", None, 0.5)] + [(f"auto {name} >= {t}", name, t) for name in names for t in thresholds]
         report["routing"] = []
         for label, level, threshold in configs:
-            routes = index.route(vectors, level, threshold) if level else [None] * len(queries)
-            same_leaf, consistent, routed = [], {n: [] for n in names}, 0
-            for row, (query, route) in enumerate(zip(queries, routes)):
-                where = ~Ids((str(query),))
-                if route is not None and route.within is not None:
-                    routed += 1
-                    where = where & Under(route.within)
-                hits = index.store.search(out.concat[query][None], 10, where=where)[0]
+            # each query searches with its stored vectors, itself left out (leave-one-out)
+            request = SearchRequest(k=10, ids=tuple(str(q) for q in queries), auto=level, min_confidence=threshold)
+            results = index.search(request)
+            same_leaf, consistent = [], {n: [] for n in names}
+            routed = sum(1 for result in results if result.route is not None and result.route.routed)
+            for query, result in zip(queries, results):
+                hits = result.hits
                 query_path = truth[query].split("/")
                 same_leaf.append(bool(hits) and hits[0].category == truth[query])
                 for depth, name in enumerate(names, start=1):
@@ -129,20 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _Rows:
-    """Some rows of an embedding batch, in the shape `ImageIndex.route` takes."""
-
-    def __init__(self, out, rows):
-        self.concat = out.concat[rows]
-        self.levels = {name: v[rows] for name, v in out.levels.items()}
-
-
 def _raw_logits(embedder, out) -> list:
     """Each level's classifier logits before temperature (None where a level has none)."""
     with torch.inference_mode():
-        if embedder.config.mode == "flat":
-            return [None] * (embedder.config.depth - 1) + [embedder.model.classifiers[0](torch.from_numpy(out.concat))]
-        return [clf(torch.from_numpy(out.levels[n])) for clf, n in zip(embedder.model.classifiers, embedder.level_names)]
+        logits = embedder.model.classify({n: torch.from_numpy(v) for n, v in out.levels.items()},
+                                         torch.from_numpy(out.concat))
+    return [logits.get(name) for name in embedder.level_names]
 
 
 def _fashion_test(fashion_mnist, embedder):

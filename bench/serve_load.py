@@ -63,7 +63,7 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
     """In a child process: store `tree`, let Lite build its index, then time `ImageIndex.search` on
     `queries` in batches of 32 (queries per second). The process ends, so the server can open the file."""
     from embedder import Embedder, read_source
-    from milvus_store import ImageIndex, IngestItem
+    from milvus_store import ImageIndex, IngestItem, SearchRequest
 
     embedder = Embedder.from_checkpoint(model)
     blobs = [Path(q).read_bytes() for q in queries]
@@ -71,7 +71,8 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
         items = [IngestItem(item.path, item.category, uri=str(item.path)) for item in read_source(Path(tree)).items]
         index.ingest(items)
         time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
-        index.search(blobs[:32], 10)  # warm-up
+        request = SearchRequest(k=10)
+        index.search(request, blobs[:32])  # warm-up
         prepared = [embedder.prepare(b) for b in blobs[:32]]
         vectors = embedder.embed(prepared).concat
         parts = {"embed_1_ms": _best_ms(lambda: embedder.embed(prepared[:1])),
@@ -82,7 +83,7 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
         for _ in range(repeats):
             started = time.perf_counter()
             for start in range(0, len(blobs), 32):
-                index.search(blobs[start : start + 32], 10)
+                index.search(request, blobs[start : start + 32])
             best = min(best, time.perf_counter() - started)
     out.put((len(blobs) / best, parts))
 

@@ -2,12 +2,14 @@
 
 Commands parse options, call the library and render the result: a readable table by
 default, one JSON document on stdout with `--json` (progress then stays silent; it
-always goes to stderr). Library errors become one line on stderr and exit status 1.
+always goes to stderr). The library's errors (`EmbedderError`, `StoreError`) become one
+line on stderr and exit status 1; any other exception is a bug and shows its traceback.
 Heavy imports (torch, pymilvus) happen inside commands, so `hiervec --help` is instant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,9 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import click
 
-DEFAULT_COLLECTION = "images"
+from hiervec_core.names import (
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PREDICTED_CHOICES,
+    SERVER_INDEXES,
+)
 
 
 def _library_errors() -> tuple[type[BaseException], ...]:
@@ -36,7 +43,7 @@ class HiervecGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except (ValueError, FileNotFoundError, *_library_errors()) as exc:
+        except _library_errors() as exc:  # anything else is a bug: its traceback shows
             if os.environ.get("HIERVEC_DEBUG"):
                 raise
             message = " ".join(str(exc).split()) or exc.__class__.__name__
@@ -92,6 +99,21 @@ def emit(as_json: bool, data, text: str | None = None) -> None:
 def note(as_json: bool, message: str) -> None:
     if not as_json:
         click.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def progress_bar(length: int, label: str, as_json: bool, *, rate: str):
+    """A progress bar on stderr for a phase of `length` items, silent with --json or without a terminal;
+    yields `advance(n)`, which also shows the rate so far."""
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True, show_pos=True,
+                           hidden=as_json or not sys.stderr.isatty()) as bar:
+        started = time.perf_counter()
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            bar.label = f"{label} {bar.pos / max(time.perf_counter() - started, 1e-9):.0f} {rate}"
+
+        yield advance
 
 
 def optimize_option(func):
@@ -222,8 +244,7 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
 @click.option("--levels", default=None, help="Comma-separated level names, coarsest first. [default: level1,level2,...]")
 @click.option("--pad", is_flag=True, help="Accept shorter category paths by repeating their leaf.")
-@click.option("--backbone", type=click.Choice(["mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50"]),
-              default="mobilenet_v2", show_default=True)
+@click.option("--backbone", type=click.Choice(BACKBONES), default=DEFAULT_BACKBONE, show_default=True)
 @click.option("--weights", default="imagenet", show_default=True,
               help="'imagenet', a torchvision weights name, a state-dict PATH, or 'none' for random initialisation.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
@@ -233,7 +254,8 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @click.option("--mode", type=click.Choice(["pyramid", "flat"]), default="pyramid", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--leaf-softmax", type=click.FloatRange(min=0), default=None,
-              help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has 20 or "
+              help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has "
+                   f"{LEAF_SOFTMAX_MIN_IMAGES} or "
                    "more images (classes), else 0 (product-like leaves)]")
 @click.option("--classes-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Leaf classes in each process's batch (under torchrun the global batch is this times the "
@@ -319,8 +341,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 @store_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images read, decoded and written together (memory grows with it).")
-@click.option("--index", type=click.Choice(["FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN"]),
-              default=None, help="Vector index when the collection is created. [default: HNSW]")
+@click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
+              help=f"Vector index when the collection is created. [default: {DEFAULT_INDEX}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
@@ -340,19 +362,13 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
     with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
-        with click.progressbar(length=len(items), label="ingest", file=sys.stderr, show_eta=True, show_pos=True,
-                               hidden=as_json or not sys.stderr.isatty()) as bar:
-            started = time.perf_counter()
-
-            def advance(n: int) -> None:
-                bar.update(n)
-                bar.label = f"ingest {bar.pos / max(time.perf_counter() - started, 1e-9):.0f} img/s"
-
+        with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
             report = image_index.ingest(items, batch_size=batch_size, progress=advance)
         report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
                          for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
         count = image_index.store.count()
+        image_index.store.record_model(str(model_path.resolve()))  # so `hiervec search` finds it
     result = report.to_dict() | {"collection": collection, "count": count}
     if report_path is not None:  # its folder was made (or refused) by check_writable before the work
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
@@ -376,17 +392,27 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
 
 # -- search ------------------------------------------------------------------------------
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@model_option
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--id", "ids", multiple=True, metavar="ID",
+              help="Search with this stored image's vectors (it is left out of its own hits). Repeatable.")
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint written by `hiervec train`. [default: the one `hiervec ingest` recorded in the "
+                   "collection]")
 @store_options
-@click.option("-k", "k", type=click.IntRange(1, 16384), default=10, show_default=True, help="Hits per query.")
+@click.option("-k", "k", type=click.IntRange(1, MAX_TOPK), default=10, show_default=True, help="Hits per query.")
 @click.option("--where", multiple=True, metavar="LEVEL=VALUE",
               help="Only this category at LEVEL (a path like clothing/tops, or a unique name). Repeatable.")
 @click.option("--under", default=None, metavar="PATH", help="Only inside this subtree, e.g. clothing/tops.")
 @click.option("--level", default=None, help="Search one level's vector instead of the image vector.")
+@click.option("--fuse", type=click.Choice(FUSIONS), default=None,
+              help="Search every level's vector at once and fuse the rankings: rrf (reciprocal rank fusion) or "
+                   "weighted (normalised scores times --level-weights).")
+@click.option("--level-weights", default=None, metavar="LEVEL=W,...",
+              help="With --fuse weighted (implied): the levels searched and their weights, e.g. "
+                   "category=1,item=2.")
 @click.option("--group-by", default=None, metavar="LEVEL", help="At most --group-size hits per category of LEVEL.")
 @click.option("--group-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--predicted", type=click.Choice(["include", "exclude", "only"]), default="include", show_default=True,
+@click.option("--predicted", type=click.Choice(PREDICTED_CHOICES), default="include", show_default=True,
               help="Stored images whose category was predicted at ingest, not given.")
 @click.option("--min-label-confidence", type=click.FloatRange(0, 1), default=None, metavar="P",
               help="Only stored images whose category (finest level) has at least this probability.")
@@ -399,53 +425,65 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
 @compute_options
 @json_option
 @uses_milvus
-def search(images, model_path, uri, collection, token, k, where, under, level, group_by, group_size, predicted,
-           min_label_confidence, auto, min_confidence, sheet, device, amp, as_json):
-    """Find the images nearest to each IMAGE, optionally inside parts of the hierarchy."""
-    from milvus_store import CollectionNotFoundError, Confident, ImageIndex, Predicted
+def search(images, ids, model_path, uri, collection, token, k, where, under, level, fuse, level_weights, group_by,
+           group_size, predicted, min_label_confidence, auto, min_confidence, sheet, device, amp, as_json):
+    """Find the images nearest to each IMAGE (or stored --id), optionally inside parts of the hierarchy."""
+    from milvus_store import SearchRequest, uri_path
 
-    from .filters import build_filter, known_categories, parse_pairs
+    from .filters import parse_pairs, parse_weights
     from .output import contact_sheet, hit_dict, hits_table, route_line
 
+    if not images and not ids:
+        raise click.UsageError("give query IMAGES, or stored images with --id")
     for image in images:
         if not image.is_file():
             raise click.ClickException(f"query image {str(image)!r} does not exist")
     check_writable(sheet, "--sheet")
-    embedder = load_embedder(model_path, device=device, amp=amp)
-    model_known = {name: set(vocab)
-                   for name, vocab in zip(embedder.hierarchy.level_names, embedder.hierarchy.vocabularies)}
-    for option, value in (("--level", level), ("--group-by", group_by), ("--auto", auto)):
-        if value is not None and value not in model_known:
-            raise click.ClickException(f"unknown level {value!r} for {option}; levels are {', '.join(model_known)}")
-    parse_pairs(where)  # a malformed --where is a usage error before anything is opened
+    request = SearchRequest(
+        k=k, level=level, where=tuple(parse_pairs(where)), under=under, fusion=fuse,
+        level_weights=parse_weights(level_weights), group_by=group_by, group_size=group_size, predicted=predicted,
+        min_label_confidence=min_label_confidence, auto=auto, min_confidence=min_confidence,
+    )
+    queries: list[tuple[dict, str]] = []  # (how the output names the query, the picture the sheet shows)
+    with open_index(model_path, uri, collection, token, device=device, amp=amp) as image_index:
+        results = image_index.search(request, list(images)) if images else []
+        queries += [({"image": str(image)}, str(image)) for image in images]
+        if ids:
+            results += image_index.search(replace(request, ids=tuple(ids)))
+            stored = {hit.id: hit for hit in image_index.store.get(list(ids))}
+            queries += [({"id": rid}, uri_path(stored[rid].uri) or stored[rid].uri) for rid in ids]
+    names = [query.get("image") or f"id {query['id']}" for query, _ in queries]
+    if sheet is not None:
+        contact_sheet([(picture, result.hits) for (_, picture), result in zip(queries, results)], sheet)
+        note(as_json, f"contact sheet: {sheet}")
+    emit(as_json, {"request": request.describe(),
+                   "queries": [query | {"hits": [hit_dict(h) for h in result.hits]}
+                               | ({"routing": result.route.to_dict()} if result.route is not None else {})
+                               for (query, _), result in zip(queries, results)]},
+         "\n\n".join(hits_table(name, result.hits, route_line(result.route)) for name, result in zip(names, results)))
+
+
+def open_index(model_path: Path | None, uri, collection: str, token, *, device: str = "auto", amp: bool = False,
+               optimize: bool = False):
+    """The collection with its model: `model_path`, else the model the collection records (its
+    fingerprint is checked either way); a missing collection or model is a clear error."""
+    from milvus_store import CollectionNotFoundError, HierStore, ImageIndex
+
     try:
-        image_index = ImageIndex.open(embedder, uri, collection, token=token, create=False)
+        if model_path is None:
+            with HierStore(uri, collection, token=token, create=False) as store:
+                recorded = store.model_location
+            if recorded is None:
+                raise click.UsageError(f"collection {collection!r} does not record the model that filled it "
+                                       f"(ingested with an older hiervec, or through the library): pass --model")
+            model_path = Path(recorded)
+            if not model_path.is_file():
+                raise click.ClickException(f"collection {collection!r} was filled by the model at {recorded!r}, "
+                                           f"which is gone; pass --model with that model (or a copy of it)")
+        embedder = load_embedder(model_path, optimize, device, amp)
+        return ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except CollectionNotFoundError as exc:
         raise click.ClickException(f"{exc}; run `hiervec ingest` first") from None
-    with image_index:
-        known = known_categories(where, under, model_known, image_index.store.category_counts)
-        filter_ = build_filter(where, under, known)
-        extra = {"exclude": Predicted(False), "only": Predicted(True)}.get(predicted)
-        if min_label_confidence is not None:
-            confident = Confident(embedder.hierarchy.level_names[-1], min_label_confidence)
-            extra = confident if extra is None else extra & confident
-        if extra is not None:
-            filter_ = extra if filter_ is None else filter_ & extra
-        if auto is None:
-            results = image_index.search(list(images), k, level=level, where=filter_, group_by=group_by,
-                                         group_size=group_size)
-            routes = [None] * len(results)
-        else:
-            routed = image_index.search_routed(list(images), k, auto=auto, min_confidence=min_confidence,
-                                               level=level, where=filter_, group_by=group_by, group_size=group_size)
-            routes, results = [r for r, _ in routed], [h for _, h in routed]
-    if sheet is not None:
-        contact_sheet(list(zip(map(str, images), results)), sheet)
-        note(as_json, f"contact sheet: {sheet}")
-    emit(as_json, {"queries": [{"image": str(img), "hits": [hit_dict(h) for h in hits]}
-                               | ({"routing": route.to_dict()} if route is not None else {})
-                               for img, hits, route in zip(images, results, routes)]},
-         "\n\n".join(hits_table(str(img), hits, route_line(route)) for img, hits, route in zip(images, results, routes)))
 
 
 # -- eval --------------------------------------------------------------------------------
@@ -478,10 +516,13 @@ def eval_(source, model_path, uri, collection, token, k, optimize, device, amp, 
         with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
                              token=token) as image_index:
             started = time.perf_counter()
-            report = image_index.ingest(items)
+            with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
+                report = image_index.ingest(items, progress=advance)
             note(as_json, f"ingested {report.stored} images ({report.skipped_present} present, "
-                          f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s; searching ...")
-            metrics = evaluate_collection(image_index.store, list(dict.fromkeys(report.ids)), k)
+                          f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s")
+            query_ids = list(dict.fromkeys(report.ids))
+            with progress_bar(len(query_ids), "search", as_json, rate="queries/s") as advance:
+                metrics = evaluate_collection(image_index.store, query_ids, k, progress=advance)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     emit(as_json, metrics, "\n".join(f"{key:<32} {value:.4f}" if isinstance(value, float) else f"{key:<32} {value}"
                                      for key, value in metrics.items()))
@@ -554,7 +595,7 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
     heads retrained or recalibrated: the fingerprints match); otherwise the images must
     be embedded again, into a new collection. Given categories are never changed.
     """
-    from milvus_store import ImageIndex, SchemaMismatchError
+    from milvus_store import ImageIndex, Predicted, SchemaMismatchError
 
     embedder = load_embedder(model_path, device=device, amp=amp)
     try:
@@ -567,7 +608,8 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
             f"{exc.expected} vs {exc.actual}), so its predictions cannot be computed from the stored vectors: "
             f"ingest the images again with it, into a new collection (--collection)") from None
     with image_index:
-        report = image_index.relabel(min_confidence=min_confidence)
+        with progress_bar(image_index.store.count(Predicted(True)), "relabel", as_json, rate="records/s") as advance:
+            report = image_index.relabel(min_confidence=min_confidence, progress=advance)
     emit(as_json, report.to_dict() | {"collection": collection},
          f"examined {report.examined} predicted categories: {report.changed} changed, {report.confirmed} "
          f"confirmed, {report.kept} kept (new prediction below {min_confidence})")

@@ -4,23 +4,31 @@ from .connection import DEFAULT_URI, ConnectionSettings
 from .errors import (
     CollectionNotFoundError,
     FilterError,
+    QueryError,
     RecordError,
+    RecordNotFoundError,
     SchemaMismatchError,
     StoreConnectionError,
     StoreError,
+    UnknownLevelError,
     UnsupportedIndexError,
 )
 from .filters import (
     And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, both, category_filter, quote_literal, render, resolve_category, under,
 )
 from .records import Hit, Record, content_id, path_uri, printable, uri_path
-from .index import DuplicateItem, FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport, Route
+from hiervec_core.vectors import LevelVectors
+
+from .index import (
+    CategoryPredictor, DuplicateItem, FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport,
+)
+from .search import Route, SearchRequest, SearchResult
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
-from .store import HierStore, StoredVectors
+from .store import HierStore
 
 __all__ = [
-    "And", "Confident", "CollectionNotFoundError", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
+    "And", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
-    "SERVER_INDEXES", "SchemaMismatchError", "StoredVectors", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
+    "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

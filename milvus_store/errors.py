@@ -40,3 +40,16 @@ class RecordError(StoreError, ValueError):
 
 class FilterError(StoreError, ValueError):
     """A filter naming an unknown level, an impossible path or a value of the wrong type."""
+
+
+class QueryError(StoreError, ValueError):
+    """A search or store call with an argument out of range (k, group size, batch size, vectors of the
+    wrong shape, a stored id that is not there); the message names the argument and the value."""
+
+
+class UnknownLevelError(FilterError):
+    """A level name (for a level search, grouping, routing or weights) that the collection does not have."""
+
+
+class RecordNotFoundError(StoreError, LookupError):
+    """A stored id that a call needs (e.g. to search with its vectors) is not in the collection."""

@@ -12,14 +12,18 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import FilterError
-from .filters import Predicted, Under, WhereInput, both
+from hiervec_core.names import DEFAULT_COLLECTION
+from hiervec_core.vectors import LevelVectors
+
+from .errors import FilterError, QueryError, RecordError, RecordNotFoundError
+from .filters import Predicted
 from .records import Hit, Record, check_id, content_id, path_uri, printable, validate_records
+from .search import Route, SearchRequest, SearchResult
 from .spec import CollectionSpec
 from .store import HierStore
 
@@ -36,12 +40,20 @@ class ImageEmbedder(Protocol):
     def prepare(self, image: Any) -> Any:
         """Decode one image (bytes, path, PIL image); raise with a readable reason when it cannot."""
 
-    def embed(self, prepared: Sequence[Any]) -> Any:
-        """Vectors of prepared images: an object with ``.levels`` ({level: (n, d)}) and ``.concat`` ((n, D))."""
+    def embed(self, prepared: Sequence[Any]) -> LevelVectors:
+        """The vectors of prepared images."""
 
-    # Optional: `predict_vectors(levels, concat) -> [prediction]`, each with `.path` and
-    # `.probabilities` ({level: p}). With it, images without a category path get the
-    # model's prediction, flagged as predicted; without it they are refused.
+
+@runtime_checkable
+class CategoryPredictor(Protocol):
+    """A model that also predicts category paths (`embedder.Embedder` is one). With it, images
+    without a category path get the model's prediction, flagged as predicted; queries can be
+    routed to their predicted category; stored predictions can be redone (`relabel`)."""
+
+    categories: Mapping[str, Collection[str]]  # level -> the category paths the model knows
+
+    def predict_vectors(self, vectors: LevelVectors) -> list:
+        """One prediction per row, each with ``.path`` and ``.probabilities`` ({level: p})."""
 
 
 @dataclass(frozen=True)
@@ -108,25 +120,6 @@ class IngestReport:
         }
 
 
-@dataclass(frozen=True)
-class Route:
-    """How one query was routed: its predicted path, and the subtree searched (None: everywhere)."""
-
-    prediction: Any  # .path, .probabilities
-    level: str
-    min_confidence: float
-    within: str | None  # the predicted category at `level` when confident enough
-
-    @property
-    def routed(self) -> bool:
-        return self.within is not None
-
-    def to_dict(self) -> dict:
-        return {"level": self.level, "min_confidence": self.min_confidence, "routed": self.routed,
-                "within": self.within, "predicted_path": self.prediction.path,
-                "probabilities": dict(self.prediction.probabilities)}
-
-
 @dataclass
 class RelabelReport:
     examined: int = 0  # predicted records looked at
@@ -150,7 +143,8 @@ class ImageIndex:
 
     >>> index = ImageIndex.open(embedder, "./hiervec.db")                     # doctest: +SKIP
     >>> report = index.ingest([IngestItem("a.jpg", "clothing/tops/shirt")])   # doctest: +SKIP
-    >>> index.search(["query.jpg"], k=5, where=under("clothing"))             # doctest: +SKIP
+    >>> [result] = index.search(SearchRequest(k=5, under="clothing"), ["query.jpg"])  # doctest: +SKIP
+    >>> [hit.category for hit in result.hits]                                # doctest: +SKIP
     """
 
     def __init__(self, store: HierStore, embedder: ImageEmbedder):
@@ -162,7 +156,7 @@ class ImageIndex:
         cls,
         embedder: ImageEmbedder,
         uri: str | os.PathLike | None = None,
-        collection: str = "images",
+        collection: str = DEFAULT_COLLECTION,
         *,
         index: str | None = None,
         metric: str = "L2",
@@ -204,9 +198,9 @@ class ImageIndex:
         `progress(n)` is called with the number of items finished in each batch.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise QueryError(f"batch_size must be positive, got {batch_size}")
         if workers is not None and workers < 1:
-            raise ValueError(f"workers must be positive, got {workers}")
+            raise QueryError(f"workers must be positive, got {workers}")
         report = IngestReport()
         started = time.perf_counter()
         # One thread prepares the next batch (reads, ids, skip-if-present) and hands its
@@ -243,7 +237,7 @@ class ImageIndex:
             rid = item.id if item.id is not None else content_id(data)
             try:
                 check_id(rid)  # before the id reaches a query: one odd id must not fail the batch
-            except ValueError as exc:
+            except RecordError as exc:
                 failures.append(FailedItem(item.name, str(exc), "invalid", printable(rid)))
                 continue
             if rid in first_of:  # an earlier item with this id is stored or present: no need to decode
@@ -313,71 +307,92 @@ class ImageIndex:
 
     @property
     def can_predict(self) -> bool:
-        return callable(getattr(self.embedder, "predict_vectors", None))
+        return isinstance(self.embedder, CategoryPredictor)
 
-    def _predict(self, vectors, rows: list[int]) -> list:
-        levels = {level: v[rows] for level, v in vectors.levels.items()}
-        return self.embedder.predict_vectors(levels, vectors.concat[rows])
+    def _predict(self, vectors: LevelVectors, rows: list[int]) -> list:
+        return self.embedder.predict_vectors(vectors.rows(rows))
 
     # -- search --------------------------------------------------------------------------
-    def embed(self, images: Sequence[Any]):
+    def embed(self, images: Sequence[Any]) -> LevelVectors:
         return self.embedder.embed([self.embedder.prepare(image) for image in images])
 
-    def search(
-        self,
-        images: Sequence[Any],
-        k: int = 10,
-        *,
-        level: str | None = None,
-        where: WhereInput = None,
-        group_by: str | None = None,
-        group_size: int = 1,
-    ) -> list[list[Hit]]:
-        """Hits for each query image (path, bytes or PIL image), on the image or one level's vector."""
-        vectors = self.embed(images)
-        query = vectors.concat if level is None else _level_vectors(vectors, level)
-        return self.store.search(query, k, level=level, where=where, group_by=group_by, group_size=group_size)
+    def search(self, request: SearchRequest, images: Sequence[Any] | None = None, *,
+               known: Mapping[str, Collection[str]] | None = None) -> list[SearchResult]:
+        """Run `request`: with the query `images` (paths, bytes or PIL images), or its own vectors or ids.
 
-    def route(self, vectors, auto: str, min_confidence: float) -> list[Route]:
-        """Each query's predicted path, and the category at level `auto` to search within when its
-        probability there is at least `min_confidence`."""
-        if not self.can_predict:
-            raise FilterError("this model cannot predict categories, so it cannot route queries")
-        if auto not in self.store.spec.level_names:
-            raise FilterError(f"unknown level {auto!r} to route at; levels are {', '.join(self.store.spec.level_names)}")
-        if not 0 <= min_confidence <= 1:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
-        depth = self.store.spec.level_names.index(auto) + 1
-        routes = []
-        for guess in self._predict(vectors, list(range(len(vectors.concat)))):
-            confident = guess.probabilities[auto] >= min_confidence
-            within = "/".join(guess.path.split("/")[:depth]) if confident else None
-            routes.append(Route(guess, auto, min_confidence, within))
-        return routes
+        Returns one `SearchResult` per query. `known` (level -> category paths) checks the
+        request's `where`/`under`; by default the model's categories, and the collection's
+        too when a value is not a path the model knows. Queries that end up with the same
+        filter share one Milvus call.
+        """
+        spec = self.store.spec
+        request.check(spec.level_names, has_level_vectors=bool(spec.level_dims))
+        if request.needs_categories or request.min_label_confidence is not None:
+            known = known if known is not None else self.known_categories(request)
+        request.to_filter(known)  # a bad filter fails before any image is embedded or id read
+        if images is not None:
+            if request.ids or request.vectors is not None:
+                raise QueryError("search with query images, or with the request's ids or vectors, not both")
+            request = request.with_vectors(self.embed(images))
+        vectors, query_ids = self._query_vectors(request)
+        if not len(vectors):
+            return []
+        routes: list[Route | None] = [None] * len(vectors)
+        if request.auto is not None:
+            if not isinstance(self.embedder, CategoryPredictor):
+                raise FilterError("this model cannot predict categories, so it cannot route queries")
+            routes = [request.route(guess) for guess in self.embedder.predict_vectors(vectors)]
+        groups: dict[str, tuple[Any, list[int]]] = {}  # by the filter's repr: a Meta value may be a list
+        for row, (query_id, route) in enumerate(zip(query_ids, routes)):
+            where = request.to_filter(known, query_id=query_id, route=route)
+            groups.setdefault(repr(where), (where, []))[1].append(row)
+        hits: list[list[Hit]] = [[] for _ in range(len(vectors))]
+        for where, rows in groups.values():
+            for row, found in zip(rows, self._search_rows(request, vectors.rows(rows), where)):
+                hits[row] = found
+        return [SearchResult(h, route, query_id) for h, route, query_id in zip(hits, routes, query_ids)]
 
-    def search_routed(
-        self,
-        images: Sequence[Any],
-        k: int = 10,
-        *,
-        auto: str,
-        min_confidence: float = 0.5,
-        level: str | None = None,
-        where: WhereInput = None,
-        group_by: str | None = None,
-        group_size: int = 1,
-    ) -> list[tuple[Route, list[Hit]]]:
-        """Like `search`, but each query searches only within its predicted category at level `auto`
-        when the prediction is confident enough there, and everywhere otherwise."""
-        vectors = self.embed(images)
-        query = vectors.concat if level is None else _level_vectors(vectors, level)
-        results = []
-        for row, route in enumerate(self.route(vectors, auto, min_confidence)):
-            routed = where if route.within is None else both(where, Under(route.within))
-            hits = self.store.search(query[row : row + 1], k, level=level, where=routed, group_by=group_by,
-                                     group_size=group_size)[0]
-            results.append((route, hits))
-        return results
+    def _query_vectors(self, request: SearchRequest) -> tuple[LevelVectors, list[str | None]]:
+        if request.vectors is not None:
+            return request.vectors, [None] * len(request.vectors)
+        if not request.ids:
+            raise QueryError("a search needs query images, vectors or stored ids")
+        stored = self.store.embeddings(list(request.ids))
+        missing = [i for i in request.ids if i not in set(stored.ids)]
+        if missing:
+            raise RecordNotFoundError(f"no image with id {printable(missing[0])!r} in collection "
+                                      f"{self.store.collection!r}")
+        order = {rid: row for row, rid in enumerate(stored.ids)}
+        return stored.rows([order[i] for i in request.ids]), list(request.ids)
+
+    def _search_rows(self, request: SearchRequest, vectors: LevelVectors, where) -> list[list[Hit]]:
+        if request.fusion is not None:
+            levels = request.fused_levels(self.store.spec.level_names)
+            return self.store.hybrid_search({level: vectors.query(level) for level in levels}, request.k,
+                                            ranker=request.fusion, weights=dict(request.level_weights) or None,
+                                            where=where)
+        return self.store.search(vectors.query(request.level), request.k, level=request.level, where=where,
+                                 group_by=request.group_by, group_size=request.group_size)
+
+    def known_categories(self, request: SearchRequest | None = None) -> dict[str, set[str]]:
+        """Category paths per level to check filters against: the model's, and the collection's too
+        unless full paths the model knows settle every value of `request` (reading the
+        collection's means reading every record, so it happens only when needed)."""
+        levels = self.store.spec.level_names
+        given = self.embedder.categories if isinstance(self.embedder, CategoryPredictor) else {}
+        model = {level: set(given.get(level, ())) for level in levels}
+        if request is not None and self._settled_by(request, model):
+            return model
+        stored = self.store.category_counts()
+        return {level: model[level] | set(stored.get(level, ())) for level in levels}
+
+    @staticmethod
+    def _settled_by(request: SearchRequest, model: Mapping[str, Collection[str]]) -> bool:
+        levels = list(model)
+        path = (request.under or "").strip("/")
+        under_known = request.under is None or (0 < path.count("/") + 1 <= len(levels)
+                                                and path in model[levels[path.count("/")]])
+        return under_known and all(level in model and value in model[level] for level, value in request.where)
 
     # -- relabel -------------------------------------------------------------------------
     def relabel(self, *, min_confidence: float = 0.0, batch_size: int = 256,
@@ -392,7 +407,7 @@ class ImageIndex:
         if not self.can_predict:
             raise FilterError("this model cannot predict categories")
         if not 0 <= min_confidence <= 1:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+            raise QueryError(f"min_confidence must be in [0, 1], got {min_confidence}")
         spec, report = self.store.spec, RelabelReport()
         leaf = spec.level_names[-1]
         batch: list[Hit] = []
@@ -428,12 +443,6 @@ class ImageIndex:
             flush()
         self.store.flush()
         return report
-
-
-def _level_vectors(vectors, level: str):
-    if level not in vectors.levels:
-        raise FilterError(f"unknown level {level!r}; the model's levels are {', '.join(vectors.levels) or 'none (flat)'}")
-    return vectors.levels[level]
 
 
 def _read(path: str | os.PathLike) -> bytes:

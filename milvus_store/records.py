@@ -94,19 +94,22 @@ def category_levels(category: str | Sequence[str], depth: int) -> list[str]:
     """Per-level category values of a leaf path: ``a/b/c`` -> ``[a, a/b, a/b/c]``."""
     names = category.split(SEPARATOR) if isinstance(category, str) else list(category)
     if len(names) != depth:
-        raise ValueError(f"category path {category!r} has {len(names)} levels, expected {depth}")
+        raise RecordError(f"category path {category!r} has {len(names)} levels, expected {depth}")
     for name in names:
         if not isinstance(name, str) or not name.strip() or name != name.strip() or SEPARATOR in name:
-            raise ValueError(f"category path {category!r} has an empty, padded or separator-bearing name {name!r}")
+            raise RecordError(f"category path {category!r} has an empty, padded or separator-bearing name {name!r}")
     return [SEPARATOR.join(names[: i + 1]) for i in range(depth)]
 
 
 def _vector(value, dim: int, what: str) -> list[float]:
-    array = np.asarray(value, dtype=np.float32)
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:  # a caller's value, not a bug: numpy says why
+        raise RecordError(f"{what} is not an array of numbers ({exc})") from None
     if array.shape != (dim,):
-        raise ValueError(f"{what} has shape {array.shape}, expected ({dim},)")
+        raise RecordError(f"{what} has shape {array.shape}, expected ({dim},)")
     if not np.isfinite(array).all():
-        raise ValueError(f"{what} holds NaN or infinite values")
+        raise RecordError(f"{what} holds NaN or infinite values")
     return array.tolist()
 
 
@@ -118,10 +121,10 @@ def validate_records(records: Sequence[Record], spec: CollectionSpec) -> tuple[l
         label = f"record {rid!r}" if rid is not None else f"record #{position}"
         try:
             if rid in seen:
-                raise ValueError(f"id repeats record #{seen[rid]} of the same batch")
+                raise RecordError(f"id repeats record #{seen[rid]} of the same batch")
             rows.append(_row(record, rid, spec))
             seen[rid] = position
-        except ValueError as exc:
+        except RecordError as exc:
             problems.append((position, f"{label}: {exc}"))
     return rows, problems
 
@@ -137,30 +140,30 @@ def to_rows(records: Sequence[Record], spec: CollectionSpec) -> list[dict]:
 def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     fields = spec.fields
     if not isinstance(record, Record):
-        raise ValueError(f"expected a Record, got {type(record).__name__}")
+        raise RecordError(f"expected a Record, got {type(record).__name__}")
     if rid is None:
-        raise ValueError("has neither an id nor content to hash")
+        raise RecordError("has neither an id nor content to hash")
     row = {fields.id: check_id(rid)}
     uri = _utf8(str(record.uri or ""), "uri")
     if len(uri) > URI_MAX_LENGTH:
-        raise ValueError(f"uri is longer than {URI_MAX_LENGTH} characters")
+        raise RecordError(f"uri is longer than {URI_MAX_LENGTH} characters")
     row[fields.uri] = uri
     levels = category_levels(record.category, spec.depth)
     _utf8(levels[-1], "category path")
     if len(levels[-1]) > CATEGORY_MAX_LENGTH:
-        raise ValueError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
+        raise RecordError(f"category path is longer than {CATEGORY_MAX_LENGTH} characters")
     row.update(zip(fields.levels.values(), levels))
     row[fields.vector] = _vector(record.vector, spec.dim, "vector")
     given = dict(record.level_vectors or {})
     unknown = sorted(set(given) - set(fields.level_vectors))
     if unknown:
-        raise ValueError(
+        raise RecordError(
             f"level vectors for unknown levels {unknown}; the collection has "
             f"{list(fields.level_vectors) or 'no per-level vectors'}"
         )
     missing = [name for name in fields.level_vectors if name not in given]
     if missing:
-        raise ValueError(f"missing level vectors for {missing}")
+        raise RecordError(f"missing level vectors for {missing}")
     for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
         row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
     row[fields.meta] = _meta(record.meta)
@@ -168,21 +171,24 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     confidence = dict(record.confidence or {})
     unknown = sorted(set(confidence) - set(fields.confidence))
     if unknown:
-        raise ValueError(f"confidence for unknown levels {unknown}")
+        raise RecordError(f"confidence for unknown levels {unknown}")
     for name, cfield in fields.confidence.items():
-        value = float(confidence.get(name, 1.0))
+        try:
+            value = float(confidence.get(name, 1.0))
+        except (TypeError, ValueError):
+            raise RecordError(f"confidence at {name!r} must be a number, got {confidence.get(name)!r}") from None
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"confidence at {name!r} must be in [0, 1], got {value}")
+            raise RecordError(f"confidence at {name!r} must be in [0, 1], got {value}")
         row[cfield] = value
     return row
 
 
 def check_id(rid: str) -> str:
-    """`rid` if Milvus can store it as an id (1 to `ID_MAX_LENGTH` characters of valid UTF-8), else a ValueError."""
+    """`rid` if Milvus can store it as an id (1 to `ID_MAX_LENGTH` characters of valid UTF-8), else a `RecordError`."""
     if not isinstance(rid, str):
-        raise ValueError(f"id must be a string, got {type(rid).__name__}")
+        raise RecordError(f"id must be a string, got {type(rid).__name__}")
     if not rid or len(rid) > ID_MAX_LENGTH:
-        raise ValueError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
+        raise RecordError(f"id must have 1 to {ID_MAX_LENGTH} characters, got {len(rid)}")
     return _utf8(rid, "id")
 
 
@@ -190,26 +196,26 @@ def _utf8(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} {printable(text)!r} is not valid UTF-8 (a file name's raw bytes?)") from None
+        raise RecordError(f"{what} {printable(text)!r} is not valid UTF-8 (a file name's raw bytes?)") from None
     return text
 
 
 def _meta(meta) -> dict:
     if not isinstance(meta, Mapping):
-        raise ValueError(f"meta must be a mapping, got {type(meta).__name__}")
+        raise RecordError(f"meta must be a mapping, got {type(meta).__name__}")
     depth = json_depth(meta)
     if depth > META_MAX_DEPTH:
-        raise ValueError(f"meta is nested more than {META_MAX_DEPTH} levels deep; at most {META_MAX_DEPTH} are stored")
+        raise RecordError(f"meta is nested more than {META_MAX_DEPTH} levels deep; at most {META_MAX_DEPTH} are stored")
     try:
         text = json.dumps(dict(meta), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+        raise RecordError(f"meta is not JSON-serialisable: {exc}") from None
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ValueError("meta holds text that is not valid Unicode (a lone surrogate)") from None
+        raise RecordError("meta holds text that is not valid Unicode (a lone surrogate)") from None
     if size > META_MAX_BYTES:
-        raise ValueError(f"meta is {size} bytes as JSON; at most {META_MAX_BYTES} are stored")
+        raise RecordError(f"meta is {size} bytes as JSON; at most {META_MAX_BYTES} are stored")
     return json.loads(text)
 
 

@@ -19,16 +19,19 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, RRFRanker, WeightedRanker
 
+from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_INDEX, MAX_TOPK
+from hiervec_core.vectors import LevelVectors
+
 from .connection import ConnectionSettings
 from .errors import (
     CollectionNotFoundError,
     FilterError,
+    QueryError,
     SchemaMismatchError,
     StoreConnectionError,
     StoreError,
@@ -37,10 +40,10 @@ from .filters import Eq, WhereInput, both, quote_literal, render
 from .records import Hit, Record, hit_from_entity, to_rows
 from .spec import (
     CATEGORY_MAX_LENGTH,
-    DEFAULT_INDEX,
     ID_MAX_LENGTH,
     LAYOUT,
     PROPERTY_FINGERPRINT,
+    PROPERTY_MODEL,
     PROPERTY_SPEC,
     URI_MAX_LENGTH,
     CollectionSpec,
@@ -50,7 +53,6 @@ from .spec import (
 )
 
 logger = logging.getLogger(__name__)
-MAX_TOPK = 16384  # Milvus's limit for one search; use `search_iter` beyond it
 SHARE_TTL_S = 60.0
 
 
@@ -70,15 +72,6 @@ def _locked_by_another_process(lite_path: str) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class StoredVectors:
-    """Vectors read back from a collection, one row per found id (the shape `embed` gives)."""
-
-    ids: tuple[str, ...]
-    concat: np.ndarray  # (n, dim)
-    levels: dict[str, np.ndarray]  # level name -> (n, level dim); empty for a flat collection
-
-
 class HierStore:
     """A hierarchy-aware collection. Open an existing one, or create it when `spec` is given.
 
@@ -89,7 +82,7 @@ class HierStore:
     def __init__(
         self,
         uri: str | os.PathLike | None = None,
-        collection: str = "images",
+        collection: str = DEFAULT_COLLECTION,
         *,
         spec: CollectionSpec | None = None,
         fingerprint: str | None = None,
@@ -111,6 +104,7 @@ class HierStore:
                 reason = "another process has it open (a Milvus Lite file is used by one process at a time)"
             raise StoreConnectionError(f"cannot open Milvus at {self.settings.display_uri!r}: {reason}") from None
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
+        self.model_location: str | None = None  # where the filling model lives, when recorded (`record_model`)
         self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
         self.templates = not self.lite  # Milvus Lite rejects templated filter_params
         try:
@@ -183,6 +177,7 @@ class HierStore:
                     raise SchemaMismatchError(self.collection, name, getattr(spec, name), getattr(stored, name))
             if spec.index is not None and spec.index != stored.index:
                 raise SchemaMismatchError(self.collection, "index", spec.index, stored.index)
+        self.model_location = properties.get(PROPERTY_MODEL) or None
         recorded = properties.get(PROPERTY_FINGERPRINT) or None
         if fingerprint is not None and fingerprint != recorded:
             raise SchemaMismatchError(self.collection, "model fingerprint", fingerprint, recorded)
@@ -220,6 +215,16 @@ class HierStore:
             self._client.create_index(self.collection, index_params, timeout=self.timeout, sync=False)
             self._client.load_collection(self.collection, timeout=self.timeout)
 
+    def record_model(self, location: str, *, timeout: float | None = None) -> None:
+        """Record where the model that fills this collection lives (a checkpoint path or URL), so
+        searches can load it without being told; its fingerprint is still checked when loaded."""
+        if location == self.model_location:
+            return
+        with self._calls("record the model"):
+            self._client.alter_collection_properties(self.collection, properties={PROPERTY_MODEL: location},
+                                                     timeout=self._timeout(timeout))
+        self.model_location = location
+
     def drop(self, *, timeout: float | None = None) -> None:
         """Delete the whole collection and everything in it."""
         with self._calls("drop collection"):
@@ -233,7 +238,7 @@ class HierStore:
     def upsert_rows(self, rows: Sequence[dict], *, batch_size: int = 512, timeout: float | None = None) -> int:
         """Write rows already validated by `records.validate_records` (callers that skip bad records)."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise QueryError(f"batch_size must be positive, got {batch_size}")
         self._shares.clear()
         for start in range(0, len(rows), batch_size):
             with self._calls("upsert"):
@@ -276,8 +281,9 @@ class HierStore:
         rows = self._rows_of(ids, [self.spec.fields.id, field], "get vectors", timeout)
         return {row[self.spec.fields.id]: np.asarray(row[field], dtype=np.float32) for row in rows}
 
-    def embeddings(self, ids: Sequence[str], *, timeout: float | None = None) -> StoredVectors:
-        """The image vector and every level's vector of the `ids` that exist, in one query."""
+    def embeddings(self, ids: Sequence[str], *, timeout: float | None = None) -> LevelVectors:
+        """The image vector and every level's vector of the `ids` that exist, in one query (their
+        ids in `.ids`, in the order asked)."""
         fields = self.spec.fields
         rows = self._rows_of(ids, [fields.id, fields.vector, *fields.level_vectors.values()], "get vectors", timeout)
         by_id = {row[fields.id]: row for row in rows}
@@ -288,9 +294,9 @@ class HierStore:
                 return np.empty((0, dim), dtype=np.float32)
             return np.stack([np.asarray(by_id[i][field], dtype=np.float32) for i in found])
 
-        return StoredVectors(
-            tuple(found), stacked(fields.vector, self.spec.dim),
+        return LevelVectors(
             {name: stacked(f, d) for (name, f), d in zip(fields.level_vectors.items(), self.spec.level_dims)},
+            stacked(fields.vector, self.spec.dim), tuple(found),
         )
 
     def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
@@ -322,7 +328,7 @@ class HierStore:
         """
         field, data = self._vector_field(level), self._queries(vectors, level)
         if not 1 <= k <= MAX_TOPK:
-            raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
+            raise QueryError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
         if group_by is not None and self.lite:
             # Milvus Lite drops every category with fewer than group_size matches (3.2.2): group here.
             self._check_grouping(k, group_by, group_size)
@@ -358,9 +364,9 @@ class HierStore:
         if group_by not in self.spec.fields.levels:
             raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
         if group_size < 1:
-            raise ValueError(f"group_size must be positive, got {group_size}")
+            raise QueryError(f"group_size must be positive, got {group_size}")
         if k * group_size > MAX_TOPK:  # Milvus gathers k groups x group_size hits at once
-            raise ValueError(f"k x group_size must be at most {MAX_TOPK} hits, got {k} x {group_size} = "
+            raise QueryError(f"k x group_size must be at most {MAX_TOPK} hits, got {k} x {group_size} = "
                              f"{k * group_size}")
 
     def _grouped(self, query, k: int, group_by: str, group_size: int, *, where: WhereInput, output, **search):
@@ -406,7 +412,7 @@ class HierStore:
         (default ``2 * k``).
         """
         if not level_vectors:
-            raise ValueError("hybrid_search needs vectors for at least one level")
+            raise QueryError("hybrid_search needs vectors for at least one level")
         levels = list(level_vectors)
         expr, fparams = self._filter(where)
         share = self._share(where, timeout)
@@ -422,16 +428,16 @@ class HierStore:
             for level in levels
         ]
         if len({len(r.data) for r in requests}) != 1:
-            raise ValueError("every level needs the same number of query vectors")
+            raise QueryError("every level needs the same number of query vectors")
         ranker = ranker or ("weighted" if weights else "rrf")
         if ranker == "rrf":
             fusion = RRFRanker(rrf_k)
         elif ranker == "weighted":
             if not weights or set(weights) != set(levels):
-                raise ValueError(f"weighted ranking needs one weight per searched level {levels}, got {weights}")
+                raise QueryError(f"weighted ranking needs one weight per searched level {levels}, got {weights}")
             fusion = WeightedRanker(*(float(weights[level]) for level in levels))
         else:
-            raise ValueError(f"ranker must be 'rrf' or 'weighted', got {ranker!r}")
+            raise QueryError(f"ranker must be 'rrf' or 'weighted', got {ranker!r}")
         with self._calls("hybrid search"):
             result = self._client.hybrid_search(self.collection, requests, ranker=fusion, limit=k,
                                                 output_fields=self._outputs(output), timeout=self._timeout(timeout))
@@ -451,7 +457,7 @@ class HierStore:
         """Hits of one query vector, nearest first, past Milvus's 16,384 limit."""
         data = self._queries(vector, level)
         if len(data) != 1:
-            raise ValueError(f"search_iter takes one query vector, got {len(data)}")
+            raise QueryError(f"search_iter takes one query vector, got {len(data)}")
         # pymilvus iterators forward no filter_params: values go through quote_literal.
         expr, _ = render(where, self.spec.fields, templates=False)
         with self._calls("search iterator"):
@@ -557,14 +563,17 @@ class HierStore:
 
     def _queries(self, vectors, level: str | None) -> list[list[float]]:
         dim = self.spec.dim if level is None else self.spec.level_dims[self.spec.level_names.index(level)]
-        array = np.asarray(vectors, dtype=np.float32)
+        try:
+            array = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:  # the caller's value: numpy says why
+            raise QueryError(f"query vectors must be an array of numbers ({exc})") from None
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != dim or len(array) == 0:
             what = "image vectors" if level is None else f"{level!r} vectors"
-            raise ValueError(f"query {what} must have shape (n, {dim}), got {np.asarray(vectors).shape}")
+            raise QueryError(f"query {what} must have shape (n, {dim}), got {np.asarray(vectors).shape}")
         if not np.isfinite(array).all():
-            raise ValueError("query vectors hold NaN or infinite values")
+            raise QueryError("query vectors hold NaN or infinite values")
         return array.tolist()
 
     def _outputs(self, output: Sequence[str] | None) -> list[str]:

@@ -36,7 +36,9 @@ def test_help_does_not_import_torch():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["search", "x.png"], "Missing option '--model'"),
+        (["search"], "give query IMAGES, or stored images with --id"),
+        (["search", "--id", "x", "--fuse", "mean"], "'mean' is not one of 'rrf', 'weighted'"),
+        (["search", "--id", "x", "--level-weights", "item=heavy"], "level weights must be LEVEL=WEIGHT,..., got 'item=heavy'"),
         (["search", "x.png", "--model", "m.pt", "-k", "0"], "0 is not in the range 1<=x<=16384"),
         (["train", "no-such-dir", "--out", "m.pt"], "does not exist"),
         (["train", ".", "--out", "m.pt", "--leaf-softmax", "-1"], "-1.0 is not in the range x>=0"),
@@ -92,7 +94,7 @@ def test_where_and_under_build_one_filter():
         (In("kind", ("women/dresses", "men/accessories")), Under("women")))
     with pytest.raises(FilterError, match="unknown level 'colour' in where"):
         build_filter(["colour=red"], None, KNOWN)
-    with pytest.raises(click.BadParameter, match="expected LEVEL=VALUE"):
+    with pytest.raises(click.BadParameter, match="where must be LEVEL=CATEGORY"):
         build_filter(["gender"], None, KNOWN)
     with pytest.raises(FilterError, match="unknown category 'women/hats' for under"):
         build_filter([], "women/hats", KNOWN)
@@ -158,22 +160,32 @@ def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path,
 
 
 def test_filters_read_the_collections_categories_only_when_the_models_cannot_settle_them():
-    from cli.filters import known_categories
+    from types import SimpleNamespace
 
-    model = {"gender": {"men", "women"}, "kind": {"women/dresses", "men/shirts"}}
+    from cli.filters import parse_pairs
+    from milvus_store import ImageIndex, SearchRequest
+
     reads = []
 
-    def stored():
-        reads.append(1)
-        return {"gender": {"women"}, "kind": {"women/hoodies"}}
+    class Store:
+        spec = SimpleNamespace(level_names=("gender", "kind"))
 
-    assert known_categories(["kind=women/dresses"], "men", model, stored) is model and not reads
-    union = known_categories(["kind=hoodies"], None, model, stored)
+        def category_counts(self):
+            reads.append(1)
+            return {"gender": {"women": 1}, "kind": {"women/hoodies": 2}}
+
+    model = SimpleNamespace(categories={"gender": {"men", "women"}, "kind": {"women/dresses", "men/shirts"}},
+                            predict_vectors=lambda vectors: [])  # a CategoryPredictor
+    index = ImageIndex(Store(), model)
+    assert index.known_categories(SearchRequest(where=(("kind", "women/dresses"),), under="men")) == model.categories
+    assert not reads
+    union = index.known_categories(SearchRequest(where=(("kind", "hoodies"),)))
     assert union["kind"] == {"women/dresses", "men/shirts", "women/hoodies"} and len(reads) == 1
-    assert build_filter(["kind=hoodies"], None, union) == build_filter(["kind=women/hoodies"], None, union)
-    assert known_categories([], "women/hoodies", model, stored)["kind"] >= {"women/hoodies"}
-    with pytest.raises(click.BadParameter, match="expected LEVEL=VALUE, got 'kind'"):
-        known_categories(["kind"], None, model, stored)
+    by_name, by_path = SearchRequest(where=(("kind", "hoodies"),)), SearchRequest(where=(("kind", "women/hoodies"),))
+    assert by_name.to_filter(union) == by_path.to_filter(union) == build_filter(["kind=women/hoodies"], None, union)
+    assert index.known_categories(SearchRequest(under="women/hoodies"))["kind"] >= {"women/hoodies"}
+    with pytest.raises(click.BadParameter, match="where must be LEVEL=CATEGORY, got 'kind'"):
+        parse_pairs(["kind"])
 
 
 def test_unwritable_outputs_and_damaged_models_fail_before_any_work(tmp_path, tiny_model):

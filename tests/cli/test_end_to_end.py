@@ -1,62 +1,16 @@
 """The CLI end to end on Milvus Lite and a tiny generated folder tree."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
 from embedder import load_checkpoint
 
+from .conftest import LEAVES, PER_LEAF, run, run_json, sha256
+
 pytestmark = pytest.mark.lite
-
-LEAVES = {
-    "clothing/tops/shirt": (220, 40, 40),
-    "clothing/tops/coat": (200, 90, 40),
-    "clothing/bottoms/trouser": (40, 40, 220),
-    "footwear/boots/boot": (40, 200, 40),
-}
-PER_LEAF = 6
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
-
-
-def run_json(*args):
-    result = run(*args, "--json")
-    return json.loads(result.stdout)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    tree = root / "images"
-    for leaf, colour in LEAVES.items():
-        (tree / leaf).mkdir(parents=True)
-        for i in range(PER_LEAF):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-            pixels[rng.integers(0, 30):, rng.integers(0, 30):] //= 2  # a shape, so images differ
-            Image.fromarray(pixels).save(tree / leaf / f"{i}.png")
-    model = root / "model.pt"
-    summary = run_json("train", tree, "--out", model, "--levels", "department,category,item", "--backbone", "resnet18",
-                       "--weights", "none", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "32",
-                       "--dim", "8", "--val-fraction", "0.3")
-    assert summary["epochs"] == 1 and summary["images"] == len(LEAVES) * PER_LEAF
-    assert "val/recall@1" in summary["metrics"]
-    return root, tree, model
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def all_images(tree):
     return sorted(tree.rglob("*.png"))

@@ -103,7 +103,7 @@ def test_relabel_predicts_again_from_stored_vectors_and_never_touches_given_path
     model.load_state_dict(checkpoint.state_dict)
     torch.manual_seed(11)
     with torch.no_grad():  # new heads, same vectors: what retraining only the classifiers gives
-        for classifier in model.classifiers:
+        for classifier in model.classifiers.values():
             classifier.weight.normal_()
     heads = save_checkpoint(tmp_path / "heads.pt", model, checkpoint.hierarchy)
     assert heads.vector_fingerprint == checkpoint.vector_fingerprint and heads.fingerprint != checkpoint.fingerprint
