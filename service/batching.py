@@ -5,7 +5,8 @@ search with 16 query vectors far less than 16 searches. So the service queues ea
 request's work and a single worker per stage takes whatever has queued up (while the
 previous batch ran, or within a short window), runs it as one call on its own thread,
 and hands each caller its own result. Requests only share a call when they share its
-parameters (the `key`: for a search, collection, k, level, filter and grouping).
+parameters (the `key`: for a search, the collection and the `SearchRequest`, which compares
+without its query vectors).
 The event loop never waits on the model or on Milvus.
 """
 
@@ -17,20 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-
-@dataclass(frozen=True)
-class Vectors:
-    """One image's vectors: the image vector and each level's vector."""
-
-    concat: np.ndarray
-    levels: dict[str, np.ndarray]
-
-
-def split_embeddings(out) -> list[Vectors]:
-    """Per-image `Vectors` from a batch result with ``.concat`` ``(n, D)`` and ``.levels`` ``{level: (n, d)}``."""
-    return [Vectors(out.concat[row], {name: v[row] for name, v in out.levels.items()}) for row in range(len(out.concat))]
+from .settings import SettingsError
 
 
 @dataclass
@@ -58,9 +46,9 @@ class MicroBatcher:
     def __init__(self, run: Callable[[Hashable, list], Sequence], *, max_batch: int = 32, window_s: float = 0.0,
                  name: str = "batch"):
         if max_batch < 1:
-            raise ValueError(f"max_batch must be positive, got {max_batch}")
+            raise SettingsError(f"max_batch must be positive, got {max_batch}")
         if window_s < 0:
-            raise ValueError(f"window_s must not be negative, got {window_s}")
+            raise SettingsError(f"window_s must not be negative, got {window_s}")
         self._run_batch = run
         self.max_batch = max_batch
         self.window_s = window_s

@@ -59,7 +59,9 @@ def test_search_by_upload_matches_the_library(filled, catalogue):
     assert response.status_code == 200, response.text
     body = response.json()
     hits = body["hits"]
-    expected = service.index(None).search([query], 6)[0]
+    from milvus_store import SearchRequest
+
+    expected = service.index(None).search(SearchRequest(k=6), [query])[0].hits
     assert [h["id"] for h in hits] == [h.id for h in expected]
     assert np.allclose([h["distance"] for h in hits], [h.distance for h in expected], atol=1e-4)
     assert hits[0]["id"] == sha(query) and hits[0]["distance"] < 1e-5
@@ -119,7 +121,7 @@ def test_search_on_a_level_vector_and_grouped(filled, catalogue):
     ({"id": "x", "where": "colour=red"}, None, 400, "bad_filter", "unknown level 'colour' in where"),
     ({"id": "x", "where": "department=cars"}, None, 400, "bad_filter", "unknown category 'cars' at level "
                                                                        "'department'; known: clothing, footwear"),
-    ({"id": "x", "where": "department"}, None, 422, "bad_filter", "where must be LEVEL=CATEGORY, got 'department'"),
+    ({"id": "x", "where": "department"}, None, 400, "bad_filter", "where must be LEVEL=CATEGORY, got 'department'"),
     ({"id": "x", "where": 'department=clothing" or 1==1 or "'}, None, 400, "bad_filter", "unknown category 'clothing"),
     ({"id": "x", "under": "clothing\\\" or 1==1"}, None, 400, "bad_filter", "for under"),
     ({"id": "x", "under": "clothing/hats"}, None, 400, "bad_filter", "unknown category 'clothing/hats' for under"),
@@ -209,7 +211,6 @@ def test_query_images_are_decoded_at_most_one_per_cpu_at_a_time(catalogue, tmp_p
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.app import _prepare
 
     service = open_service(catalogue, tmp_path)
     busy, peak, lock = [0], [0], threading.Lock()
@@ -227,7 +228,7 @@ def test_query_images_are_decoded_at_most_one_per_cpu_at_a_time(catalogue, tmp_p
     monkeypatch.setattr(service.embedder, "prepare", slow_prepare)
     image = png_bytes((1, 2, 3), 3)
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda _: _prepare(service, image, "q.png"), range(32)))
+        list(pool.map(lambda _: service.prepare(image, "q.png"), range(32)))
     assert 1 <= peak[0] <= service.decode_slots
     service.close()
 
@@ -238,6 +239,72 @@ def test_an_unexpected_fault_is_a_json_500_without_a_traceback(catalogue, tmp_pa
         monkeypatch.setattr(service.index(None).store, "embeddings", lambda *a, **k: 1 / 0)
         message = error_of(client.post("/search", data={"id": "x"}), 500, "internal")
     assert message == "internal error; the server log has the details"
+
+
+def test_a_value_error_from_a_bug_is_a_500_with_its_traceback_logged(catalogue, tmp_path, monkeypatch, caplog):
+    """Only the library's own errors are the client's fault: a ValueError from numpy or torch deep
+    inside a search is a bug, answered 500 (never 422) with the traceback in the log."""
+    service = open_service(catalogue, tmp_path)
+    query = {"image": ("q.png", png_bytes((1, 2, 3), 0))}
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (1,8) (1,9)")
+
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(service.index(None).store, "search", broken)
+        with caplog.at_level("ERROR", logger="hiervec.service"):
+            message = error_of(client.post("/search", files=query), 500, "internal")
+    assert "broadcast" not in message
+    [record] = [r for r in caplog.records if r.name == "hiervec.service"]
+    assert record.exc_info[0] is ValueError and "POST /search" in record.getMessage()
+
+
+def test_fused_search_and_search_by_id_match_the_library(filled, catalogue):
+    from milvus_store import SearchRequest
+
+    service, client = filled
+    query = sha(catalogue.files["footwear/boots/boot"][1])
+    for form, request in (({"fuse": "rrf"}, SearchRequest(k=5, fusion="rrf")),
+                          ({"level_weights": "category=1,item=3"},
+                           SearchRequest(k=5, level_weights={"category": 1, "item": 3})),
+                          ({"fuse": "weighted", "level_weights": "item=2", "under": "footwear"},
+                           SearchRequest(k=5, level_weights={"item": 2}, under="footwear"))):
+        body = client.post("/search", data={"id": query, "k": 5, **form}).json()
+        [expected] = service.index(None).search(SearchRequest(**{**request.__dict__, "ids": (query,)}))
+        assert [h["id"] for h in body["hits"]] == [h.id for h in expected.hits] and query not in \
+            [h["id"] for h in body["hits"]], form
+        assert np.allclose([h["distance"] for h in body["hits"]], [h.distance for h in expected.hits])
+        assert body["request"]["fusion"] == request.fusion and body["query"] == {"id": query}
+
+
+@pytest.mark.parametrize("form, status, code, message", [
+    ({"fuse": "mean"}, 422, "invalid_request", "fuse: String should match pattern"),
+    ({"fuse": "rrf", "level": "item"}, 422, "bad_query", "fusion searches every level's vector at once"),
+    ({"fuse": "rrf", "group_by": "item"}, 422, "bad_query", "takes neither level nor group_by"),
+    ({"level_weights": "item"}, 422, "bad_query", "level weights must be LEVEL=WEIGHT,..., got 'item'"),
+    ({"level_weights": "colour=2"}, 400, "unknown_level", "unknown level 'colour' for level_weights"),
+    ({"level_weights": "item=0"}, 422, "bad_query", "the weight of level 'item' must be a positive number"),
+])
+def test_bad_fusion_requests_name_the_problem(filled, catalogue, form, status, code, message):
+    _, client = filled
+    query = sha(catalogue.files["footwear/boots/boot"][1])
+    assert message in error_of(client.post("/search", data={"id": query, **form}), status, code)
+
+
+def test_the_openapi_document_lists_every_error_response(filled):
+    _, client = filled
+    schema = client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            documented = {int(status) for status in operation["responses"] if status != "200"}
+            assert {422, 500, 503} <= documented, (method, path)
+            for status in documented:
+                content = operation["responses"][str(status)]["content"]["application/json"]["schema"]
+                assert content == {"$ref": "#/components/schemas/ErrorOut"} or \
+                    content.get("$ref", "").endswith("HTTPValidationError"), (method, path, status)
+    writes = [(m, p) for p, ops in schema["paths"].items() for m in ops if m in ("post", "delete") and p != "/search"]
+    assert writes and all("401" in schema["paths"][p][m]["responses"] for m, p in writes)
+    assert "Prediction" not in schema["components"]["schemas"]  # no dead models
 
 
 # -- images ------------------------------------------------------------------------------
@@ -535,28 +602,28 @@ def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
 def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled, catalogue):
     import asyncio
 
-    from milvus_store import Under
-    from service.app import SearchQuery
+    from milvus_store import SearchRequest
 
     service, _ = filled
-    store = service.index(None).store
+    index = service.index(None)
     ids = [sha(p) for paths in catalogue.files.values() for p in paths]
-    vectors = store.vectors(ids)
-    queries = [SearchQuery(None, 3), SearchQuery(None, 4, where=Under("clothing")),
-               SearchQuery(None, 5, group_by="item"), SearchQuery(None, 2, level="category")]
+    stored = index.store.embeddings(ids)
+    requests = [SearchRequest(k=3), SearchRequest(k=4, under="clothing"), SearchRequest(k=5, group_by="item"),
+                SearchRequest(k=2, level="category"), SearchRequest(k=3, fusion="rrf"),
+                SearchRequest(k=3, level_weights={"category": 1, "item": 3})]
+    assert SearchRequest(k=3).with_vectors(stored.rows([0])) == SearchRequest(k=3).with_vectors(stored.rows([1]))
 
     async def all_at_once():
-        return await asyncio.gather(*(service.search(vectors[i] if q.level is None else
-                                                     store.vectors([i], level=q.level)[i], q)
-                                      for i in ids for q in queries))
+        return await asyncio.gather(*(service.search(r.with_vectors(stored.rows([row]))) for row in range(len(ids))
+                                      for r in requests))
 
     before = service.searching.stats.batches
     results = asyncio.run(all_at_once())
     assert service.searching.stats.batches - before < len(results)
-    for n, (i, q) in enumerate((i, q) for i in ids for q in queries):
-        vector = vectors[i] if q.level is None else store.vectors([i], level=q.level)[i]
-        alone = store.search(vector[None], q.k, level=q.level, where=q.where, group_by=q.group_by)[0]
-        assert [h.id for h in results[n]] == [h.id for h in alone], q
+    for n, (row, r) in enumerate((row, r) for row in range(len(ids)) for r in requests):
+        [alone] = index.search(r.with_vectors(stored.rows([row])))
+        assert [h.id for h in results[n].hits] == [h.id for h in alone.hits], r
+        assert 0 < len(alone.hits) <= r.k
 
 
 def test_unlabelled_uploads_are_predicted_and_auto_routes_the_query(empty):

@@ -1,13 +1,12 @@
 """The micro-batcher: concurrent callers share calls with equal keys and each gets exactly its own result."""
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from service import MicroBatcher
-from service.batching import split_embeddings
+from hiervec_core.vectors import LevelVectors
 
 pytestmark = pytest.mark.unit
 
@@ -84,12 +83,18 @@ def test_a_failing_call_fails_its_callers_and_the_worker_lives_on():
     assert after == (None, 70)
 
 
-def test_split_embeddings_gives_each_image_its_rows():
+def test_level_vectors_split_into_each_images_rows_and_stack_back():
     values = np.arange(3, dtype=np.float32)
-    out = SimpleNamespace(concat=np.stack([values, 2 * values], 1), levels={"coarse": values[:, None] * 3})
-    parts = split_embeddings(out)
-    assert [p.concat.tolist() for p in parts] == [[0, 0], [1, 2], [2, 4]]
-    assert [p.levels["coarse"].tolist() for p in parts] == [[0], [3], [6]]
+    out = LevelVectors({"coarse": values[:, None] * 3}, np.stack([values, 2 * values], 1))
+    parts = out.split()
+    assert [p.concat.tolist() for p in parts] == [[[0, 0]], [[1, 2]], [[2, 4]]]
+    assert [p.levels["coarse"].tolist() for p in parts] == [[[0]], [[3]], [[6]]]
+    again = LevelVectors.stack(parts[::-1])
+    assert again.concat.tolist() == [[2, 4], [1, 2], [0, 0]] and again.levels["coarse"].tolist() == [[6], [3], [0]]
+    with pytest.raises(ValueError, match=r"level 'coarse' must be \(3, d\), got shape \(2, 1\)"):
+        LevelVectors({"coarse": np.zeros((2, 1))}, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="no vectors for level 'fine'; levels with vectors: coarse"):
+        out.query("fine")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,0 +1,253 @@
+"""`Service`: the loaded model, the open collections and the micro-batchers behind the app.
+
+The model is loaded and the store opened once, by `Service.open`. Concurrent queries share
+forward passes and Milvus calls through two micro-batchers (`service.batching`), each on
+its own thread: a search is a `milvus_store.SearchRequest`, and requests that ask the same
+(equal requests, whatever their query vectors) share one `ImageIndex.search` call.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import io
+import logging
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from embedder import Embedder, ImageDecodeError
+from embedder.devices import available_cpus, set_threads
+from hiervec_core.vectors import LevelVectors
+from milvus_store import ImageIndex, SearchRequest, SearchResult, content_id, uri_path
+
+from .batching import MicroBatcher
+from .errors import ApiError
+from .settings import ServiceSettings
+
+CATEGORY_CACHE_S = 30.0
+BODY_SLACK = 64 * 1024  # form fields and multipart framing around the largest file allowed
+UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what Pillow raises on bad headers
+
+
+class Service:
+    """The loaded model, the open collections and the micro-batchers behind the app."""
+
+    def __init__(self, settings: ServiceSettings, embedder: Embedder, index: ImageIndex):
+        self.settings = settings
+        self.embedder = embedder
+        window = settings.batch_window_ms / 1000
+        self.embedding = MicroBatcher(lambda _, images: embedder.embed(images).split(),
+                                      max_batch=settings.max_batch, window_s=window, name="embed")
+        self.searching = MicroBatcher(self._search_batch, max_batch=settings.max_batch, window_s=window,
+                                      name="search")
+        self.started = time.time()
+        self.requests: Counter = Counter()
+        self._indexes = {settings.collection: index}
+        self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
+        self._lock = threading.Lock()
+        self._counting = threading.Lock()
+        # The memory budget: decoded query images at most one per CPU at a time, writes one
+        # request at a time (each decodes with ImageIndex's pool); see `memory_budget`.
+        self.decode_slots = available_cpus()
+        self.decoding = threading.BoundedSemaphore(self.decode_slots)
+        self.writing = threading.BoundedSemaphore(1)
+        roots = [Path(r) for r in settings.image_roots] or [Path.cwd()]
+        if settings.media_dir is not None:
+            roots.append(Path(settings.media_dir))
+        self.image_roots = tuple(r.resolve() for r in roots)
+
+    @classmethod
+    def open(cls, settings: ServiceSettings) -> Service:
+        """Load the model and open (or create) the default collection: mismatches fail here, before serving."""
+        for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):  # errors reach clients as JSON, once
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        if settings.threads is not None:
+            set_threads(settings.threads)  # the service, not the library, owns the process's thread count
+        _return_freed_images_to_the_system()
+        embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize, device=settings.device,
+                                            amp=settings.amp)
+        index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
+        return cls(settings, embedder, index)
+
+    def close(self) -> None:
+        self.embedding.close()
+        self.searching.close()
+        for index in self._indexes.values():
+            index.close()
+
+    # -- search ------------------------------------------------------------------------------
+    async def embed(self, prepared) -> LevelVectors:
+        """One prepared image's vectors (a batch of one), in a forward pass shared with concurrent queries."""
+        return await self.embedding.submit(prepared)
+
+    async def search(self, request: SearchRequest, collection: str | None = None) -> SearchResult:
+        """One query's result; concurrent requests that ask the same share one `ImageIndex.search` call."""
+        return await self.searching.submit(request, key=(collection or self.settings.collection, request))
+
+    def _search_batch(self, key: tuple[str, SearchRequest], requests: list[SearchRequest]) -> list[SearchResult]:
+        collection, request = key
+        index = self.index(collection)
+        known = self.known_categories(collection) if request.needs_categories else None
+        if request.vectors is None:  # by stored id: equal requests ask the same question
+            [result] = index.search(request, known=known)
+            return [result] * len(requests)
+        stacked = LevelVectors.stack(r.vectors for r in requests)
+        return index.search(request.with_vectors(stacked), known=known)
+
+    def prepare(self, data: bytes, filename: str | None):
+        """Decode one uploaded query image, at most one per CPU at a time; an error the client can read."""
+        problem = pixels_over(data, self.settings.max_pixels)
+        if problem:
+            raise ApiError(413, "too_many_pixels", f"{filename or 'upload'} {problem}")
+        try:
+            with self.decoding:
+                return self.embedder.prepare(data)
+        except ImageDecodeError as exc:
+            raise ApiError(415, "not_an_image", f"{filename or 'upload'} is not an image: {exc.reason}") from None
+
+    # -- collections and categories ----------------------------------------------------------
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(self.embedder.level_names)
+
+    def index(self, collection: str | None, *, create: bool = False) -> ImageIndex:
+        """The open collection `collection` (default: the served one), opened on first use."""
+        name = collection or self.settings.collection
+        with self._lock:
+            if name not in self._indexes:
+                self._indexes[name] = ImageIndex.open(self.embedder, self.settings.uri, name,
+                                                      token=self.settings.token, create=create)
+            return self._indexes[name]
+
+    def categories(self, collection: str | None) -> dict[str, Counter]:
+        """Stored records per category path at each level (cached briefly; writes clear it).
+
+        Counting reads every record, so concurrent callers wait for one count, not one each.
+        """
+        name = collection or self.settings.collection
+        with self._counting:
+            cached = self._categories.get(name)
+            if cached is not None and time.monotonic() - cached[0] < CATEGORY_CACHE_S:
+                return cached[1]
+            counts = self.index(name).store.category_counts()
+            self._categories[name] = (time.monotonic(), counts)
+            return counts
+
+    def changed(self, collection: str | None) -> None:
+        self._categories.pop(collection or self.settings.collection, None)
+
+    def known_categories(self, collection: str | None) -> dict[str, set[str]]:
+        """Category paths per level: the model's hierarchy and whatever the collection holds."""
+        stored = self.categories(collection)
+        return {level: set(paths) | set(stored.get(level, ())) for level, paths in self.embedder.categories.items()}
+
+    @property
+    def memory_budget(self) -> dict[str, int]:
+        """Bytes the service holds for requests at most, by part: bodies in flight, decoded query
+        images, and one write's decoding (an RGB image and its resized copy per decoding thread)."""
+        settings = self.settings
+        image = settings.max_pixels * 3 * 2
+        parts = {"bodies": settings.max_requests * (settings.max_upload_bytes + BODY_SLACK),
+                 "query_decoding": self.decode_slots * image,
+                 "write_decoding": min(8, available_cpus() + 2) * image}
+        return parts | {"total": sum(parts.values())}
+
+    # -- who asks ----------------------------------------------------------------------------
+    def has_key(self, headers) -> bool:
+        """Whether `headers` carry the API key (X-API-Key, or Authorization: Bearer)."""
+        given = headers.get("x-api-key") or ""
+        auth = headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), (self.settings.api_key or "").encode())
+
+    def is_admin(self, headers) -> bool:
+        """A request with the API key sees the server's own paths; nobody does when no key is set."""
+        return bool(self.settings.api_key) and self.has_key(headers)
+
+    @functools.cached_property
+    def server_paths(self) -> list[str]:
+        """The server's file-system paths that responses must not show anonymous clients, longest first."""
+        places = [self.settings.uri, self.settings.media_dir, self.settings.model, *self.settings.image_roots,
+                  str(Path.cwd())]
+        found = set()
+        for place in places:
+            if place and "://" not in str(place):
+                found |= {str(place), str(Path(place).resolve())}
+        return sorted((p for p in found if len(p) > 1), key=len, reverse=True)
+
+    def redact(self, text: str, headers) -> str:
+        """`text` with the server's paths replaced, unless the request is an admin's."""
+        if self.is_admin(headers):
+            return text
+        for path in self.server_paths:
+            text = text.replace(path, "<server path>")
+        return text
+
+    # -- files -------------------------------------------------------------------------------
+    def servable_file(self, uri: str) -> Path | None:
+        """The stored `uri` as a local file under one of the image roots, else None."""
+        local = uri_path(uri) if uri else None
+        if not local:
+            return None
+        path = Path(local).resolve()
+        if not path.is_file() or not any(path.is_relative_to(root) for root in self.image_roots):
+            return None
+        return path
+
+    def media_path(self, record_id: str) -> Path | None:
+        """Where an uploaded image is kept so the page can show it (None: uploads are not kept).
+
+        One file per id, named by the id's hash and nothing the client chose: a re-upload
+        replaces it, and its media type is read from its bytes when it is served.
+        """
+        if self.settings.media_dir is None:
+            return None
+        digest = content_id(record_id.encode())  # ids are free text; their hash is a safe file name
+        return (Path(self.settings.media_dir) / digest[:2] / f"{digest[:32]}.img").resolve()
+
+    def is_media(self, path: Path) -> bool:
+        return self.settings.media_dir is not None and path.is_relative_to(Path(self.settings.media_dir).resolve())
+
+
+def pixels_over(data: bytes, limit: int) -> str | None:
+    """Why an encoded image is too large to decode here (from its header alone), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (*UNREADABLE_IMAGE, Image.DecompressionBombError):  # decoding says why, with the reason
+        return None
+    if width * height > limit:
+        return f"is {width}x{height} = {width * height} pixels; this service decodes at most {limit}"
+    return None
+
+
+def _return_freed_images_to_the_system() -> None:
+    """Make glibc hand decoded images' memory back when they are freed.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB), after which decoded images come from per-thread heaps that keep the memory:
+    with a thread pool of decoders the process grew by about 22 images' worth after one
+    burst of 32 queries, whatever the bound on images decoded at once. A fixed threshold
+    (blocks from 1 MiB are mapped and unmapped) and two arenas keep memory to what is in
+    use. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_arena_max, 2)

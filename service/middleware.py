@@ -1,0 +1,58 @@
+"""ASGI middleware: a bound on request bodies, and request counts for GET /stats."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from .core import BODY_SLACK
+from .errors import error_response
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with a 413, by header or while they stream in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit + BODY_SLACK:
+            response = error_response(413, "too_large", f"request body of {int(declared)} bytes is over the "
+                                                        f"{self.limit} byte upload limit")
+            return await response(scope, receive, send)
+        seen, over, answered = 0, False, False
+
+        async def limited():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit + BODY_SLACK:
+                    over = True  # stop reading: to the app the client has gone
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_over(message):
+            nonlocal answered
+            if over:
+                return  # the app's answer to a cut-off body is dropped: the 413 below goes instead
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, unless_over)
+        except Exception:
+            if not over:
+                raise
+        if over and not answered:
+            response = error_response(413, "too_large", f"request body is over the {self.limit} byte upload limit")
+            await response(scope, receive, send)
+
+
+async def count_requests(request: Request, call_next):
+    response = await call_next(request)
+    route = request.scope.get("route")
+    request.app.state.service.requests[f"{request.method} {route.path if route else 'other'}"] += 1
+    return response

@@ -1,0 +1,89 @@
+"""The HTTP API's response models: they document the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class HitOut(BaseModel):
+    id: str
+    distance: float | None = Field(None, description="Squared L2 distance (smaller is nearer); for a fused search "
+                                                      "the fused score (larger is nearer); null for a lookup.")
+    uri: str = Field(description="Where the image lives (a local path for files ingested or uploaded here).")
+    category: str | None = Field(None, description="Leaf category path, e.g. clothing/tops/shirt.")
+    categories: dict[str, str] = Field(description="Category path at each level.")
+    meta: dict[str, Any]
+    predicted: bool = Field(False, description="The category path was predicted by the model at ingest, not given.")
+    confidence: dict[str, float] = Field(default_factory=dict, description="Probability of the path at each level "
+                                                                            "(1 for given paths).")
+    image_url: str | None = Field(None, description="This service's URL of the image, when it can serve it.")
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any] = Field(description="What was searched with: the uploaded file's name, or the stored id.")
+    level: str | None = Field(None, description="The level vector searched, or null for the image vector.")
+    filter: dict[str, Any]
+    request: dict[str, Any] = Field(description="Every parameter of the search, as the service understood it.")
+    routing: dict[str, Any] | None = Field(None, description="With `auto`: the query's predicted path and whether "
+                                                              "the search was restricted to its category.")
+    hits: list[HitOut]
+
+
+class ImageResult(BaseModel):
+    filename: str | None
+    id: str
+    status: str = Field(description="stored (new), updated (the id was stored already: category and meta "
+                                    "replaced), duplicate (the same id as an earlier upload of this request, "
+                                    "which is the one stored) or failed.")
+    reason: str | None = None
+    stage: str | None = Field(None, description="For a failure: decode (not an image), too_large (more pixels "
+                                                "than the service decodes) or invalid (bad record).")
+    predicted_path: str | None = Field(None, description="The category the model predicted, when none was given.")
+
+
+class ImagesOut(BaseModel):
+    stored: int
+    updated: int
+    duplicates: int = 0
+    predicted: int = Field(description="How many of the stored or updated got a predicted category.")
+    failed: int
+    count: int
+    results: list[ImageResult]
+
+
+class DeletedOut(BaseModel):
+    deleted: str
+    count: int = Field(description="Images left in the collection.")
+
+
+class CategoryNode(BaseModel):
+    name: str
+    path: str
+    level: str
+    count: int
+    children: list[CategoryNode] = []
+
+
+class CategoriesOut(BaseModel):
+    levels: list[str]
+    total: int
+    tree: list[CategoryNode]
+
+
+class HealthOut(BaseModel):
+    status: str = Field(description="ok, or unavailable (with a 503) when Milvus cannot be reached.")
+    model: str = Field(description="The served model's vector fingerprint.")
+    store: str
+    count: int | None = None
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,1 @@
+"""One router per area: search, images (reads and writes), categories, admin (health and stats)."""

@@ -1,0 +1,57 @@
+"""`ServiceSettings`: everything `hiervec serve` configures, with a bound on every size a client controls."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from hiervec_core.names import DEFAULT_COLLECTION
+
+
+class SettingsError(ValueError):
+    """A service setting out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything `hiervec serve` configures; secrets never appear in `repr`."""
+
+    model: str | os.PathLike
+    uri: str | None = None
+    collection: str = DEFAULT_COLLECTION
+    token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
+    max_upload_bytes: int = 20 * 2**20
+    max_k: int = 1000  # hits per query: k, or k x group_size when grouped
+    max_files: int = 64  # images per POST /images
+    max_pixels: int = 40_000_000  # per uploaded image, read from its header before it is decoded
+    max_requests: int = 64  # requests in progress at once (more answer 503), a bound on bodies held
+    max_batch: int = 32
+    batch_window_ms: float = 0.0
+    media_dir: str | os.PathLike | None = "hiervec-media"
+    image_roots: tuple[str, ...] = ()
+    optimize: bool = False  # embed through the traced, frozen model (embedder.inference.frozen_for_cpu)
+    device: str = "auto"  # where the model runs (embedder.devices.resolve_device)
+    amp: bool = False  # mixed-precision embedding; stored and searched vectors stay float32
+    threads: int | None = None  # torch threads of each server process (None: torch's default)
+
+    def __post_init__(self):
+        for name in ("max_upload_bytes", "max_k", "max_files", "max_batch", "max_pixels", "max_requests"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise SettingsError(f"batch_window_ms must not be negative, got {self.batch_window_ms}")
+        if self.threads is not None and self.threads < 1:
+            raise SettingsError(f"threads must be positive, got {self.threads}")
+
+    def to_json(self) -> str:
+        """The settings without the secrets (workers read those from the environment)."""
+        data = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.__dict__.items()
+                if k not in ("token", "api_key")}
+        return json.dumps(data | {"image_roots": list(self.image_roots)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceSettings:
+        data = json.loads(text)
+        return cls(**data | {"image_roots": tuple(data.get("image_roots", ()))})
