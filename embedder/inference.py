@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,21 +27,9 @@ from .errors import ConfigError, ImageDecodeError
 from .hierarchy import Hierarchy
 from .model import PyramidEmbedder
 from .prediction import Prediction, decode_paths
+from .runtimes import Runner, VectorsOnly, resolve_runtime, runner_for
 
 ImageInput = str | os.PathLike | bytes | Image.Image
-
-
-class _VectorsOnly(torch.nn.Module):
-    def __init__(self, model: PyramidEmbedder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        levels, concat = self.model.vectors(images)
-        return (concat, *levels.values())
-
-
-Runner = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 def frozen_for_cpu(model: PyramidEmbedder) -> Runner:
@@ -57,7 +45,7 @@ def frozen_for_cpu(model: PyramidEmbedder) -> Runner:
     example = torch.rand(2, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's own deprecation notice; the path is measured, not assumed
-        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(_VectorsOnly(model).eval(), example)))
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(VectorsOnly(model).eval(), example)))
 
     names = model.config.level_names
 
@@ -116,9 +104,13 @@ class Embedder:
 
     `device` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``;
     `amp=True` computes in bfloat16 (float16 on older GPUs and MPS) and still returns
-    float32 unit vectors. `optimize=True` embeds through `frozen_for_cpu` (traced and
-    frozen, about twice the speed on CPUs, float32; vectors agree with the eager model to
-    float rounding). Thread counts are the caller's: `embedder.devices.set_threads`.
+    float32 unit vectors. `runtime` runs the vector part on CPUs through ``onnxruntime`` or
+    ``openvino`` (exported once per model into a cache folder; vectors within 1e-4 of eager
+    torch, see `embedder.runtimes`), ``torch`` (the default), or ``auto`` (the fastest
+    installed on CPUs, torch on GPUs). `optimize=True` embeds through `frozen_for_cpu`
+    (torch traced and frozen, about twice eager's speed on CPUs, float32; vectors agree
+    with the eager model to float rounding). Thread counts are the caller's:
+    `embedder.devices.set_threads` (every runtime uses torch's).
 
     Satisfies `milvus_store.ImageEmbedder` (`level_names`, `level_dims`, `fingerprint`, `embed`)
     and `milvus_store.CategoryPredictor` (`categories`, `predict_vectors`). `fingerprint` is the checkpoint's vector
@@ -136,6 +128,7 @@ class Embedder:
         optimize: bool = False,
         device: str | torch.device | None = "auto",
         amp: bool = False,
+        runtime: str = "torch",
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -143,10 +136,14 @@ class Embedder:
         if optimize and (self.device.type != "cpu" or amp):
             raise ConfigError(f"optimize=True is the traced float32 path for CPUs; got device {self.device} "
                               f"with amp={amp} (use amp=True alone on GPUs)")
+        self.runtime = resolve_runtime(runtime, self.device.type, torch_only=optimize or amp)
+        if self.runtime != "torch" and (optimize or amp):
+            raise ConfigError(f"optimize and amp are torch's; the {self.runtime} runtime computes in float32 "
+                              f"on its own graph (choose one)")
         self.precision = Precision.for_device(self.device, amp)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.optimized = optimize
-        self._runner = frozen_for_cpu(self.model) if optimize else None
+        self._runner = frozen_for_cpu(self.model) if optimize else runner_for(self.runtime, self.model)
         self.hierarchy = hierarchy
         self.fingerprint = fingerprint
         self.batch_size = batch_size

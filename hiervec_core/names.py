@@ -23,5 +23,8 @@ MAX_TOPK = 16384  # Milvus's limit on the hits of one search; `HierStore.search_
 # (product-like leaves) the leaf level trains with the contrastive loss alone.
 LEAF_SOFTMAX_MIN_IMAGES = 20
 
+RUNTIMES = ("torch", "onnxruntime", "openvino")  # what runs the model's vector part (embedder.runtimes)
+EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`
+
 FUSIONS = ("rrf", "weighted")  # how a hybrid search fuses the level vectors' rankings
 PREDICTED_CHOICES = ("include", "exclude", "only")  # stored images whose category the model predicted

@@ -70,7 +70,7 @@ class Service:
             set_threads(settings.threads)  # the service, not the library, owns the process's thread count
         _return_freed_images_to_the_system()
         embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize, device=settings.device,
-                                            amp=settings.amp)
+                                            amp=settings.amp, runtime=settings.runtime)
         index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
         return cls(settings, embedder, index)
 

@@ -34,6 +34,7 @@ class ServiceSettings:
     optimize: bool = False  # embed through the traced, frozen model (embedder.inference.frozen_for_cpu)
     device: str = "auto"  # where the model runs (embedder.devices.resolve_device)
     amp: bool = False  # mixed-precision embedding; stored and searched vectors stay float32
+    runtime: str = "auto"  # torch, onnxruntime, openvino; auto: the fastest installed (embedder.runtimes)
     threads: int | None = None  # torch threads of each server process (None: torch's default)
 
     def __post_init__(self):

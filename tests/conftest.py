@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +6,14 @@ import pytest
 
 LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory) -> Path:
+    """Models exported for ONNX Runtime and OpenVINO (`--runtime`) go to a folder of this run, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("export-cache")
+    os.environ["HIERVEC_CACHE"] = str(folder)  # also for the `hiervec serve` processes tests start
+    return folder
 
 
 @pytest.fixture

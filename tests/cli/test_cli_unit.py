@@ -13,7 +13,7 @@ from embedder import fashion_mnist
 pytestmark = pytest.mark.unit
 
 COMMANDS = [["data"], ["data", "fashion-mnist"], ["data", "fashion-mnist-products"], ["train"], ["ingest"], ["search"],
-            ["eval"], ["info"], ["delete"], ["relabel"], ["serve"]]
+            ["eval"], ["info"], ["delete"], ["relabel"], ["serve"], ["export"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -133,6 +133,8 @@ def test_every_command_that_runs_the_model_takes_device_amp_and_threads(command)
     assert result.exit_code == 0, result.output
     for option in ("--device DEVICE", "--amp", "--threads"):
         assert option in result.output
+    if command not in ("train", "relabel"):  # those that embed images choose the runtime
+        assert "--runtime [auto|torch|onnxruntime|openvino]" in result.output
 
 
 def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path, tiny_model):

@@ -156,3 +156,21 @@ def test_progress_bars_show_on_a_terminal_and_stay_silent_with_json(monkeypatch)
             advance(4)
             advance(6)
         assert ("search" in err.getvalue() and "10/10" in err.getvalue()) is not as_json, err.getvalue()
+
+
+def test_every_runtime_finds_the_same_hits_in_one_collection(ingested):
+    """The collection was filled by the default runtime (the fastest installed); searching it with
+    each runtime gives the same neighbours at the same distances (vectors within 1e-4)."""
+    from embedder import runtimes
+
+    tree, model, db = ingested
+    query = tree / "clothing/tops/coat/3.png"
+    found = {}
+    for runtime in runtimes.PREFERENCE:
+        if runtimes.installed(runtime):
+            found[runtime] = hits_of(run_json("search", query, "--model", model, "--uri", db, "-k", "6",
+                                              "--runtime", runtime))
+    reference = found.pop("torch")
+    for runtime, hits in found.items():
+        assert [h["id"] for h in hits] == [h["id"] for h in reference], runtime
+        assert [h["distance"] for h in hits] == pytest.approx([h["distance"] for h in reference], abs=1e-4)

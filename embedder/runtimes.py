@@ -1,0 +1,190 @@
+"""CPU inference runtimes for the vector part of a model: torch, ONNX Runtime, OpenVINO.
+
+Each runtime runs the same function, `PyramidEmbedder.vectors`: float images in [0, 1]
+``(n, 3, s, s)`` in, the image vector and each level's vector out. Exported graphs take
+any batch size at the model's input size; vectors agree with eager torch within 1e-4
+(float32 everywhere: OpenVINO is told to keep float32, its default on some CPUs is a
+lower precision that moves vectors by 1e-3), so one collection serves every runtime and
+the model's fingerprint stays the same. The classifiers (category prediction) are tiny
+and stay in torch, reading the vectors whichever runtime made them.
+
+ONNX Runtime and OpenVINO are optional extras (`pip install hiervec[onnx]`,
+`hiervec[openvino]`); asking for one that is not installed names the extra.
+
+>>> resolve_runtime("torch", "cpu")
+'torch'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hiervec_core.names import EXPORT_FORMATS, RUNTIMES
+
+from .checkpoint import vector_fingerprint
+from .errors import ConfigError
+from .model import PyramidEmbedder
+
+# Fastest first, as bench/speed.py measured them on CPUs (float32, batch 64): ONNX Runtime
+# 1.96-2.27x eager torch, OpenVINO 1.90-2.06x.
+PREFERENCE = ("onnxruntime", "openvino", "torch")
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
+FORMATS = dict(zip(EXPORT_FORMATS, ("onnxruntime", "openvino")))  # export format -> the runtime that runs it
+EXPORT_MANIFEST = "hiervec-export.json"
+INPUT, OUTPUT_CONCAT = "images", "concat"
+
+Runner = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def installed(runtime: str) -> bool:
+    return runtime == "torch" or importlib.util.find_spec(runtime) is not None
+
+
+def resolve_runtime(runtime: str | None, device_type: str, *, torch_only: bool = False) -> str:
+    """``auto`` (or None): torch on GPUs or when `torch_only` (mixed precision, the traced path
+    are torch's), else the fastest runtime installed; a named runtime must be installed (the
+    error names the extra that installs it) and runs on CPUs."""
+    if runtime in (None, "auto"):
+        if device_type != "cpu" or torch_only:
+            return "torch"
+        return next(r for r in PREFERENCE if installed(r))
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be auto or one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if not installed(runtime):
+        raise ConfigError(f"the {runtime} runtime is not installed: pip install 'hiervec[{EXTRAS[runtime]}]'")
+    if runtime != "torch" and device_type != "cpu":
+        raise ConfigError(f"the {runtime} runtime runs on CPUs; got device {device_type!r} (use --device cpu, "
+                          f"or torch on the GPU)")
+    return runtime
+
+
+class VectorsOnly(torch.nn.Module):
+    """`model.vectors` as a module with flat outputs: (concat, level_1, ..., level_L)."""
+
+    def __init__(self, model: PyramidEmbedder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels, concat = self.model.vectors(images)
+        return (concat, *levels.values())
+
+
+def output_names(model: PyramidEmbedder) -> list[str]:
+    levels = [] if model.config.mode == "flat" else list(model.config.level_names)
+    return [OUTPUT_CONCAT, *(f"level_{name}" for name in levels)]
+
+
+def export(model: PyramidEmbedder, out: str | os.PathLike, fmt: str) -> Path:
+    """Write the vector part of `model` as `fmt` (``onnx``: ``model.onnx``; ``openvino``:
+    ``model.xml`` + ``model.bin``) into the folder `out`; returns the model file's path."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    resolve_runtime(FORMATS[fmt], "cpu")  # the format's library must be installed
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = VectorsOnly(model.eval()).eval()
+    size = model.config.image_size
+    example = torch.rand(2, 3, size, size)
+    names = output_names(model)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, (example,), onnx_path, input_names=[INPUT], output_names=names,
+                              dynamic_axes={INPUT: {0: "n"}, **{name: {0: "n"} for name in names}},
+                              opset_version=17, dynamo=False)
+        if fmt == "onnx":
+            target = out / "model.onnx"
+            os.replace(onnx_path, target)
+            return target
+        import openvino as ov
+
+        converted = ov.convert_model(onnx_path)
+        ov.save_model(converted, Path(tmp) / "model.xml", compress_to_fp16=False)
+        for name in ("model.xml", "model.bin"):
+            os.replace(Path(tmp) / name, out / name)
+        return out / "model.xml"
+
+
+def write_manifest(out: str | os.PathLike, fmt: str, model: PyramidEmbedder, hierarchy, fingerprint: str,
+                   vector_fingerprint: str) -> Path:
+    """What a deployment needs beside the graph: the input contract, outputs, fingerprints, hierarchy."""
+    config = model.config
+    manifest = {
+        "format": fmt,
+        "runtime": FORMATS[fmt],
+        "input": {"name": INPUT, "shape": ["n", 3, config.image_size, config.image_size], "dtype": "float32",
+                  "range": [0.0, 1.0], "layout": "NCHW", "colour": "RGB",
+                  "preprocessing": f"decode, EXIF-rotate, convert to RGB, resize to {config.image_size}x"
+                                   f"{config.image_size} (embedder.data.image_to_tensor), divide by 255; "
+                                   "the graph normalises with the ImageNet mean and std itself"},
+        "outputs": {name: ("image vector, unit length" if name == OUTPUT_CONCAT else "level vector, unit length")
+                    for name in output_names(model)},
+        "fingerprint": fingerprint,
+        "vector_fingerprint": vector_fingerprint,
+        "config": config.to_dict(),
+        "hierarchy": hierarchy.to_dict(),
+    }
+    path = Path(out) / EXPORT_MANIFEST
+    path.write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def cached_export(model: PyramidEmbedder, runtime: str) -> Path:
+    """The model exported for `runtime`, written once per weights under the cache folder
+    ($HIERVEC_CACHE, else $XDG_CACHE_HOME/hiervec, else ~/.cache/hiervec). The folder is named by
+    the vector fingerprint computed from the model itself, never by a name a caller gave it."""
+    fmt = {v: k for k, v in FORMATS.items()}[runtime]
+    root = Path(os.environ.get("HIERVEC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "hiervec")
+    folder = root / f"{vector_fingerprint(model.config, model.state_dict())}-{fmt}"
+    target = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    if not target.is_file():
+        export(model, folder, fmt)
+    return target
+
+
+def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
+    """A function from float images to (level vectors, image vector) on `runtime`; None for torch."""
+    if runtime == "torch":
+        return None
+    path = cached_export(model, runtime)
+    names = list(model.config.level_names) if model.config.mode != "flat" else []
+    threads = torch.get_num_threads()  # the process's thread count (--threads) holds for every runtime
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def run(images: torch.Tensor):
+            outputs = session.run(None, {INPUT: images.contiguous().numpy()})
+            return _split(outputs, names)
+    else:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                             "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+
+        def run(images: torch.Tensor):
+            result = request.infer({INPUT: images.contiguous().numpy()})
+            return _split([result[output] for output in compiled.outputs], names)
+
+    return run
+
+
+def _split(outputs, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    concat, *levels = (torch.from_numpy(o.copy()) for o in outputs)
+    return dict(zip(names, levels)), concat

@@ -1,0 +1,114 @@
+"""ONNX Runtime and OpenVINO run the model's vector part with eager torch's vectors (within 1e-4)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from embedder import ConfigError, Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+from embedder import runtimes
+from embedder.data import decode_image, image_to_tensor
+
+pytestmark = pytest.mark.unit
+HIERARCHY = Hierarchy.from_paths(["a/x/1", "a/y/2", "b/z/3", "b/z/4"], ("dept", "cat", "item"))
+CPU_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def need(runtime: str) -> None:
+    if not runtimes.installed(runtime):
+        pytest.skip(f"{runtime} is not installed (pip install 'hiervec[{runtimes.EXTRAS[runtime]}]'; CI installs it)")
+
+
+@pytest.fixture(scope="module", params=["pyramid", "flat"])
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    config = EmbedderConfig.for_hierarchy(HIERARCHY, dim=8, backbone="mobilenet_v2", image_size=64,
+                                          mode=request.param, classifier_scale=4.0)
+    path = tmp_path_factory.mktemp("runtimes") / f"{request.param}.pt"
+    save_checkpoint(path, PyramidEmbedder(config), HIERARCHY)
+    return path
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_vectors_and_predictions_match_eager_torch(checkpoint, runtime):
+    need(runtime)
+    images = (torch.rand(7, 3, 80, 80) * 255).to(torch.uint8)  # resized to 64 px on the way in
+    eager = Embedder.from_checkpoint(checkpoint, device="cpu")
+    other = Embedder.from_checkpoint(checkpoint, device="cpu", runtime=runtime, batch_size=3)  # batches of 3, 3, 1
+    expected, got = eager.embed(images), other.embed(images)
+    assert other.runtime == runtime and other.fingerprint == eager.fingerprint
+    assert got.concat.dtype == np.float32 and got.concat.shape == expected.concat.shape
+    assert np.abs(got.concat - expected.concat).max() < 1e-4
+    assert got.levels.keys() == expected.levels.keys()
+    for level, vectors in expected.levels.items():
+        assert np.abs(got.levels[level] - vectors).max() < 1e-4, level
+    assert np.allclose(np.linalg.norm(got.concat, axis=1), 1, atol=1e-5)
+    ours, theirs = other.predict_vectors(got), eager.predict_vectors(expected)
+    assert [p.path for p in ours] == [p.path for p in theirs]
+    for a, b in zip(ours, theirs):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
+
+
+def test_runtime_choice_names_what_is_missing_or_impossible(monkeypatch):
+    assert runtimes.resolve_runtime("auto", "cuda") == "torch"
+    assert runtimes.resolve_runtime("auto", "cpu", torch_only=True) == "torch"
+    assert runtimes.resolve_runtime("auto", "cpu") == next(r for r in runtimes.PREFERENCE if runtimes.installed(r))
+    with pytest.raises(ConfigError, match="runtime must be auto or one of torch, onnxruntime, openvino, got 'tvm'"):
+        runtimes.resolve_runtime("tvm", "cpu")
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    assert runtimes.resolve_runtime("auto", "cpu") == "torch"
+    with pytest.raises(ConfigError, match=r"the openvino runtime is not installed: pip install 'hiervec\[openvino\]'"):
+        runtimes.resolve_runtime("openvino", "cpu")
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    with pytest.raises(ConfigError, match="runs on CPUs; got device 'cuda'"):
+        runtimes.resolve_runtime("onnxruntime", "cuda")
+
+
+def test_torch_only_options_refuse_another_runtime(checkpoint):
+    need("onnxruntime")
+    with pytest.raises(ConfigError, match="optimize and amp are torch's"):
+        Embedder.from_checkpoint(checkpoint, device="cpu", runtime="onnxruntime", optimize=True)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_writes_the_graph_and_its_contract(checkpoint, tmp_path, fmt):
+    need(runtimes.FORMATS[fmt])
+    result = CliRunner().invoke(cli, ["export", str(checkpoint), "--format", fmt, "--out", str(tmp_path / "out"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    manifest = json.loads((tmp_path / "out" / runtimes.EXPORT_MANIFEST).read_text())
+    eager = Embedder.from_checkpoint(checkpoint, device="cpu")
+    assert summary["fingerprint"] == manifest["vector_fingerprint"] == eager.fingerprint
+    assert Hierarchy.from_dict(manifest["hierarchy"]) == HIERARCHY
+    assert manifest["input"]["shape"] == ["n", 3, 64, 64] and manifest["input"]["range"] == [0.0, 1.0]
+    # A deployment without hiervec: preprocess as the contract says, run the graph with the runtime alone.
+    image = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    from PIL import Image
+
+    batch = image_to_tensor(decode_image(Image.fromarray(image)), 64)[None].float().div(255).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(summary["graph"], providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, {manifest["input"]["name"]: batch})))
+    else:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(summary["graph"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled({manifest["input"]["name"]: batch})
+        outputs = {o.get_any_name(): result[o] for o in compiled.outputs}
+    assert list(outputs) == list(manifest["outputs"])
+    expected = eager.embed([Image.fromarray(image)])
+    assert np.abs(outputs["concat"] - expected.concat).max() < 1e-4
+    for level, vectors in expected.levels.items():
+        assert np.abs(outputs[f"level_{level}"] - vectors).max() < 1e-4
+
+
+def test_export_of_a_missing_model_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "none.pt"), "--format", "onnx", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "does not exist" in result.output
