@@ -59,18 +59,20 @@ def tiny_catalogue(folder: Path) -> tuple[Path, Path]:
 
 
 def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str], settle: float, repeats: int,
-                               out) -> None:
-    """In a child process: store `tree`, let Lite build its index, then time `ImageIndex.search` on
-    `queries` in batches of 32 (queries per second). The process ends, so the server can open the file."""
+                               runtime: str, ingest: bool, out) -> None:
+    """In a child process: store `tree` (when `ingest`), let Lite build its index, then time
+    `ImageIndex.search` on `queries` in batches of 32 (queries per second) with `runtime`. The
+    process ends, so the server can open the file."""
     from embedder import Embedder, read_source
     from milvus_store import ImageIndex, IngestItem, SearchRequest
 
-    embedder = Embedder.from_checkpoint(model)
+    embedder = Embedder.from_checkpoint(model, runtime=runtime)
     blobs = [Path(q).read_bytes() for q in queries]
     with ImageIndex.open(embedder, db, "images") as index:
-        items = [IngestItem(item.path, item.category, uri=str(item.path)) for item in read_source(Path(tree)).items]
-        index.ingest(items)
-        time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
+        if ingest:
+            items = [IngestItem(item.path, item.category, uri=str(item.path)) for item in read_source(Path(tree)).items]
+            index.ingest(items)
+            time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
         request = SearchRequest(k=10)
         index.search(request, blobs[:32])  # warm-up
         prepared = [embedder.prepare(b) for b in blobs[:32]]
@@ -167,7 +169,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="Seconds to wait after ingest: Milvus Lite builds the index in the background.")
     parser.add_argument("--smoke", action="store_true", help="Tiny model and data; seconds.")
     parser.add_argument("--json", action="store_true", help="Print one JSON document instead of the table.")
+    parser.add_argument("--runtime", default="all",
+                        help="Comma-separated runtimes (torch, onnxruntime, openvino) for the offline path and the "
+                             "server, side by side; all: those installed.")
     args = parser.parse_args(argv)
+    from embedder.runtimes import installed
+    from hiervec_core.names import RUNTIMES
+
+    wanted = RUNTIMES if args.runtime == "all" else tuple(args.runtime.split(","))
+    runtimes = [r for r in wanted if installed(r)]
     levels = [int(c) for c in args.concurrency.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="hiervec-serve-load-") as tmp:
@@ -192,46 +202,55 @@ def main(argv: list[str] | None = None) -> int:
         queries = [str(p) for p in chosen[:: max(1, len(chosen) // args.queries)][: args.queries]]
 
         context = multiprocessing.get_context("spawn")
-        results = context.Queue()
-        child = context.Process(target=ingest_and_measure_offline,
-                                args=(str(model), str(tree), db, queries, args.settle, args.repeats, results))
-        child.start()
-        offline_qps, parts = results.get(timeout=1800)
-        child.join()
+        blobs = [Path(q).read_bytes() for q in queries]
+        measured = {}
+        for n, runtime in enumerate(runtimes):  # the first one ingests; each measures offline, then serves
+            results = context.Queue()
+            child = context.Process(target=ingest_and_measure_offline,
+                                    args=(str(model), str(tree), db, queries, args.settle, args.repeats, runtime,
+                                          n == 0, results))
+            child.start()
+            offline_qps, parts = results.get(timeout=1800)
+            child.join()
 
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([*HIERVEC, "serve", "--model", str(model), "--uri", db, "--port", str(port),
-                                   "--media", str(tmp / "media"),
-                                   *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None
-                                     else [])],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            _wait(base, server)
-            blobs = [Path(q).read_bytes() for q in queries]
-            load(base, blobs, min(20, args.requests), 2)  # warm-up
-            runs = [load(base, blobs, args.requests, c) for c in levels]
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            server = subprocess.Popen([*HIERVEC, "serve", "--model", str(model), "--uri", db, "--port", str(port),
+                                       "--media", str(tmp / "media"), "--runtime", runtime,
+                                       *(["--batch-window-ms", str(args.batch_window_ms)]
+                                         if args.batch_window_ms is not None else [])],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                _wait(base, server)
+                load(base, blobs, min(20, args.requests), 2)  # warm-up
+                runs = [load(base, blobs, args.requests, c) for c in levels]
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            measured[runtime] = {"offline_qps": round(offline_qps, 1), "parts": parts,
+                                 "runs": [run | {"vs_offline": round(run["qps"] / offline_qps, 2)} for run in runs]}
 
-    report = {"machine": describe(("torch", "pymilvus", "milvus-lite", "fastapi", "uvicorn")),
+    report = {"machine": describe(("torch", "pymilvus", "milvus-lite", "fastapi", "uvicorn", "onnxruntime",
+                                   "openvino")),
               "command": "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "stored": len(chosen), "queries": len(queries), "offline_qps": round(offline_qps, 1), "parts": parts,
-              "runs": [run | {"vs_offline": round(run["qps"] / offline_qps, 2)} for run in runs]}
+              "stored": len(chosen), "queries": len(queries), "runtimes": measured}
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"machine: {report['machine']}\ncommand: {report['command']}")
-    print(f"{report['stored']} images stored (Milvus Lite, HNSW); {report['queries']} distinct query images; "
-          f"offline ImageIndex.search: {report['offline_qps']} queries/s")
-    print("parts (best of 20): " + ", ".join(f"{k} {v}" for k, v in parts.items()) + "\n")
-    print("| clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch | QPS / offline |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run in report["runs"]:
-        print(f"| {run['concurrency']} | {run['requests']} | {run['errors']} | {run['qps']} | {run['p50_ms']} | "
-              f"{run['p99_ms']} | {run['embed_batch']} | {run['search_batch']} | {run['vs_offline']} |")
-    return 0 if all(run["errors"] == 0 for run in report["runs"]) else 1
+    print(f"{report['stored']} images stored (Milvus Lite, HNSW); {report['queries']} distinct query images")
+    for runtime, m in measured.items():
+        print(f"{runtime}: offline ImageIndex.search {m['offline_qps']} queries/s; parts (best of 20): "
+              + ", ".join(f"{k} {v}" for k, v in m["parts"].items()))
+    print("\n| runtime | clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch "
+          "| offline QPS | QPS / offline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for runtime, m in measured.items():
+        for run in m["runs"]:
+            print(f"| {runtime} | {run['concurrency']} | {run['requests']} | {run['errors']} | {run['qps']} | "
+                  f"{run['p50_ms']} | {run['p99_ms']} | {run['embed_batch']} | {run['search_batch']} | "
+                  f"{m['offline_qps']} | {run['vs_offline']} |")
+    return 0 if all(run["errors"] == 0 for m in measured.values() for run in m["runs"]) else 1
 
 
 def _wait(base: str, server: subprocess.Popen, seconds: float = 120) -> None:

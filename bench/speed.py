@@ -41,6 +41,7 @@ from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder  # noq
 from embedder.backbones import backbone_spec, build_backbone  # noqa: E402
 from embedder.metrics import agreement, consistency_at_k, exact_neighbours, recall_at_k  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
+from hiervec_core.names import RUNTIMES  # noqa: E402
 from milvus_store import ImageIndex, IngestItem  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
@@ -55,7 +56,8 @@ def rate(fn, images: int, repeats: int) -> float:
     return images / best
 
 
-def measure(backbone: str, size: int, batch: int, batches: int, repeats: int, folder: Path) -> dict:
+def measure(backbone: str, size: int, batch: int, batches: int, repeats: int, folder: Path,
+            runtimes: tuple[str, ...]) -> dict:
     hierarchy = Hierarchy.from_paths(CLASS_PATHS, LEVEL_NAMES)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=64, backbone=backbone, image_size=size)
     embedder = Embedder(PyramidEmbedder(config), hierarchy, "bench", batch_size=batch)
@@ -82,7 +84,14 @@ def measure(backbone: str, size: int, batch: int, batches: int, repeats: int, fo
         # skip_existing=False: every repeat decodes, embeds and writes all files again (an upsert)
         ingest_img_s = rate(lambda: index.ingest(items, batch_size=batch, skip_existing=False), n, repeats)
     fast = Embedder(embedder.model, hierarchy, "bench", batch_size=batch, optimize=True)
+    eager = embedder.embed(images)
+    by_runtime = {}
+    for runtime in runtimes:  # the same images, batch and threads through each runtime
+        other = Embedder(embedder.model, hierarchy, "bench", batch_size=batch, runtime=runtime)
+        by_runtime[runtime] = {"img_s": rate(lambda: other.embed(images), n, repeats),
+                               "max_abs_diff": float(np.abs(other.embed(images).concat - eager.concat).max())}
     return {
+        "runtimes": by_runtime,
         "size": size,
         "backbone_gflop": forward_flops(bare, size) / 1e9,
         "embedder_gflop": forward_flops(embedder.model, size) / 1e9,
@@ -112,8 +121,9 @@ def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
     return rate(lambda: a @ b, 2 * n**3, repeats)
 
 
-def retrieval_effect(checkpoint: str | None, images: int, smoke: bool) -> dict | None:
-    """Exact leave-one-out leaf R@1 and consistency@10 per level, eager against optimized vectors."""
+def retrieval_effect(checkpoint: str | None, images: int, smoke: bool, runtimes: tuple[str, ...]) -> dict | None:
+    """Exact leave-one-out leaf R@1 and consistency@10 per level: eager against optimized vectors and
+    every runtime's."""
     from embedder import fashion_mnist
 
     if checkpoint:
@@ -124,18 +134,21 @@ def retrieval_effect(checkpoint: str | None, images: int, smoke: bool) -> dict |
         model = Embedder(PyramidEmbedder(config, backbone_weights="imagenet"), hierarchy, "smoke")
     else:
         return None
-    fast = Embedder(model.model, model.hierarchy, model.fingerprint, optimize=True)
+    paths = {"eager": model, "optimized": Embedder(model.model, model.hierarchy, model.fingerprint, optimize=True)}
+    paths |= {runtime: Embedder(model.model, model.hierarchy, model.fingerprint, runtime=runtime)
+              for runtime in runtimes if runtime != "torch"}
     gray, classes = fashion_mnist.load("test")
     batch = torch.from_numpy(np.array(gray[:images]))[:, None].expand(-1, 3, -1, -1).contiguous()
     labels = model.hierarchy.encode_many([CLASS_PATHS[c] for c in classes[:images]])
     out = {"images": images, "checkpoint": checkpoint or "(untrained, ImageNet backbone)"}
     vectors = {}
-    for name, embedder in (("eager", model), ("optimized", fast)):
+    for name, embedder in paths.items():
         vectors[name] = embedder.embed(batch).concat
         same = agreement(labels, exact_neighbours(vectors[name], 10))
         out[name] = {"recall@1": recall_at_k(same, 1),
-                     **{f"consistency@10/{lv}": consistency_at_k(same, 10, i) for i, lv in enumerate(LEVEL_NAMES)}}
-    out["max_abs_diff"] = float(np.abs(vectors["eager"] - vectors["optimized"]).max())
+                     **{f"consistency@10/{lv}": consistency_at_k(same, 10, i) for i, lv in enumerate(LEVEL_NAMES)},
+                     "max_abs_diff": float(np.abs(vectors[name] - vectors["eager"]).max())}
+    out["paths"] = list(paths)
     return out
 
 
@@ -149,16 +162,23 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="a trained model: measure the optimized path's effect on retrieval")
     parser.add_argument("--eval-images", type=int, default=5000)
     parser.add_argument("--smoke", action="store_true", help="one small batch at 64 px")
+    parser.add_argument("--runtime", default="all",
+                        help="comma-separated runtimes to measure beside eager torch, or all (those installed)")
     args = parser.parse_args(argv)
+    from embedder.runtimes import installed
+
+    wanted = RUNTIMES if args.runtime == "all" else tuple(args.runtime.split(","))
+    runtimes = tuple(r for r in wanted if r == "torch" or installed(r))
     if args.smoke:
         args.sizes, args.batch, args.batches, args.repeats, args.eval_images = "64", 8, 1, 1, 200
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(args.backbone, int(s), args.batch, args.batches, args.repeats, Path(tmp))
+        rows = [measure(args.backbone, int(s), args.batch, args.batches, args.repeats, Path(tmp), runtimes)
                 for s in args.sizes.split(",")]
     peak = gemm_peak(512 if args.smoke else 2048)
-    effect = retrieval_effect(args.checkpoint, args.eval_images, args.smoke)
+    effect = retrieval_effect(args.checkpoint, args.eval_images, args.smoke, runtimes)
     command = "python bench/speed.py" + (" --smoke" if args.smoke else f" --sizes {args.sizes}") + (
-        f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+        f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (
+        f" --runtime {args.runtime}" if args.runtime != "all" else "")
     print(f"# embedding throughput, {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads\n\n"
           f"machine: {describe(('torch', 'torchvision', 'numpy'))}\ncommand: {command}\n")
     print("| input px | bare backbone img/s | Embedder (tensors) img/s | ratio | Embedder (PNG files) img/s "
@@ -178,14 +198,24 @@ def main(argv=None) -> int:
         print(f"| {r['size']} | {r['backbone_gflop']:.3f} | {r['embedder_gflop']:.3f} | {bb:.1f} | {bb * 1e9 / peak:.2f} "
               f"| {em:.1f} | {em * 1e9 / peak:.2f} | {r['optimized_img_s']:.0f} | "
               f"{r['optimized_img_s'] / r['embed_tensors_img_s']:.2f} |")
+    print(f"\nruntimes (the vector part through each; {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"the same images): img/s, against eager torch, and the largest difference of a vector component\n")
+    print("| input px | runtime | img/s | / eager | Embedder GFLOP/s | share of matmul peak | max abs difference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for runtime, m in r["runtimes"].items():
+            flops = r["embedder_gflop"] * m["img_s"]
+            print(f"| {r['size']} | {runtime} | {m['img_s']:.0f} | {m['img_s'] / r['embed_tensors_img_s']:.2f} | "
+                  f"{flops:.1f} | {flops * 1e9 / peak:.2f} | {m['max_abs_diff']:.1e} |")
     if effect:
-        print(f"\noptimized path on retrieval: {effect['images']} Fashion-MNIST test images, exact leave-one-out, "
-              f"model {effect['checkpoint']}; largest vector difference {effect['max_abs_diff']:.2e}\n")
+        print(f"\neach path on retrieval: {effect['images']} Fashion-MNIST test images, exact leave-one-out, "
+              f"model {effect['checkpoint']}\n")
         keys = list(effect["eager"])
         print("| path | " + " | ".join(keys) + " |")
         print("|---|" + "---|" * len(keys))
-        for name in ("eager", "optimized"):
-            print(f"| {name} | " + " | ".join(f"{effect[name][k]:.4f}" for k in keys) + " |")
+        for name in effect["paths"]:
+            print(f"| {name} | " + " | ".join(f"{effect[name][k]:.2e}" if k == "max_abs_diff" else
+                                              f"{effect[name][k]:.4f}" for k in keys) + " |")
     return 0
 
 
