@@ -454,14 +454,15 @@ def search(images, ids, model_path, uri, collection, token, k, where, under, lev
         level_weights=parse_weights(level_weights), group_by=group_by, group_size=group_size, predicted=predicted,
         min_label_confidence=min_label_confidence, auto=auto, min_confidence=min_confidence,
     )
-    queries: list[tuple[dict, str]] = []  # (how the output names the query, the picture the sheet shows)
+    queries: list[tuple[dict, str | None]] = []  # (how the output names the query, the picture the sheet shows)
     with open_index(model_path, uri, collection, token, device=device, amp=amp, runtime=runtime) as image_index:
         results = image_index.search(request, list(images)) if images else []
         queries += [({"image": str(image)}, str(image)) for image in images]
         if ids:
             results += image_index.search(replace(request, ids=tuple(ids)))
-            stored = {hit.id: hit for hit in image_index.store.get(list(ids))}
-            queries += [({"id": rid}, uri_path(stored[rid].uri) or stored[rid].uri) for rid in ids]
+            # the sheet shows a stored query by its file (read only for a sheet)
+            stored = {hit.id: hit.uri for hit in image_index.store.get(list(ids))} if sheet is not None else {}
+            queries += [({"id": rid}, uri_path(stored.get(rid, "")) or stored.get(rid)) for rid in ids]
     names = [query.get("image") or f"id {query['id']}" for query, _ in queries]
     if sheet is not None:
         contact_sheet([(picture, result.hits) for (_, picture), result in zip(queries, results)], sheet)

@@ -36,6 +36,12 @@ def test_search_by_stored_id_leaves_the_query_out_and_uses_its_stored_vectors(in
     assert [h["id"] for h in hits_of(result)] == [h["id"] for h in by_file if h["id"] != sha256(query)][:5]
     both = run_json("search", query, "--id", sha256(query), "--model", model, "--uri", db, "-k", "5")
     assert [q.get("image") or q["id"] for q in both["queries"]] == [str(query), sha256(query)]
+    sheet = db.parent / "by-id.png"
+    run("search", "--id", sha256(query), "--model", model, "--uri", db, "-k", "3", "--sheet", sheet)
+    from PIL import Image
+
+    with Image.open(sheet) as picture:  # one row: the stored query's own file, then 3 hits
+        assert picture.size == (8 + 4 * (112 + 8), 8 + 112 + 30 + 8)
     missing = run("search", "--id", "no-such-id", "--model", model, "--uri", db, ok=False)
     assert missing.exit_code == 1 and "no image with id 'no-such-id'" in missing.stderr
 
