@@ -212,7 +212,9 @@ def data_fashion_mnist(out: Path, split: str, limit: int | None, as_json: bool):
     from embedder import fashion_mnist
 
     started = time.perf_counter()
-    count = fashion_mnist.export_folder_tree(out, split=split, limit=limit)
+    sizes = [fashion_mnist.SPLIT_SIZES[name] for name in (fashion_mnist.SPLITS if split == "all" else (split,))]
+    with progress_bar(sum(min(size, limit or size) for size in sizes), "export", as_json, rate="img/s") as advance:
+        count = fashion_mnist.export_folder_tree(out, split=split, limit=limit, progress=advance)
     emit(as_json, {"out": str(out), "split": split, "images": count, "levels": list(fashion_mnist.LEVEL_NAMES)},
          f"wrote {count} images to {out} ({time.perf_counter() - started:.1f}s); "
          f"levels: {', '.join(fashion_mnist.LEVEL_NAMES)}")
@@ -239,7 +241,9 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
     from embedder import fashion_mnist
 
     started = time.perf_counter()
-    count = fashion_mnist.export_products(out, split=split, count=products, photos=photos, offset=offset, seed=seed)
+    with progress_bar(products * photos, "export", as_json, rate="photos/s") as advance:
+        count = fashion_mnist.export_products(out, split=split, count=products, photos=photos, offset=offset,
+                                              seed=seed, progress=advance)
     levels = list(fashion_mnist.PRODUCT_LEVEL_NAMES)
     emit(as_json, {"out": str(out), "split": split, "products": products, "photos": count, "levels": levels},
          f"wrote {count} photos of {products} products to {out} ({time.perf_counter() - started:.1f}s); "
@@ -316,7 +320,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     level_names = tuple(name.strip() for name in levels.split(",")) if levels else None
     hierarchy = Hierarchy.from_paths([item.category for item in labelled], level_names, pad=pad)
     note(quiet, f"decoding {len(labelled)} images at {image_size}px ...")
-    images, kept, failures = load_images([item.path for item in labelled], image_size)
+    with progress_bar(len(labelled), "decode", quiet, rate="img/s") as advance:
+        images, kept, failures = load_images([item.path for item in labelled], image_size, progress=advance)
     for failure in failures[:5]:
         note(quiet, f"skipped {failure.source}: {failure.reason}")
     labels = hierarchy.encode_many([labelled[i].category for i in kept], pad=pad)

@@ -18,7 +18,7 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,8 +316,10 @@ def load_images(
     size: int,
     *,
     workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[int], list[Failure]]:
-    """Decode and resize in parallel: ``(uint8 (n_ok, 3, size, size), kept indices, failures)``."""
+    """Decode and resize in parallel: ``(uint8 (n_ok, 3, size, size), kept indices, failures)``;
+    `progress(1)` after each image, in order."""
 
     def one(index: int):
         try:
@@ -326,8 +328,12 @@ def load_images(
             return index, None, Failure(exc.source, exc.reason)
 
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    results = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, range(len(sources))))
+        for result in pool.map(one, range(len(sources))):
+            results.append(result)
+            if progress is not None:
+                progress(1)
     kept = [i for i, tensor, _ in results if tensor is not None]
     tensors = [tensor for _, tensor, _ in results if tensor is not None]
     failures = [failure for _, _, failure in results if failure is not None]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ CLASS_PATHS = (
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FILES = {"train": "train-{}-idx{}-ubyte.gz", "test": "t10k-{}-idx{}-ubyte.gz"}
 SPLITS = ("train", "test")
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 
 
 def hierarchy() -> Hierarchy:
@@ -123,11 +125,12 @@ def export_products(
     offset: int = 0,
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write products as ``out/<department>/<category>/<item>/<split>-<index>/<photo>.png``.
 
     Levels: `PRODUCT_LEVEL_NAMES`. Returns the number of photos exported; files already
-    there are left as they are.
+    there are left as they are. `progress(n)` is called with each product's photo count.
     """
     views, labels = products(split, count, photos, offset=offset, seed=seed, root=root)
     out = Path(out)
@@ -138,6 +141,8 @@ def export_products(
             target = folder / f"{j}.png"
             if not target.exists():
                 Image.fromarray(photo, mode="L").save(target)
+        if progress is not None:
+            progress(len(product))
     return count * photos
 
 
@@ -173,11 +178,13 @@ def export_folder_tree(
     split: str = "test",
     limit: int | None = None,
     root: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write `split` ('train', 'test' or 'all') as ``out/<department>/<category>/<item>/<name>.png``.
 
     `limit` takes the first N images of each split (the files are already shuffled).
     Returns the number of images exported; files already there are left as they are.
+    `progress(1)` is called after each image.
     """
     splits = SPLITS if split == "all" else (split,)
     if split != "all" and split not in SPLITS:
@@ -196,4 +203,6 @@ def export_folder_tree(
             if not target.exists():
                 Image.fromarray(images[index], mode="L").save(target)
             written += 1
+            if progress is not None:
+                progress(1)
     return written

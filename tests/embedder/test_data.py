@@ -104,7 +104,9 @@ def test_decode_applies_exif_orientation_and_flattens_alpha():
 def test_load_images_skips_failures_and_keeps_the_rest(tmp_path):
     good = png(tmp_path / "a.png", size=(10, 20))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n")
-    batch, kept, failures = load_images([good, tmp_path / "bad.png", good], 16)
+    steps = []
+    batch, kept, failures = load_images([good, tmp_path / "bad.png", good], 16, progress=steps.append)
+    assert steps == [1, 1, 1]  # every image, failed or not, advances the progress bar
     assert batch.shape == (2, 3, 16, 16) and batch.dtype.is_floating_point is False
     assert kept == [0, 2]
     assert [f.source for f in failures] == [str(tmp_path / "bad.png")]

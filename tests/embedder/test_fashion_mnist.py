@@ -35,7 +35,9 @@ def test_reads_idx_files_from_a_local_folder(idx_root):
 def test_export_writes_the_three_level_tree(idx_root, tmp_path):
     root, images, _ = idx_root
     out = tmp_path / "tree"
-    assert fashion_mnist.export_folder_tree(out, split="test", limit=3, root=root) == 3
+    steps = []
+    assert fashion_mnist.export_folder_tree(out, split="test", limit=3, root=root, progress=steps.append) == 3
+    assert steps == [1, 1, 1]
     listing = read_folder_tree(out)
     assert sorted(i.category for i in listing.items) == [
         "bags/bags/bag", "clothing/tops/t-shirt-top", "footwear/boots/ankle-boot"]
