@@ -86,9 +86,13 @@ def measure(backbone: str, size: int, batch: int, batches: int, repeats: int, fo
     fast = Embedder(embedder.model, hierarchy, "bench", batch_size=batch, optimize=True)
     eager = embedder.embed(images)
     by_runtime = {}
-    for runtime in runtimes:  # the same images, batch and threads through each runtime
+    for runtime in runtimes:  # the same images, files, batch and threads through each runtime
         other = Embedder(embedder.model, hierarchy, "bench", batch_size=batch, runtime=runtime)
+        with ImageIndex.open(other, str(folder / f"ingest-{size}-{runtime}.db"), "bench") as index:
+            runtime_ingest = rate(lambda: index.ingest(items, batch_size=batch, skip_existing=False), n, repeats)
         by_runtime[runtime] = {"img_s": rate(lambda: other.embed(images), n, repeats),
+                               "files_img_s": rate(lambda: other.embed(files), n, repeats),
+                               "ingest_img_s": runtime_ingest,
                                "max_abs_diff": float(np.abs(other.embed(images).concat - eager.concat).max())}
     return {
         "runtimes": by_runtime,
@@ -200,13 +204,15 @@ def main(argv=None) -> int:
               f"{r['optimized_img_s'] / r['embed_tensors_img_s']:.2f} |")
     print(f"\nruntimes (the vector part through each; {torch.get_num_threads()} threads, batch {args.batch}, "
           f"the same images): img/s, against eager torch, and the largest difference of a vector component\n")
-    print("| input px | runtime | img/s | / eager | Embedder GFLOP/s | share of matmul peak | max abs difference |")
-    print("|---|---|---|---|---|---|---|")
+    print("| input px | runtime | img/s | / eager | Embedder GFLOP/s | share of matmul peak | max abs difference "
+          "| PNG files img/s | ingest img/s | ingest / files |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for runtime, m in r["runtimes"].items():
             flops = r["embedder_gflop"] * m["img_s"]
             print(f"| {r['size']} | {runtime} | {m['img_s']:.0f} | {m['img_s'] / r['embed_tensors_img_s']:.2f} | "
-                  f"{flops:.1f} | {flops * 1e9 / peak:.2f} | {m['max_abs_diff']:.1e} |")
+                  f"{flops:.1f} | {flops * 1e9 / peak:.2f} | {m['max_abs_diff']:.1e} | {m['files_img_s']:.0f} | "
+                  f"{m['ingest_img_s']:.0f} | {m['ingest_img_s'] / m['files_img_s']:.2f} |")
     if effect:
         print(f"\neach path on retrieval: {effect['images']} Fashion-MNIST test images, exact leave-one-out, "
               f"model {effect['checkpoint']}\n")

@@ -203,19 +203,31 @@ class ImageIndex:
             raise QueryError(f"workers must be positive, got {workers}")
         report = IngestReport()
         started = time.perf_counter()
-        # One thread prepares the next batch (reads, ids, skip-if-present) and hands its
-        # images to the decode pool while this thread embeds and writes the current one.
+        # Three stages overlap: one thread prepares the next batch (reads, ids, skip-if-present)
+        # and hands its images to the decode pool, this thread embeds the current one, and a
+        # writer thread stores the previous one. The report is updated in batch order.
         decoders = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
-        with decoders, ThreadPoolExecutor(max_workers=1) as stage:
+        with decoders, ThreadPoolExecutor(max_workers=1) as stage, ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
+            writing: Future | None = None
             first_of: dict[str, str] = {}  # id -> the item that stored it or found it present (one prepare at a time)
+
+            def embed_and_write(prepared_batch) -> None:
+                nonlocal writing
+                embedded = self._embed_batch(prepared_batch)
+                if writing is not None:
+                    self._report_batch(writing.result(), report, progress)
+                writing = writer.submit(self._write_batch, embedded)
+
             for batch in _batches(items, batch_size):
                 ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders, first_of)
                 if pending is not None:
-                    self._store_batch(pending.result(), report, progress)
+                    embed_and_write(pending.result())
                 pending = ready
             if pending is not None:
-                self._store_batch(pending.result(), report, progress)
+                embed_and_write(pending.result())
+            if writing is not None:
+                self._report_batch(writing.result(), report, progress)
         self.store.flush()
         report.seconds = time.perf_counter() - started
         return report
@@ -273,35 +285,47 @@ class ImageIndex:
             reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
             return FailedItem(item.name, reason, "decode", rid)
 
-    def _store_batch(self, prepared_batch, report: IngestReport, progress) -> None:
-        prepared, skipped, failures, duplicates, seen = prepared_batch
+    def _embed_batch(self, prepared_batch) -> tuple:
+        """Embed a prepared batch and make its rows: (prepared batch, rows, invalid records)."""
+        prepared = prepared_batch[0]
+        if not prepared:
+            return prepared_batch, [], []
+        vectors = self.embedder.embed([p.data for p in prepared])
+        unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]
+        predictions = dict(zip(unlabelled, self._predict(vectors, unlabelled))) if unlabelled else {}
+        records = []
+        for row, p in enumerate(prepared):
+            guess = predictions.get(row)
+            records.append(Record(
+                category=p.item.category if guess is None else guess.path,  # a given path always wins
+                vector=vectors.concat[row],
+                level_vectors={level: v[row] for level, v in vectors.levels.items()},
+                id=p.id,
+                uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
+                meta=dict(p.item.meta),
+                predicted=guess is not None,
+                confidence=None if guess is None else guess.probabilities,
+            ))
+        rows, problems = validate_records(records, self.store.spec)
+        invalid = [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
+        return prepared_batch, rows, invalid
+
+    def _write_batch(self, embedded: tuple) -> tuple:
+        """Store an embedded batch's rows (on the writer thread): the batch and how many were stored."""
+        prepared_batch, rows, invalid = embedded
+        return prepared_batch, rows, invalid, self.store.upsert_rows(rows) if rows else 0
+
+    def _report_batch(self, written: tuple, report: IngestReport, progress) -> None:
+        _, skipped, failures, duplicates, seen = written[0]
+        rows, invalid, stored = written[1:]
         report.seen += seen
         report.skipped_present += len(skipped)
         report.ids += skipped
-        report.failed += failures
+        report.failed += failures + invalid
         report.duplicates += duplicates
-        if prepared:
-            vectors = self.embedder.embed([p.data for p in prepared])
-            unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]
-            predictions = dict(zip(unlabelled, self._predict(vectors, unlabelled))) if unlabelled else {}
-            records = []
-            for row, p in enumerate(prepared):
-                guess = predictions.get(row)
-                records.append(Record(
-                    category=p.item.category if guess is None else guess.path,  # a given path always wins
-                    vector=vectors.concat[row],
-                    level_vectors={level: v[row] for level, v in vectors.levels.items()},
-                    id=p.id,
-                    uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
-                    meta=dict(p.item.meta),
-                    predicted=guess is not None,
-                    confidence=None if guess is None else guess.probabilities,
-                ))
-            rows, problems = validate_records(records, self.store.spec)
-            report.failed += [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
-            report.stored += self.store.upsert_rows(rows)
-            report.predicted += sum(1 for row in rows if row[self.store.spec.fields.predicted])
-            report.ids += [row[self.store.spec.fields.id] for row in rows]
+        report.stored += stored
+        report.predicted += sum(1 for row in rows if row[self.store.spec.fields.predicted])
+        report.ids += [row[self.store.spec.fields.id] for row in rows]
         if progress is not None:
             progress(seen)
 

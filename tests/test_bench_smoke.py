@@ -62,8 +62,10 @@ def test_speed_smoke(capsys):
 
     for runtime in ("torch", "onnxruntime", "openvino"):
         if installed(runtime):  # CI installs both CPU runtimes: each has its row, near eager torch
-            row = re.search(rf"^\| 64 \| {runtime} \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.e+-]+) \|$", out, re.M)
+            row = re.search(rf"^\| 64 \| {runtime} \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.e+-]+) "
+                            r"\| (\d+) \| (\d+) \| ([\d.]+) \|$", out, re.M)
             assert row and float(row.group(1)) > 0 and float(row.group(3)) < 1e-4, (runtime, out)
+            assert float(row.group(4)) > 0 and float(row.group(5)) > 0  # files embedded, then ingested
 
 
 @pytest.mark.lite
