@@ -368,7 +368,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
            amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
-    from milvus_store import FailedItem, ImageIndex, IngestItem, path_uri, printable
+    from milvus_store import FailedItem, ImageIndex, IngestItem, StoreError, path_uri, printable
 
     check_writable(report_path, "--report")
     listing = read_source(source)
@@ -382,7 +382,10 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
                          for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
         count = image_index.store.count()
-        image_index.store.record_model(str(model_path.resolve()))  # so `hiervec search` finds it
+        try:  # so `hiervec search` finds the model; a server that cannot record it still has the images
+            image_index.store.record_model(str(model_path.resolve()))
+        except StoreError as exc:
+            note(as_json, f"warning: the collection does not record its model ({exc}); searches need --model")
     result = report.to_dict() | {"collection": collection, "count": count}
     if report_path is not None:  # its folder was made (or refused) by check_writable before the work
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))

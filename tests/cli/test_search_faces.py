@@ -180,3 +180,19 @@ def test_every_runtime_finds_the_same_hits_in_one_collection(ingested):
     for runtime, hits in found.items():
         assert [h["id"] for h in hits] == [h["id"] for h in reference], runtime
         assert [h["distance"] for h in hits] == pytest.approx([h["distance"] for h in reference], abs=1e-4)
+
+
+def test_a_server_that_cannot_record_the_model_still_gets_the_images(workspace, tmp_path, monkeypatch):
+    from milvus_store import HierStore, StoreConnectionError
+
+    _, tree, model = workspace
+
+    def refuse(self, location, **kwargs):
+        raise StoreConnectionError("alter_collection_properties: not supported by this server")
+
+    monkeypatch.setattr(HierStore, "record_model", refuse)
+    result = run("ingest", tree, "--model", model, "--uri", tmp_path / "h.db")
+    assert "warning: the collection does not record its model" in result.stderr and "searches need --model" in \
+        result.stderr
+    with HierStore(tmp_path / "h.db", create=False) as store:
+        assert store.count() == len(list(tree.rglob("*.png"))) and store.model_location is None
