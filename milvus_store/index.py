@@ -398,16 +398,18 @@ class ImageIndex:
         return self.store.search(vectors.query(request.level), request.k, level=request.level, where=where,
                                  group_by=request.group_by, group_size=request.group_size)
 
-    def known_categories(self, request: SearchRequest | None = None) -> dict[str, set[str]]:
+    def known_categories(self, request: SearchRequest | None = None, *,
+                         stored: Mapping[str, Collection[str]] | None = None) -> dict[str, set[str]]:
         """Category paths per level to check filters against: the model's, and the collection's too
         unless full paths the model knows settle every value of `request` (reading the
-        collection's means reading every record, so it happens only when needed)."""
+        collection's means reading every record, so it happens only when needed). `stored`
+        (level -> the collection's category paths, e.g. a cached count) saves that read."""
         levels = self.store.spec.level_names
         given = self.embedder.categories if isinstance(self.embedder, CategoryPredictor) else {}
         model = {level: set(given.get(level, ())) for level in levels}
         if request is not None and self._settled_by(request, model):
             return model
-        stored = self.store.category_counts()
+        stored = self.store.category_counts() if stored is None else stored
         return {level: model[level] | set(stored.get(level, ())) for level in levels}
 
     @staticmethod

@@ -142,9 +142,9 @@ class Service:
         self._categories.pop(collection or self.settings.collection, None)
 
     def known_categories(self, collection: str | None) -> dict[str, set[str]]:
-        """Category paths per level: the model's hierarchy and whatever the collection holds."""
-        stored = self.categories(collection)
-        return {level: set(paths) | set(stored.get(level, ())) for level, paths in self.embedder.categories.items()}
+        """Category paths per level: the model's hierarchy and whatever the collection holds (counted
+        at most every `CATEGORY_CACHE_S`)."""
+        return self.index(collection).known_categories(stored=self.categories(collection))
 
     @property
     def memory_budget(self) -> dict[str, int]:

@@ -71,7 +71,8 @@ async def search(
     else:
         search_request, query = replace(search_request, ids=(id,)), {"id": id}
     result = await service.search(search_request, collection)
-    return SearchOut(query=query, level=level, request=search_request.describe(),
+    described = search_request.describe()
+    return SearchOut(query=query, level=level, request=described,
                      routing=result.route.to_dict() if result.route is not None else None,
                      hits=[hit_out(service, request, hit) for hit in result.hits],
-                     filter={"where": search_request.describe()["where"], "under": under, "group_by": group_by})
+                     filter={"where": described["where"], "under": under, "group_by": group_by})
