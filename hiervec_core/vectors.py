@@ -88,3 +88,26 @@ class LevelVectors:
         ids = None if any(p.ids is None for p in parts) else tuple(i for p in parts for i in p.ids)
         return cls({n: np.concatenate([p.levels[n] for p in parts]) for n in names},
                    np.concatenate([p.concat for p in parts]), ids)
+
+
+def levels_from_concat(concat: np.ndarray, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Each level's unit vector read back from image vectors ``(n, Σd)`` (levels in `dims`' order).
+
+    The image vector concatenates positive multiples of the unit level vectors (the level
+    weights over their norm), so each slice, scaled back to unit length, is its level's
+    vector: a collection that stores only image vectors still has every level's vector.
+
+    >>> levels_from_concat(np.array([[0.6, 0.0, 0.0, 0.8]]), {"dept": 2, "item": 2})
+    {'dept': array([[1., 0.]], dtype=float32), 'item': array([[0., 1.]], dtype=float32)}
+    """
+    concat = np.asarray(concat, dtype=np.float32)
+    if concat.ndim != 2 or concat.shape[1] != sum(dims.values()):
+        raise VectorShapeError(f"image vectors of shape (n, {sum(dims.values())}) hold levels {dict(dims)}, "
+                               f"got shape {concat.shape}")
+    levels, start = {}, 0
+    for name, dim in dims.items():
+        part = concat[:, start : start + dim]
+        norms = np.linalg.norm(part, axis=1, keepdims=True)
+        levels[name] = np.divide(part, norms, out=np.zeros_like(part), where=norms > 0)
+        start += dim
+    return levels

@@ -4,6 +4,7 @@ from .connection import DEFAULT_URI, ConnectionSettings
 from .errors import (
     CollectionNotFoundError,
     FilterError,
+    LevelVectorMissingError,
     QueryError,
     RecordError,
     RecordNotFoundError,
@@ -12,7 +13,9 @@ from .errors import (
     StoreError,
     UnknownLevelError,
     UnsupportedIndexError,
+    VectorFieldLimitError,
 )
+from .features import Features
 from .filters import (
     And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, both, category_filter, quote_literal, render, resolve_category, under,
 )
@@ -29,6 +32,6 @@ from .store import HierStore
 __all__ = [
     "And", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
-    "SERVER_INDEXES", "SchemaMismatchError", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
+    "SERVER_INDEXES", "SchemaMismatchError", "LevelVectorMissingError", "VectorFieldLimitError", "Features", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

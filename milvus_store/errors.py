@@ -53,3 +53,12 @@ class UnknownLevelError(FilterError):
 
 class RecordNotFoundError(StoreError, LookupError):
     """A stored id that a call needs (e.g. to search with its vectors) is not in the collection."""
+
+
+class VectorFieldLimitError(StoreError):
+    """The server takes fewer vector fields per collection than the layout needs; nothing was created.
+    The message names the server setting and the layouts that fit."""
+
+
+class LevelVectorMissingError(UnknownLevelError):
+    """A search on a level whose vector this collection's layout does not keep (`--level-vectors`)."""

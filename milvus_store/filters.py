@@ -11,6 +11,15 @@ Level fields hold the category's path from the root, so a subtree is one equalit
 one field. Values travel as templated ``filter_params`` on Milvus servers; Milvus Lite
 has no templates, so there every value goes through `quote_literal`, the one quoting
 function.
+
+With a partition key (`FieldNames.partition_key`), Milvus prunes partitions only for
+``==``/``in`` on the key field itself. A category path implies its ancestors, so every
+condition on a deeper level also states the ancestor it implies on the key's level: the
+rows it matches are the same, and Milvus searches one partition instead of all.
+
+>>> keyed = field_names(("department", "category", "item"), partition_key="department")
+>>> render(under("clothing/tops") | In("item", ("shoes/boots/ankle", "clothing/tops/shirt")), keyed, templates=False)[0]
+'((department == "clothing" and category == "clothing/tops") or (department in ["clothing", "shoes"] and item in ["shoes/boots/ankle", "clothing/tops/shirt"]))'
 """
 
 from __future__ import annotations
@@ -81,6 +90,19 @@ def _level_field(fields: FieldNames, level: str) -> str:
     return fields.levels[level]
 
 
+def _keyed(fields: FieldNames, level: str, paths: Sequence[str], condition: str, values: _Values) -> str:
+    """`condition` on `level`, with the partition key's implied value(s) in front when `level` is deeper."""
+    key = fields.partition_key
+    levels = list(fields.levels)
+    if not key or levels.index(level) <= levels.index(key):
+        return condition
+    depth = levels.index(key) + 1
+    ancestors = list(dict.fromkeys(SEPARATOR.join(path.split(SEPARATOR)[:depth]) for path in paths))
+    implied = (f"{fields.levels[key]} == {values.add(ancestors[0])}" if len(ancestors) == 1
+               else f"{fields.levels[key]} in {values.add(sorted(ancestors))}")
+    return f"({implied} and {condition})"
+
+
 def _category(value, level: str) -> str:
     if not isinstance(value, str) or not value:
         raise FilterError(f"a category at level {level!r} must be a non-empty path string, got {value!r}")
@@ -95,7 +117,9 @@ class Eq(Filter):
     value: str
 
     def _render(self, fields, values):
-        return f"{_level_field(fields, self.level)} == {values.add(_category(self.value, self.level))}"
+        field = _level_field(fields, self.level)
+        value = _category(self.value, self.level)
+        return _keyed(fields, self.level, [value], f"{field} == {values.add(value)}", values)
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,8 @@ class In(Filter):
         items = [_category(v, self.level) for v in self.values]
         if not items:
             raise FilterError(f"'in' filter at level {self.level!r} needs at least one value")
-        return f"{_level_field(fields, self.level)} in {values.add(list(items))}"
+        field = _level_field(fields, self.level)
+        return _keyed(fields, self.level, items, f"{field} in {values.add(list(items))}", values)
 
 
 @dataclass(frozen=True)

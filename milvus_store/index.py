@@ -160,11 +160,20 @@ class ImageIndex:
         *,
         index: str | None = None,
         metric: str = "L2",
+        vector_levels: Sequence[str] | None = None,
+        partition_key: str | None = None,
+        num_partitions: int | None = None,
         create: bool = True,
         **connection,
     ) -> ImageIndex:
-        """Open (or create) the collection for `embedder`; a collection of another model is refused."""
-        spec = CollectionSpec(tuple(embedder.level_names), embedder.dim, tuple(embedder.level_dims), metric, index)
+        """Open (or create) the collection for `embedder`; a collection of another model is refused.
+
+        `vector_levels`, `partition_key` and `num_partitions` choose a new collection's layout
+        (`CollectionSpec`); None leaves them to the target, or to what an existing one holds.
+        """
+        spec = CollectionSpec(tuple(embedder.level_names), embedder.dim, tuple(embedder.level_dims), metric, index,
+                              vector_levels=vector_levels, partition_key=partition_key,
+                              num_partitions=num_partitions)
         store = HierStore(uri, collection, spec=spec, fingerprint=embedder.fingerprint, create=create, **connection)
         return cls(store, embedder)
 
@@ -350,7 +359,7 @@ class ImageIndex:
         filter share one Milvus call.
         """
         spec = self.store.spec
-        request.check(spec.level_names, has_level_vectors=bool(spec.level_dims))
+        request.check(spec.level_names, vector_levels=spec.kept_vector_levels)
         if request.needs_categories or request.min_label_confidence is not None:
             known = known if known is not None else self.known_categories(request)
         request.to_filter(known)  # a bad filter fails before any image is embedded or id read

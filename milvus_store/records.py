@@ -155,7 +155,9 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     row.update(zip(fields.levels.values(), levels))
     row[fields.vector] = _vector(record.vector, spec.dim, "vector")
     given = dict(record.level_vectors or {})
-    unknown = sorted(set(given) - set(fields.level_vectors))
+    # The model's vectors of levels this layout does not keep are accepted and not stored: the
+    # image vector holds them (`levels_from_concat`).
+    unknown = sorted(set(given) - set(spec.level_names if spec.level_dims else ()))
     if unknown:
         raise RecordError(
             f"level vectors for unknown levels {unknown}; the collection has "
@@ -164,8 +166,8 @@ def _row(record: Record, rid: str | None, spec: CollectionSpec) -> dict:
     missing = [name for name in fields.level_vectors if name not in given]
     if missing:
         raise RecordError(f"missing level vectors for {missing}")
-    for (name, vfield), dim in zip(fields.level_vectors.items(), spec.level_dims):
-        row[vfield] = _vector(given[name], dim, f"level vector {name!r}")
+    for name, vfield in fields.level_vectors.items():
+        row[vfield] = _vector(given[name], spec.level_dim(name), f"level vector {name!r}")
     row[fields.meta] = _meta(record.meta)
     row[fields.predicted] = bool(record.predicted)
     confidence = dict(record.confidence or {})

@@ -25,7 +25,7 @@ from typing import Any
 from hiervec_core.names import FUSIONS, MAX_TOPK, PREDICTED_CHOICES
 from hiervec_core.vectors import LevelVectors
 
-from .errors import FilterError, QueryError, UnknownLevelError
+from .errors import FilterError, LevelVectorMissingError, QueryError, UnknownLevelError
 from .filters import Confident, Filter, Ids, Predicted, Under, both, category_filter
 from .records import Hit
 from .spec import SEPARATOR
@@ -114,17 +114,26 @@ class SearchRequest:
             raise QueryError("search with stored ids or with query vectors, not both")
 
     # -- checks against a collection ---------------------------------------------------------
-    def check(self, level_names: Sequence[str], *, has_level_vectors: bool) -> None:
-        """Every level this request names exists; level searches and fusion need level vectors."""
+    def check(self, level_names: Sequence[str], *, vector_levels: Sequence[str]) -> None:
+        """Every level this request names exists; level searches and fusion need those levels' own
+        vectors (`vector_levels`: the levels whose vectors the collection keeps)."""
         names = ", ".join(level_names)
         named = [("level", self.level), ("group_by", self.group_by), ("auto", self.auto),
                  *(("level_weights", level) for level, _ in self.level_weights)]
         for argument, level in named:
             if level is not None and level not in level_names:
                 raise UnknownLevelError(f"unknown level {level!r} for {argument}; levels are {names}")
-        if (self.level is not None or self.fusion is not None) and not has_level_vectors:
-            raise UnknownLevelError("this collection's model is flat: it has only the image vector, no level vectors "
-                              f"to search {'with fusion' if self.fusion else 'at level ' + repr(self.level)}")
+        needed = [self.level] if self.level is not None else []
+        if self.fusion is not None:
+            needed = list(self.fused_levels(level_names))
+        missing = [level for level in needed if level not in vector_levels]
+        if missing:
+            what = "fuse" if self.fusion else "search at"
+            kept = ", ".join(vector_levels) or "none: it keeps only the image vector"
+            raise LevelVectorMissingError(
+                f"cannot {what} level {missing[0]!r}: the collection keeps no vector of that level's own (level "
+                f"vectors kept: {kept}); search with the image vector (category filters still work), or use a "
+                f"collection created with --level-vectors that include {missing[0]!r}")
 
     @property
     def needs_categories(self) -> bool:

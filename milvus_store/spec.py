@@ -4,8 +4,14 @@ Layout (one collection per catalogue): ``id`` VARCHAR primary key, ``uri`` VARCH
 ``meta`` JSON, one VARCHAR per category level named after the level (the category's path
 from the root, INVERTED index), ``predicted`` BOOL (the path was predicted by the model,
 not given) with one FLOAT ``conf_<level>`` per level (its probability; 1 for given
-paths), one FLOAT_VECTOR ``vec_<level>`` per level and ``vec`` for the image
-(concatenated) vector. `LAYOUT` numbers this layout; collections record theirs.
+paths), ``vec`` for the image (concatenated) vector and one FLOAT_VECTOR ``vec_<level>``
+per level that keeps its own vector (`CollectionSpec.vector_levels`: all by default; a
+stock Milvus server takes 4 vector fields per collection, Milvus 2.3 one). `LAYOUT`
+numbers this layout; collections record theirs.
+
+>>> spec = CollectionSpec(("dept", "cat", "item"), 24, (8, 8, 8), vector_levels=("item",), partition_key="dept")
+>>> list(spec.vector_dims()), spec.fields.partition_key
+(['vec', 'vec_item'], 'dept')
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ PROPERTY_SPEC = "hiervec.spec"
 PROPERTY_FINGERPRINT = "hiervec.fingerprint"
 PROPERTY_MODEL = "hiervec.model"  # where the model that fills the collection lives (written at ingest)
 LAYOUT = 2  # 1: before predicted paths (no predicted / conf_<level> fields)
+MAX_VECTOR_FIELDS = 10  # the most any Milvus server can be configured to take (proxy.maxVectorFieldNum)
+STOCK_VECTOR_FIELDS = 4  # what a Milvus 2.4/2.5 server takes unless configured
+VECTOR_FIELD_SETTING = "proxy.maxVectorFieldNum"
+DEFAULT_NUM_PARTITIONS = 16  # Milvus's own default for a partition key
 _RESERVED = ("id", "uri", "meta", "vec", "predicted")
 _LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -41,26 +51,33 @@ class FieldNames:
     meta: str
     vector: str
     levels: dict[str, str]  # level name -> VARCHAR field
-    level_vectors: dict[str, str]  # level name -> FLOAT_VECTOR field (empty without per-level vectors)
+    level_vectors: dict[str, str]  # level name -> FLOAT_VECTOR field, for the levels that keep one
     predicted: str  # BOOL: the category path was predicted, not given
     confidence: dict[str, str]  # level name -> FLOAT field: the path's probability at that level
+    partition_key: str | None = None  # the level whose field is the partition key, if any
 
     @property
     def scalars(self) -> list[str]:
         return [self.uri, self.meta, *self.levels.values(), self.predicted, *self.confidence.values()]
 
 
-def field_names(level_names: Sequence[str], *, level_vectors: bool = True) -> FieldNames:
-    """Every field name of a collection for these levels; nothing else spells them."""
+def field_names(level_names: Sequence[str], *, level_vectors: bool | Sequence[str] = True,
+                partition_key: str | None = None) -> FieldNames:
+    """Every field name of a collection for these levels; nothing else spells them.
+
+    `level_vectors`: True for every level's vector field, False for none, or the levels that keep one.
+    """
+    kept = level_names if level_vectors is True else () if level_vectors is False else level_vectors
     return FieldNames(
         id="id",
         uri="uri",
         meta="meta",
         vector="vec",
         levels={name: name for name in level_names},
-        level_vectors={name: f"vec_{name}" for name in level_names} if level_vectors else {},
+        level_vectors={name: f"vec_{name}" for name in level_names if name in kept},
         predicted="predicted",
         confidence={name: f"conf_{name}" for name in level_names},
+        partition_key=partition_key or None,
     )
 
 
@@ -68,8 +85,15 @@ def field_names(level_names: Sequence[str], *, level_vectors: bool = True) -> Fi
 class CollectionSpec:
     """Levels, vector sizes, metric and index of a collection.
 
-    `level_dims` empty means the collection holds only the image vector (a flat model).
-    `index` None means: the target's default when creating, whatever is stored when opening.
+    `level_dims` (the model's level vector sizes) empty means a flat model: only the image vector.
+    `vector_levels`: the levels that keep a vector field of their own (None: all of them; ``()``:
+    the image vector only, for servers that take one vector field or few). The image vector
+    concatenates positive multiples of the unit level vectors, so a level without a field
+    still has its vector, read back from the image vector (`HierStore.embeddings`); what it
+    cannot do is a nearest-neighbour search on that level alone.
+    `partition_key`: the level whose field Milvus hashes into `num_partitions` partitions
+    (``""``: none). `index`, `vector_levels`, `partition_key` and `num_partitions` None mean:
+    the target's default when creating, whatever is stored when opening.
     Distances are Milvus's: squared Euclidean for L2.
     """
 
@@ -79,6 +103,9 @@ class CollectionSpec:
     metric: str = "L2"
     index: str | None = None
     layout: int = LAYOUT
+    vector_levels: tuple[str, ...] | None = None
+    partition_key: str | None = None
+    num_partitions: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_names", tuple(self.level_names))
@@ -104,10 +131,41 @@ class CollectionSpec:
             raise StoreError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.index is not None and self.index not in SERVER_INDEXES:
             raise UnsupportedIndexError(f"index must be one of {SERVER_INDEXES}, got {self.index!r}")
+        if self.vector_levels is not None:
+            object.__setattr__(self, "vector_levels", tuple(self.vector_levels))
+            unknown = [n for n in self.vector_levels if n not in self.level_names]
+            if unknown or len(set(self.vector_levels)) != len(self.vector_levels):
+                raise StoreError(f"vector_levels must be distinct levels of {self.level_names}, got {self.vector_levels}")
+            if self.vector_levels and not self.level_dims:
+                raise StoreError(f"vector_levels {self.vector_levels}: a flat model has no level vectors to keep")
+            # Coarsest first, whatever order they were named in: one layout has one spelling.
+            object.__setattr__(self, "vector_levels", tuple(n for n in self.level_names if n in self.vector_levels))
+        if self.partition_key not in (None, "") and self.partition_key not in self.level_names:
+            raise StoreError(f"partition_key must be one of the levels {self.level_names} (or '' for none), "
+                             f"got {self.partition_key!r}")
+        if self.num_partitions is not None and (isinstance(self.num_partitions, bool)
+                                                or not isinstance(self.num_partitions, int)
+                                                or not 1 <= self.num_partitions <= 1024):
+            raise StoreError(f"num_partitions must be an integer in [1, 1024], got {self.num_partitions!r}")
+
+    @property
+    def kept_vector_levels(self) -> tuple[str, ...]:
+        """The levels with a vector field of their own."""
+        if not self.level_dims:
+            return ()
+        return self.level_names if self.vector_levels is None else self.vector_levels
 
     @property
     def fields(self) -> FieldNames:
-        return field_names(self.level_names, level_vectors=bool(self.level_dims))
+        return field_names(self.level_names, level_vectors=self.kept_vector_levels,
+                           partition_key=self.partition_key)
+
+    @property
+    def vector_field_count(self) -> int:
+        return 1 + len(self.kept_vector_levels)
+
+    def level_dim(self, level: str) -> int:
+        return self.level_dims[self.level_names.index(level)]
 
     @property
     def depth(self) -> int:
@@ -117,22 +175,35 @@ class CollectionSpec:
         """Vector field -> size."""
         fields = self.fields
         dims = {fields.vector: self.dim}
-        dims.update({fields.level_vectors[n]: d for n, d in zip(self.level_names, self.level_dims)})
+        dims.update({field: self.level_dim(name) for name, field in fields.level_vectors.items()})
         return dims
 
     def with_index(self, index: str) -> CollectionSpec:
         return replace(self, index=index)
 
+    def resolved(self, *, index: str, partition_key: str) -> CollectionSpec:
+        """This spec with every choice left to the target made: what a new collection records."""
+        key = self.partition_key if self.partition_key is not None else partition_key
+        return replace(self, index=self.index or index, vector_levels=self.kept_vector_levels, partition_key=key,
+                       num_partitions=(self.num_partitions or DEFAULT_NUM_PARTITIONS) if key else None)
+
     def to_json(self) -> str:
         data = asdict(self)
         data["level_names"], data["level_dims"] = list(self.level_names), list(self.level_dims)
+        if self.vector_levels is not None:
+            data["vector_levels"] = list(self.vector_levels)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CollectionSpec:
+        """A recorded spec; collections recorded before layouts were chosen kept every level's vector
+        and had no partition key."""
         data = json.loads(text)
-        return cls(tuple(data["level_names"]), data["dim"], tuple(data["level_dims"]), data["metric"], data["index"],
-                   data.get("layout", 1))
+        levels = tuple(data["level_names"])
+        return cls(levels, data["dim"], tuple(data["level_dims"]), data["metric"], data["index"],
+                   data.get("layout", 1),
+                   vector_levels=data.get("vector_levels"),
+                   partition_key=data.get("partition_key", ""), num_partitions=data.get("num_partitions"))
 
 
 def check_index(index: str, *, lite: bool) -> None:

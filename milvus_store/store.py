@@ -16,32 +16,40 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, RRFRanker, WeightedRanker
 
 from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_INDEX, MAX_TOPK
-from hiervec_core.vectors import LevelVectors
+from hiervec_core.vectors import LevelVectors, levels_from_concat
 
 from .connection import ConnectionSettings
 from .errors import (
     CollectionNotFoundError,
     FilterError,
+    LevelVectorMissingError,
     QueryError,
     SchemaMismatchError,
     StoreConnectionError,
     StoreError,
+    VectorFieldLimitError,
 )
+from .features import Features
 from .filters import Eq, WhereInput, both, quote_literal, render
 from .records import Hit, Record, hit_from_entity, to_rows
 from .spec import (
     CATEGORY_MAX_LENGTH,
+    DEFAULT_NUM_PARTITIONS,
     ID_MAX_LENGTH,
     LAYOUT,
+    MAX_VECTOR_FIELDS,
+    VECTOR_FIELD_SETTING,
     PROPERTY_FINGERPRINT,
     PROPERTY_MODEL,
     PROPERTY_SPEC,
@@ -54,6 +62,12 @@ from .spec import (
 
 logger = logging.getLogger(__name__)
 SHARE_TTL_S = 60.0
+# Session consistency: a client reads its own writes (pymilvus sends the timestamp of this
+# process's last write to the collection as the guarantee), and every other read is served at
+# once from what the query nodes hold, within one time tick (~200 ms on a default server) of the
+# latest write. "Strong" made every server search wait for the next tick: 200 ms p50 against
+# ~2 ms (BENCHMARKS.md, "Search on a Milvus server"). Milvus Lite is always strong.
+CONSISTENCY = "Session"
 
 
 def _locked_by_another_process(lite_path: str) -> bool:
@@ -105,8 +119,9 @@ class HierStore:
             raise StoreConnectionError(f"cannot open Milvus at {self.settings.display_uri!r}: {reason}") from None
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.model_location: str | None = None  # where the filling model lives, when recorded (`record_model`)
-        self.lite = self.settings.is_local or str(version).startswith("milvus_lite")
-        self.templates = not self.lite  # Milvus Lite rejects templated filter_params
+        self.features = Features.of(version, local=self.settings.is_local)
+        self.lite = self.features.lite
+        self.templates = self.features.templates  # Milvus Lite and servers before 2.5 reject templated filter_params
         try:
             self._open_or_create(spec, fingerprint, create)
         except BaseException:
@@ -123,10 +138,65 @@ class HierStore:
             raise CollectionNotFoundError(
                 f"collection {self.collection!r} does not exist at {self.settings.display_uri!r}"
             )
-        self.spec = spec.with_index(spec.index or DEFAULT_INDEX)
+        self.spec = spec.resolved(index=DEFAULT_INDEX, partition_key=self.default_partition_key(spec.level_names))
+        if self.lite and self.spec.num_partitions not in (None, DEFAULT_NUM_PARTITIONS):
+            # Milvus Lite 3.2.2 makes 16 partitions for a key whatever it is asked: record what it holds.
+            logger.warning("Milvus Lite ignores num_partitions=%s: its partition key uses %s partitions",
+                           self.spec.num_partitions, DEFAULT_NUM_PARTITIONS)
+            self.spec = replace(self.spec, num_partitions=DEFAULT_NUM_PARTITIONS)
         self.fingerprint = fingerprint
         check_index(self.spec.index, lite=self.lite)
+        self._check_vector_fields()
+        self._check_partition_key()
         self._create()
+
+    def default_partition_key(self, level_names: Sequence[str]) -> str:
+        """The coarsest level on servers (filters on it or below prune partitions); none on Milvus Lite,
+        which scans every partition anyway (measured in BENCHMARKS.md), nor on servers whose upserts
+        misfile partition-key rows (`Features.partition_key`)."""
+        return level_names[0] if not self.lite and self.features.partition_key else ""
+
+    def _check_partition_key(self) -> None:
+        if self.spec.partition_key and not self.features.partition_key:
+            raise StoreError(
+                f"{self.features.name} at {self.settings.display_uri!r} files upserted rows under the wrong partition "
+                f"of a partition key (milvus-io/milvus#30607, fixed in 2.3.10), so filters on "
+                f"{self.spec.partition_key!r} would miss them: use --partition-key none here, or Milvus 2.3.10 or "
+                f"newer. Nothing was created.")
+
+    def _check_vector_fields(self, refused_at: int | None = None) -> None:
+        """Refuse a layout with more vector fields than this server takes, naming the ways out.
+
+        A 2.4+ server's limit is a setting that a client cannot read: layouts up to the most
+        any server takes are tried, and the server's refusal (`refused_at`, its limit)
+        becomes this error.
+        """
+        needed, features = self.spec.vector_field_count, self.features
+        if features.max_vector_fields is None:
+            return
+        if features.vector_fields_configurable:
+            limit = refused_at if refused_at is not None else MAX_VECTOR_FIELDS
+        else:
+            limit = features.max_vector_fields
+        if needed <= limit:
+            return
+        kept = ", ".join(self.spec.kept_vector_levels)
+        fit = ("--level-vectors none (the image vector only)" if limit == 1 else
+               f"--level-vectors none (the image vector only) or at most {limit - 1} levels, e.g. "
+               f"--level-vectors {','.join(self.spec.level_names[-(limit - 1):])}")
+        if features.vector_fields_configurable and limit < MAX_VECTOR_FIELDS:
+            setting = (f"raise the server's {VECTOR_FIELD_SETTING} to {needed} or more (at most "
+                       f"{MAX_VECTOR_FIELDS}; docker-compose.yml and deploy/ set {MAX_VECTOR_FIELDS}), or ")
+        elif features.vector_fields_configurable:
+            setting = f"no server takes more than {MAX_VECTOR_FIELDS} ({VECTOR_FIELD_SETTING}): "
+        else:
+            setting = "use a Milvus 2.4 or newer server, or "
+        raise VectorFieldLimitError(
+            f"collection {self.collection!r} needs {needed} vector fields (the image vector and the level vectors "
+            f"of {kept}), but {features.name} at {self.settings.display_uri!r} takes {limit} per collection; "
+            f"{setting}keep fewer level vectors: {fit} (library: CollectionSpec(vector_levels=...)). "
+            f"Nothing was created."
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -175,8 +245,9 @@ class HierStore:
             for name in ("level_names", "dim", "level_dims", "metric"):
                 if getattr(spec, name) != getattr(stored, name):
                     raise SchemaMismatchError(self.collection, name, getattr(spec, name), getattr(stored, name))
-            if spec.index is not None and spec.index != stored.index:
-                raise SchemaMismatchError(self.collection, "index", spec.index, stored.index)
+            for name in ("index", "vector_levels", "partition_key", "num_partitions"):  # choices: None leaves them
+                if getattr(spec, name) is not None and getattr(spec, name) != getattr(stored, name):
+                    raise SchemaMismatchError(self.collection, name, getattr(spec, name), getattr(stored, name))
         self.model_location = properties.get(PROPERTY_MODEL) or None
         recorded = properties.get(PROPERTY_FINGERPRINT) or None
         if fingerprint is not None and fingerprint != recorded:
@@ -186,20 +257,22 @@ class HierStore:
         return stored, recorded
 
     def _create(self) -> None:
-        spec, fields = self.spec, self.spec.fields
+        spec, fields, features = self.spec, self.spec.fields, self.features
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
         schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH)
         schema.add_field(fields.meta, DataType.JSON)
-        for field in fields.levels.values():
-            schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH)
+        for level, field in fields.levels.items():
+            schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH,
+                             is_partition_key=level == spec.partition_key)
         schema.add_field(fields.predicted, DataType.BOOL)
         for field in fields.confidence.values():
             schema.add_field(field, DataType.FLOAT)
         index_params = self._client.prepare_index_params()
         for field in fields.levels.values():
-            index_params.add_index(field, index_type="INVERTED")
-        index_params.add_index(fields.predicted, index_type="INVERTED")
+            index_params.add_index(field, index_type=features.scalar_index)
+        if features.bool_index:
+            index_params.add_index(fields.predicted, index_type=features.bool_index)
         for field, dim in spec.vector_dims().items():
             schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
             index_params.add_index(field, index_type=spec.index, metric_type=spec.metric,
@@ -207,9 +280,17 @@ class HierStore:
         properties = {PROPERTY_SPEC: spec.to_json()}
         if self.fingerprint:
             properties[PROPERTY_FINGERPRINT] = self.fingerprint
+        partitions = {"num_partitions": spec.num_partitions} if spec.partition_key else {}
         with self._calls("create collection"):
-            self._client.create_collection(self.collection, schema=schema, properties=properties,
-                                           consistency_level="Strong", timeout=self.timeout)
+            try:
+                self._client.create_collection(self.collection, schema=schema, properties=properties,
+                                               consistency_level=CONSISTENCY, timeout=self.timeout, **partitions)
+            except MilvusException as exc:
+                limit = re.search(r"vector field's number should be limited to (\d+)", exc.message or "")
+                if limit:
+                    self._check_vector_fields(refused_at=int(limit.group(1)))
+                raise
+        with self._calls("create collection"):
             # The collection is empty, so its indexes are built at once: skip pymilvus's
             # 0.5 s poll per index (3.5 s for a 3-level collection).
             self._client.create_index(self.collection, index_params, timeout=self.timeout, sync=False)
@@ -224,6 +305,16 @@ class HierStore:
             self._client.alter_collection_properties(self.collection, properties={PROPERTY_MODEL: location},
                                                      timeout=self._timeout(timeout))
         self.model_location = location
+
+    def index_progress(self, *, timeout: float | None = None) -> dict[str, tuple[int, int]]:
+        """Per vector field, (rows indexed, rows in all) as the server reports them: a server builds
+        the index of sealed segments in the background after a flush."""
+        progress = {}
+        with self._calls("describe index"):
+            for field in self.spec.vector_dims():
+                info = self._client.describe_index(self.collection, field, timeout=self._timeout(timeout)) or {}
+                progress[field] = (int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0)))
+        return progress
 
     def drop(self, *, timeout: float | None = None) -> None:
         """Delete the whole collection and everything in it."""
@@ -283,8 +374,9 @@ class HierStore:
 
     def embeddings(self, ids: Sequence[str], *, timeout: float | None = None) -> LevelVectors:
         """The image vector and every level's vector of the `ids` that exist, in one query (their
-        ids in `.ids`, in the order asked)."""
-        fields = self.spec.fields
+        ids in `.ids`, in the order asked). Levels without a field of their own in this layout
+        are read back from the image vector (`levels_from_concat`)."""
+        spec, fields = self.spec, self.spec.fields
         rows = self._rows_of(ids, [fields.id, fields.vector, *fields.level_vectors.values()], "get vectors", timeout)
         by_id = {row[fields.id]: row for row in rows}
         found = [i for i in dict.fromkeys(ids) if i in by_id]
@@ -294,10 +386,13 @@ class HierStore:
                 return np.empty((0, dim), dtype=np.float32)
             return np.stack([np.asarray(by_id[i][field], dtype=np.float32) for i in found])
 
-        return LevelVectors(
-            {name: stacked(f, d) for (name, f), d in zip(fields.level_vectors.items(), self.spec.level_dims)},
-            stacked(fields.vector, self.spec.dim), tuple(found),
-        )
+        concat = stacked(fields.vector, spec.dim)
+        levels = {}
+        if spec.level_dims:
+            derived = levels_from_concat(concat, dict(zip(spec.level_names, spec.level_dims)))
+            levels = {name: stacked(fields.level_vectors[name], spec.level_dim(name))
+                      if name in fields.level_vectors else derived[name] for name in spec.level_names}
+        return LevelVectors(levels, concat, tuple(found))
 
     def existing_ids(self, ids: Sequence[str], *, timeout: float | None = None) -> set[str]:
         """Which of `ids` are stored already (for skip-if-present ingest)."""
@@ -329,8 +424,9 @@ class HierStore:
         field, data = self._vector_field(level), self._queries(vectors, level)
         if not 1 <= k <= MAX_TOPK:
             raise QueryError(f"k must be in [1, {MAX_TOPK}], got {k}; use search_iter for more hits")
-        if group_by is not None and self.lite:
-            # Milvus Lite drops every category with fewer than group_size matches (3.2.2): group here.
+        if group_by is not None and not self.features.server_group_by:
+            # Milvus Lite drops every category with fewer than group_size matches (3.2.2), and Milvus
+            # 2.3 has no group-by: group here.
             self._check_grouping(k, group_by, group_size)
             return [self._grouped(query, k, group_by, group_size, level=level, where=where, output=output,
                                   radius=radius, range_filter=range_filter, search_params=search_params,
@@ -429,6 +525,9 @@ class HierStore:
         ]
         if len({len(r.data) for r in requests}) != 1:
             raise QueryError("every level needs the same number of query vectors")
+        if not self.features.hybrid_search:
+            raise StoreError(f"{self.features.name} at {self.settings.display_uri!r} has no hybrid search (fusion); "
+                             f"it needs Milvus 2.4 or newer")
         ranker = ranker or ("weighted" if weights else "rrf")
         if ranker == "rrf":
             fusion = RRFRanker(rrf_k)
@@ -558,11 +657,21 @@ class HierStore:
         if level not in fields.levels:
             raise FilterError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
         if level not in fields.level_vectors:
-            raise FilterError(f"collection {self.collection!r} holds no per-level vectors (a flat model)")
+            raise LevelVectorMissingError(self.missing_level_vector(level))
         return fields.level_vectors[level]
 
+    def missing_level_vector(self, level: str) -> str:
+        """Why a search on `level`'s own vector cannot run here."""
+        if not self.spec.level_dims:
+            return f"collection {self.collection!r} holds no per-level vectors (a flat model)"
+        kept = ", ".join(self.spec.kept_vector_levels) or "none: the image vector only"
+        return (f"collection {self.collection!r} keeps no vector field for level {level!r} (its layout keeps level "
+                f"vectors for {kept}), so it cannot search on that level's vector alone or fuse it; search with the "
+                f"image vector (filters by category still work), or ingest into a collection created with "
+                f"--level-vectors that include {level!r}")
+
     def _queries(self, vectors, level: str | None) -> list[list[float]]:
-        dim = self.spec.dim if level is None else self.spec.level_dims[self.spec.level_names.index(level)]
+        dim = self.spec.dim if level is None else self.spec.level_dim(level)
         try:
             array = np.asarray(vectors, dtype=np.float32)
         except (TypeError, ValueError) as exc:  # the caller's value: numpy says why
