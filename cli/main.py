@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dataclasses import replace
@@ -348,6 +349,29 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 
 
 # -- ingest ------------------------------------------------------------------------------
+def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level_vectors: str | None,
+                      partition_key: str | None) -> dict:
+    """`--level-vectors` and `--partition-key` as `ImageIndex.open` arguments, checked against the model's levels."""
+    levels = list(level_names)
+    layout: dict = {}
+    if level_vectors is not None:
+        text = level_vectors.strip()
+        chosen = levels if text == "all" else [] if text == "none" else [p.strip() for p in text.split(",")]
+        unknown = [name for name in chosen if name not in levels]
+        if unknown or (text not in ("all", "none") and not all(chosen)):
+            raise click.BadParameter(f"{level_vectors!r}: use all, none or levels of the model ({', '.join(levels)})",
+                                     param_hint="--level-vectors")
+        if chosen and not has_level_vectors:
+            raise click.BadParameter("the model is flat: it has no level vectors to keep", param_hint="--level-vectors")
+        layout["vector_levels"] = tuple(chosen)
+    if partition_key is not None:
+        if partition_key != "none" and partition_key not in levels:
+            raise click.BadParameter(f"{partition_key!r}: use none or a level of the model ({', '.join(levels)})",
+                                     param_hint="--partition-key")
+        layout["partition_key"] = "" if partition_key == "none" else partition_key
+    return layout
+
+
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @model_option
@@ -356,6 +380,17 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
               help="Images read, decoded and written together (memory grows with it).")
 @click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
               help=f"Vector index when the collection is created. [default: {DEFAULT_INDEX}]")
+@click.option("--level-vectors", default=None, metavar="all|none|LEVEL,...",
+              help="Which levels keep a vector field of their own when the collection is created (the image vector "
+                   "is always kept, and holds every level's vector): all, none (for servers that take few vector "
+                   "fields: a stock Milvus 2.5 takes 4, Milvus 2.3 one), or a comma list. Level searches and "
+                   "fusion need their level's field. [default: all]")
+@click.option("--partition-key", default=None, metavar="LEVEL|none",
+              help="The level whose field Milvus hashes into partitions when the collection is created; filters on "
+                   "it or below search only their partition. [default: the coarsest level on a server, none on "
+                   "Milvus Lite]")
+@click.option("--num-partitions", type=click.IntRange(1, 1024), default=None,
+              help="Partitions of the partition key (Milvus Lite always makes 16). [default: 16]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
@@ -364,8 +399,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
 @compute_options
 @json_option
 @uses_milvus
-def ingest(source, model_path, uri, collection, token, batch_size, index, report_path, strict, optimize, runtime, device,
-           amp, as_json):
+def ingest(source, model_path, uri, collection, token, batch_size, index, level_vectors, partition_key, num_partitions,
+           report_path, strict, optimize, runtime, device, amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
     from milvus_store import FailedItem, ImageIndex, IngestItem, StoreError, path_uri, printable
@@ -375,7 +410,9 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, report
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
              for item in listing.items]
-    with ImageIndex.open(embedder, uri, collection, index=index, token=token) as image_index:
+    layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
+    with ImageIndex.open(embedder, uri, collection, index=index, token=token, num_partitions=num_partitions,
+                         **layout) as image_index:
         with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
             report = image_index.ingest(items, batch_size=batch_size, progress=advance)
         report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
@@ -566,10 +603,12 @@ def info(uri, collection, token, as_json):
         per_level = {level: dict(sorted(counts.items())) for level, counts in store.category_counts().items()}
         data = {"uri": store.settings.display_uri, "collection": collection, "count": store.count(),
                 "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
-                "metric": spec.metric, "index": spec.index, "fingerprint": store.fingerprint,
-                "categories": per_level}
-    lines = [f"{key:<12} {data[key]}" for key in ("uri", "collection", "count", "levels", "dim", "level_dims",
-                                                    "metric", "index", "fingerprint")]
+                "metric": spec.metric, "index": spec.index, "level_vectors": list(spec.kept_vector_levels),
+                "partition_key": spec.partition_key or None, "num_partitions": spec.num_partitions,
+                "fingerprint": store.fingerprint, "categories": per_level}
+    lines = [f"{key:<14} {data[key]}" for key in ("uri", "collection", "count", "levels", "dim", "level_dims",
+                                                    "metric", "index", "level_vectors", "partition_key",
+                                                    "num_partitions", "fingerprint")]
     for level, counts in per_level.items():
         lines.append(f"{level}:")
         lines += [f"  {count:>8}  {path}" for path, count in counts.items()]

@@ -62,7 +62,7 @@ async def search(
         level_weights=parse_level_weights(level_weights), group_by=group_by, group_size=group_size,
         predicted=predicted, min_label_confidence=min_label_confidence, auto=auto, min_confidence=min_confidence,
     )
-    search_request.check(service.level_names, has_level_vectors=bool(service.embedder.level_dims))
+    search_request.check(service.level_names, vector_levels=service.level_names if service.embedder.level_dims else ())
     if image is not None:
         data = await read_upload(image, service.settings.max_upload_bytes)
         prepared = await run_in_threadpool(service.prepare, data, image.filename)

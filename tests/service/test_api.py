@@ -141,13 +141,14 @@ def test_a_collection_of_another_model_is_a_409_and_untouched(filled, tmp_path):
     service, client = filled
     other = CollectionSpec(("a", "b"), dim=4, level_dims=(2, 2), index="FLAT")
     with HierStore(service.settings.uri, "foreign", spec=other, fingerprint="0123456789abcdef") as store:
-        before = store.count()
+        before, recorded = store.count(), store.spec
+    assert recorded == other.resolved(index="FLAT", partition_key="")  # Lite: every level kept, no key
     message = error_of(client.post("/search", data={"id": "x", "collection": "foreign"}), 409, "model_mismatch")
     assert "foreign" in message and "do not match" in message
     message = error_of(client.post("/images", data={"category": "clothing/tops/shirt", "collection": "foreign"},
                                    files={"images": ("a.png", png_bytes((1, 2, 3), 1))}), 409, "model_mismatch")
     with HierStore(service.settings.uri, "foreign") as store:
-        assert store.count() == before == 0 and store.spec == other
+        assert store.count() == before == 0 and store.spec == recorded
 
 
 def test_body_over_the_limit_is_refused_before_it_is_read(filled):
