@@ -1,7 +1,10 @@
-"""Servers the tests start on loopback: free ports and `milvus-lite server` processes."""
+"""Servers the tests start on loopback: free ports, `milvus-lite server` processes, and the real
+Milvus 2.3 standalone that PyPI's `milvus` package embeds (`milvus-server`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -53,7 +56,72 @@ class LiteServer:
         self.stop()
 
 
-def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+class EmbeddedMilvus:
+    """PyPI `milvus`'s `milvus-server`: a real Milvus 2.3 standalone (Go/C++, etcd and local storage
+    inside), on a free proxy port; its other ports are found free by the package itself.
+
+    Stopping it takes time (SIGTERM, then SIGKILL after `stop_seconds`): it runs in its own
+    process group so that the server binary it starts goes with it.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        self.data_dir, self.port = Path(data_dir), port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def executable() -> str | None:
+        return shutil.which("milvus-server", path=str(Path(sys.executable).parent)) or shutil.which("milvus-server")
+
+    def start(self, seconds: float = 240) -> EmbeddedMilvus:
+        executable = self.executable()
+        if executable is None:
+            raise RuntimeError("`milvus-server` is missing: pip install 'milvus==2.3.5' (the dev extra has it)")
+        self.log = open(self.data_dir / "milvus-server.out", "w")
+        self.process = subprocess.Popen(
+            [executable, "--data", str(self.data_dir), "--proxy-port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_until_serving(self.port, self.process, seconds, what="milvus-server", failed=self._failed)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _failed(self) -> str | None:
+        """Why the server died while its launcher lives on (it keeps waiting after a crash)."""
+        said = (self.data_dir / "milvus-server.out").read_text(errors="replace")
+        if "started timeout" in said or "already stopped" in said:
+            errors = self.data_dir / "logs" / "milvus-stderr.log"
+            lines = errors.read_text(errors="replace").splitlines() if errors.exists() else []
+            cause = next((line for line in lines if line.startswith(("panic", "open pid", "lock pid"))), "")
+            return f"{said.strip()} {cause} (another Milvus 2.3 on this machine holds /run/milvus?) see {errors}"
+        return None
+
+    def stop(self, stop_seconds: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=stop_seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # the server binary may outlive its launcher's exit
+        self.process.wait()
+        self.log.close()
+
+    def __enter__(self) -> EmbeddedMilvus:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90, what: str = "milvus-lite server",
+                       failed=lambda: None) -> None:
     """Until a client call succeeds: the port is bound before the gRPC service answers.
 
     The probe connects exactly as `HierStore` does (pymilvus shares channels), so it
@@ -67,7 +135,11 @@ def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90
     last_error = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"milvus-lite server exited with {process.returncode}: {process.stdout.read()}")
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}: {output}")
+        reason = failed()
+        if reason:
+            raise RuntimeError(f"{what} failed to start: {reason}")
         with socket.socket() as sock:
             listening = sock.connect_ex(("127.0.0.1", port)) == 0
         if listening:
@@ -80,4 +152,4 @@ def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90
             except Exception as exc:  # not serving yet
                 last_error = exc
         time.sleep(0.5)
-    raise RuntimeError(f"milvus-lite server on port {port} did not serve within {seconds}s: {last_error}")
+    raise RuntimeError(f"{what} on port {port} did not serve within {seconds}s: {last_error}")

@@ -1,12 +1,12 @@
 """Filter values crafted to alter the expression cannot change its meaning.
 
-On Milvus Lite (in process or as a server) values go through `quote_literal`; on a full
-Milvus server through templated `filter_params`. The same values run through whichever
+On Milvus Lite (in process or as a server) and Milvus 2.3 values go through `quote_literal`;
+on a Milvus 2.5 server through templated `filter_params`. The same values run through whichever
 path the target uses, and the results are checked against a Python oracle.
 """
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from milvus_store import CollectionSpec, Eq, HierStore, In, Meta, Record
@@ -37,12 +37,21 @@ def store(target):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(names, min_size=1, max_size=4, unique=True), probe=names)
-@example(values=NASTY[:4], probe=NASTY[0]).via("hand-picked")
-@example(values=NASTY[4:], probe='" || true || "').via("hand-picked")
 def test_adversarial_values_match_the_oracle(store, values, probe):
     target, make = store
-    s = make()
-    assert s.templates is (not target.lite_engine)
+    if not target.templates and not target.lite_engine:
+        pytest.skip(f"{target.name}: hand-picked values only (test_hand_picked_values_match_the_oracle); its query "
+                    f"iterator takes about a second per call, 25 examples about 10 minutes")
+    check_values(target, make(), values, probe)
+
+
+def test_hand_picked_values_match_the_oracle(store):
+    target, make = store
+    check_values(target, make(), NASTY, '" || true || "')
+
+
+def check_values(target, s: HierStore, values: list[str], probe: str) -> None:
+    assert s.templates is target.templates
     records = [Record(f"{v}/aisle", [float(i), 0.0], id=str(i), meta={"tag": v}) for i, v in enumerate(values)]
     s.upsert(records)
     for candidate in [*values, probe]:

@@ -7,7 +7,8 @@ import pytest
 
 from hiervec_core.vectors import LevelVectors
 from milvus_store import (
-    And, Confident, Eq, FilterError, Ids, Not, Predicted, QueryError, SearchRequest, Under, UnknownLevelError,
+    And, Confident, Eq, FilterError, Ids, LevelVectorMissingError, Not, Predicted, QueryError, SearchRequest, Under,
+    UnknownLevelError,
 )
 from milvus_store.search import parse_level_weights, parse_where
 
@@ -42,10 +43,16 @@ def test_levels_are_checked_against_the_collection():
                             ({"auto": "size"}, "unknown level 'size' for auto"),
                             ({"level_weights": {"item": 1, "shop": 2}}, "unknown level 'shop' for level_weights")):
         with pytest.raises(UnknownLevelError, match=message):
-            SearchRequest(**kwargs).check(LEVELS, has_level_vectors=True)
-    with pytest.raises(UnknownLevelError, match="model is flat"):
-        SearchRequest(fusion="rrf").check(LEVELS, has_level_vectors=False)
-    SearchRequest(level="item", group_by="category").check(LEVELS, has_level_vectors=True)
+            SearchRequest(**kwargs).check(LEVELS, vector_levels=LEVELS)
+    with pytest.raises(LevelVectorMissingError, match="cannot fuse level 'department'.*none: it keeps only the image"):
+        SearchRequest(fusion="rrf").check(LEVELS, vector_levels=())
+    with pytest.raises(LevelVectorMissingError, match=r"cannot search at level 'category'.*kept: item\)"):
+        SearchRequest(level="category").check(LEVELS, vector_levels=("item",))
+    with pytest.raises(LevelVectorMissingError, match="cannot fuse level 'category'"):
+        SearchRequest(fusion="weighted", level_weights={"item": 1, "category": 1}).check(LEVELS, vector_levels=("item",))
+    SearchRequest(level="item", group_by="category").check(LEVELS, vector_levels=LEVELS)
+    SearchRequest(level="item", group_by="category").check(LEVELS, vector_levels=("item",))
+    SearchRequest(fusion="weighted", level_weights={"item": 1}).check(LEVELS, vector_levels=("item",))
 
 
 def test_the_filter_holds_every_condition_and_leaves_the_query_out():

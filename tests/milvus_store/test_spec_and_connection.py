@@ -23,6 +23,35 @@ def test_field_names_come_from_one_function():
 def test_spec_json_round_trip():
     spec = CollectionSpec(("a", "b", "c"), dim=12, level_dims=(4, 4, 4), metric="IP", index="HNSW")
     assert CollectionSpec.from_json(spec.to_json()) == spec
+    chosen = spec.resolved(index="FLAT", partition_key="a")
+    assert (chosen.index, chosen.vector_levels, chosen.partition_key, chosen.num_partitions) == (
+        "HNSW", ("a", "b", "c"), "a", 16)
+    assert CollectionSpec.from_json(chosen.to_json()) == chosen
+    image_only = CollectionSpec(("a", "b", "c"), 12, (4, 4, 4), vector_levels=(), partition_key="").resolved(
+        index="FLAT", partition_key="a")
+    assert (image_only.vector_levels, image_only.partition_key, image_only.num_partitions) == ((), "", None)
+    assert CollectionSpec.from_json(image_only.to_json()) == image_only
+    assert image_only.fields.level_vectors == {} and image_only.vector_field_count == 1
+
+
+def test_a_spec_recorded_before_layouts_keeps_every_level_vector_and_no_partition_key():
+    recorded = '{"dim": 12, "index": "HNSW", "layout": 2, "level_dims": [4, 4, 4], "level_names": ["a", "b", "c"], "metric": "L2"}'
+    spec = CollectionSpec.from_json(recorded)
+    assert spec.kept_vector_levels == ("a", "b", "c") and spec.partition_key == "" and spec.vector_field_count == 4
+
+
+def test_layout_choices_are_checked_and_named_in_level_order():
+    spec = CollectionSpec(("a", "b", "c"), 12, (4, 4, 4), vector_levels=("c", "a"))
+    assert spec.vector_levels == ("a", "c") and list(spec.vector_dims()) == ["vec", "vec_a", "vec_c"]
+    assert spec.fields.level_vectors == {"a": "vec_a", "c": "vec_c"}
+    for kwargs, message in ((dict(vector_levels=("x",)), "vector_levels must be distinct levels"),
+                            (dict(vector_levels=("a", "a")), "vector_levels must be distinct levels"),
+                            (dict(partition_key="x"), "partition_key must be one of the levels"),
+                            (dict(partition_key="a", num_partitions=0), r"num_partitions must be an integer in \[1, 1024\]"),
+                            (dict(num_partitions=5000), "num_partitions"),
+                            (dict(level_dims=(), vector_levels=("a",)), "a flat model has no level vectors")):
+        with pytest.raises(StoreError, match=message):
+            CollectionSpec(**(dict(level_names=("a", "b", "c"), dim=12, level_dims=(4, 4, 4)) | kwargs))
 
 
 @pytest.mark.parametrize(

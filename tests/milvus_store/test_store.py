@@ -1,4 +1,4 @@
-"""The store's contract, run against every target (Lite, milvus-lite server, Docker's Milvus)."""
+"""The store's contract, run against every target (Lite, milvus-lite server, Milvus 2.3, Docker's Milvus)."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,8 @@ from milvus_store import (
 )
 from milvus_store.spec import LITE_INDEXES, SERVER_INDEXES
 
+from hiervec_core.vectors import levels_from_concat
+
 from .conftest import fresh_collection
 from .helpers import LEAVES, LEVELS, SPEC, assert_same_neighbours, brute_force, levels_of, make_records
 
@@ -18,6 +20,7 @@ def make_store(target):
     opened = []
 
     def make(spec=SPEC, collection=None, **kwargs):
+        spec = target.spec(spec) if spec is not None else None
         store = HierStore(target.uri, collection or fresh_collection(), spec=spec, **kwargs)
         opened.append(store)
         return store
@@ -51,13 +54,18 @@ class TestStoreContract:
         stored = store.embeddings(wanted)
         assert stored.ids == (records[7].id, records[3].id)
         assert np.allclose(stored.concat, [records[7].vector, records[3].vector], atol=1e-6)
-        assert set(stored.levels) == set(LEVELS)
+        assert list(stored.levels) == list(LEVELS)
+        # Levels without a field of their own come back from the image vector's slices, at unit length.
+        derived = levels_from_concat(np.stack([records[7].vector, records[3].vector]), dict(zip(LEVELS, SPEC.level_dims)))
         for level in LEVELS:
-            assert np.allclose(stored.levels[level], [records[7].level_vectors[level], records[3].level_vectors[level]],
-                               atol=1e-6)
+            kept = level in store.spec.fields.level_vectors
+            expected = ([records[7].level_vectors[level], records[3].level_vectors[level]] if kept
+                        else derived[level])
+            assert np.allclose(stored.levels[level], expected, atol=1e-6)
         assert store.embeddings(["absent"]).concat.shape == (0, SPEC.dim)
 
-    def test_search_on_one_level_vector(self, filled):
+    def test_search_on_one_level_vector(self, target, filled):
+        target.needs_level_vectors()
         store, records = filled
         query = np.random.default_rng(2).normal(size=4).astype(np.float32)
         [hits] = store.search(query, k=7, level="category")
@@ -147,7 +155,8 @@ class TestStoreContract:
         assert {h.id for h in hits} == expected
         assert all(inner <= h.distance < radius for h in hits)
 
-    def test_hybrid_rrf_fuses_the_level_rankings(self, filled):
+    def test_hybrid_rrf_fuses_the_level_rankings(self, target, filled):
+        target.needs_level_vectors()
         store, records = filled
         rng = np.random.default_rng(5)
         queries = {"department": rng.normal(size=4), "item": rng.normal(size=8)}
@@ -161,7 +170,8 @@ class TestStoreContract:
         np.testing.assert_allclose([h.distance for h in hits], expected, rtol=1e-5)
         assert all(abs(scores[h.id] - h.distance) < 1e-6 for h in hits)
 
-    def test_hybrid_weighted_with_one_weight_follows_that_level(self, filled):
+    def test_hybrid_weighted_with_one_weight_follows_that_level(self, target, filled):
+        target.needs_level_vectors()
         store, records = filled
         rng = np.random.default_rng(6)
         queries = {"department": rng.normal(size=4), "category": rng.normal(size=4)}
@@ -203,13 +213,13 @@ class TestStoreContract:
         assert store.count() == 298 - d0
         assert store.count(under("d0")) == 0
 
-    def test_invalid_records_name_the_culprit_and_nothing_is_written(self, make_store):
+    def test_invalid_records_name_the_culprit_and_nothing_is_written(self, target, make_store):
         store = make_store()
         good = make_records(3)
-        bad_cases = [
+        kept_level_vector = [(lambda r: r.level_vectors.pop("item"), r"record 'r1': missing level vectors for \['item'\]")]
+        bad_cases = (kept_level_vector if target.level_vectors else []) + [
             (lambda r: setattr(r, "vector", np.zeros(3)), r"record 'r1': vector has shape \(3,\), expected \(16,\)"),
             (lambda r: r.vector.__setitem__(0, np.nan), "record 'r1': vector holds NaN"),
-            (lambda r: r.level_vectors.pop("item"), r"record 'r1': missing level vectors for \['item'\]"),
             (lambda r: r.level_vectors.__setitem__("colour", [1]), r"unknown levels \['colour'\]"),
             (lambda r: setattr(r, "category", "d0/c00"), "record 'r1': category path 'd0/c00' has 2 levels, expected 3"),
             (lambda r: setattr(r, "category", "d0/ /x"), "empty, padded or separator-bearing name"),
@@ -241,7 +251,8 @@ class TestStoreContract:
             make_store(collection=name, fingerprint="model-b")
         assert (info.value.field, info.value.expected, info.value.actual) == ("model fingerprint", "model-b", "model-a")
         reopened = make_store(spec=None, collection=name)
-        assert reopened.spec == SPEC and reopened.fingerprint == "model-a" and reopened.count() == 4
+        assert reopened.spec == store.spec and reopened.fingerprint == "model-a" and reopened.count() == 4
+        assert (store.spec.level_names, store.spec.level_dims, store.spec.index) == (LEVELS, SPEC.level_dims, "FLAT")
 
     def test_reopening_keeps_every_record(self, target, make_store):
         name = fresh_collection()
@@ -279,11 +290,12 @@ class TestStoreContract:
         with pytest.raises(CollectionNotFoundError):
             make_store(spec=None, collection=name)
 
-    def test_a_filter_nothing_passes_returns_no_hits(self, filled):
+    def test_a_filter_nothing_passes_returns_no_hits(self, target, filled):
         store, _ = filled
         query = np.zeros(SPEC.dim, dtype=np.float32)
         assert store.search([query, query], k=5, where=under("d9")) == [[], []]
-        assert store.hybrid_search({"department": np.zeros(4)}, k=5, where=under("d9")) == [[]]
+        if target.level_vectors:
+            assert store.hybrid_search({"department": np.zeros(4)}, k=5, where=under("d9")) == [[]]
 
     def test_category_counts(self, filled):
         store, records = filled
