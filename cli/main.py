@@ -638,6 +638,57 @@ def delete(ids, uri, collection, token, where, under, as_json):
     emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
 
 
+# -- copy --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--from", "from_uri", required=True, metavar="URI",
+              help="Where the collection is: a Milvus Lite file (*.db) or http(s)://host:port.")
+@click.option("--to", "to_uri", required=True, metavar="URI", help="Where to copy it: a *.db file or a server.")
+@click.option("--collection", default=DEFAULT_COLLECTION, show_default=True, help="The collection to copy.")
+@click.option("--to-collection", default=None, help="Its name at the target. [default: the same]")
+@click.option("--from-token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True,
+              help="Token for the source server (user:password or an API key).")
+@click.option("--to-token", default=None, envvar="HIERVEC_TARGET_TOKEN", show_envvar=True,
+              help="Token for the target server.")
+@click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
+              help="Vector index of the new collection. [default: the source's]")
+@click.option("--level-vectors", default=None, metavar="all|none|LEVEL,...",
+              help="Which levels keep a vector field of their own at the target (see `ingest`); a level the "
+                   "source kept none for is read back from the image vector. [default: as the source]")
+@click.option("--partition-key", default=None, metavar="LEVEL|none",
+              help="The target's partition key. [default: the coarsest level on a server, none on Milvus Lite]")
+@click.option("--num-partitions", type=click.IntRange(1, 1024), default=None,
+              help="Partitions of the partition key. [default: 16]")
+@click.option("--batch-size", type=click.IntRange(1, 16384), default=1000, show_default=True,
+              help="Rows read and written together.")
+@json_option
+@uses_milvus
+def copy(from_uri, to_uri, collection, to_collection, from_token, to_token, index, level_vectors, partition_key,
+         num_partitions, batch_size, as_json):
+    """Copy a collection to another Milvus: from Milvus Lite to a server or cluster, or back.
+
+    Every row is copied with its ids, categories, vectors and meta; the model fingerprint
+    and location go with it. Ids already at the target are skipped, so an interrupted copy
+    resumes when run again; the counts are checked at the end.
+    """
+    from milvus_store import copy_collection, open_copy_target
+
+    with _open_store(from_uri, collection, from_token) as source:
+        spec = source.spec
+        layout = collection_layout(spec.level_names, bool(spec.level_dims), level_vectors, partition_key)
+        with open_copy_target(source, to_uri, to_collection or collection, token=to_token, index=index,
+                              num_partitions=num_partitions, **layout) as target:
+            total = source.count()
+            with progress_bar(total, "copy", as_json, rate="rows/s") as advance:
+                report = copy_collection(source, target, batch_size=batch_size, progress=advance)
+            result = report.to_dict() | {"from": source.settings.display_uri, "to": target.settings.display_uri,
+                                         "collection": target.collection, "index": target.spec.index,
+                                         "level_vectors": list(target.spec.kept_vector_levels),
+                                         "partition_key": target.spec.partition_key or None}
+    emit(as_json, result, f"copied {report.copied} rows, skipped {report.skipped} already there; "
+         f"{result['to']} collection {result['collection']!r} holds {report.target_count} "
+         f"(the source {report.source_count}; {report.rows_per_s} rows/s)")
+
+
 # -- relabel -----------------------------------------------------------------------------
 @cli.command()
 @model_option

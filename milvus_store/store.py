@@ -584,6 +584,19 @@ class HierStore:
             for row in batch:
                 yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
 
+    def row_batches(self, *, batch_size: int = 1000, timeout: float | None = None) -> Iterator[list[dict]]:
+        """Every stored row with every field (vectors as lists of floats), in batches: what
+        `upsert_rows` takes back, so a collection can be copied field for field."""
+        if not 1 <= batch_size <= MAX_TOPK:
+            raise QueryError(f"batch_size must be in [1, {MAX_TOPK}], got {batch_size}")
+        fields = self.spec.fields
+        names = [fields.id, *fields.scalars, *self.spec.vector_dims()]
+        with self._calls("query iterator"):
+            iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter="",
+                                                   output_fields=names, timeout=self._timeout(timeout))
+        for batch in self._drain(iterator, "query iterator"):
+            yield [{name: row[name] for name in names} for row in batch]
+
     def category_counts(self, level: str | None = None, *, where: WhereInput = None) -> Counter | dict[str, Counter]:
         """How many records each category of `level` holds; with no level, every level's counts (one pass)."""
         levels = self.spec.level_names if level is None else (level,)

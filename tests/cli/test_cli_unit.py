@@ -13,7 +13,7 @@ from embedder import fashion_mnist
 pytestmark = pytest.mark.unit
 
 COMMANDS = [["data"], ["data", "fashion-mnist"], ["data", "fashion-mnist-products"], ["train"], ["ingest"], ["search"],
-            ["eval"], ["info"], ["delete"], ["relabel"], ["serve"], ["export"]]
+            ["eval"], ["info"], ["delete"], ["copy"], ["relabel"], ["serve"], ["export"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
