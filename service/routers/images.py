@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from milvus_store import FailedItem, ImageIndex, IngestItem, content_id
 from milvus_store.spec import META_MAX_DEPTH
@@ -31,16 +32,32 @@ writes = APIRouter(tags=["images"], dependencies=[Depends(require_key)])
 MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
-# Ids are opaque text ('/', '?', '%' included): in a path they are percent-encoded
-# (image_url does it), and the `path` convertor hands the whole decoded rest over.
-@router.get("/images/{image_id:path}", response_model=HitOut, responses=responses(404),
+class AnyTextConvertor(Convertor):
+    """The whole decoded rest of the path, line breaks included (Starlette's `path` is `.*`,
+    which stops at a newline: an id holding one was stored but could not be read or deleted)."""
+
+    regex = "[\\s\\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", AnyTextConvertor())
+
+
+# Ids are opaque text ('/', '?', '%', line breaks included): in a path they are percent-encoded
+# (image_url does it), and the `anytext` convertor hands the whole decoded rest over.
+@router.get("/images/{image_id:anytext}", response_model=HitOut, responses=responses(404),
             summary="One stored image's record")
 async def get_image(request: Request, service: ServiceDep, image_id: str, collection: str | None = None) -> HitOut:
     index = await run_in_threadpool(service.index, collection)
     return hit_out(service, request, await run_in_threadpool(_record, index, image_id))
 
 
-@router.get("/media/{image_id:path}", responses=responses(404),
+@router.get("/media/{image_id:anytext}", responses=responses(404),
             summary="The stored image's file, when this service can read it")
 async def get_image_file(request: Request, service: ServiceDep, image_id: str,
                          collection: str | None = None) -> FileResponse:
@@ -93,7 +110,7 @@ async def add_images(
     return body
 
 
-@writes.delete("/images/{image_id:path}", response_model=DeletedOut, responses=responses(401, 404),
+@writes.delete("/images/{image_id:anytext}", response_model=DeletedOut, responses=responses(401, 404),
                summary="Delete one image")
 async def delete_image(service: ServiceDep, image_id: str, collection: str | None = None) -> DeletedOut:
     index = await run_in_threadpool(service.index, collection)

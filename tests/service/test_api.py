@@ -397,7 +397,7 @@ def test_media_follows_its_record_on_reupload_and_delete(empty, tmp_path):
 
 
 ODD_IDS = ["brand/sku-1", "a/../b", "/leading", "trailing/", "q?x=1#frag", "100% wool", "space id", "ünï/cødé",
-           "dots..", "a//b", "file"]
+           "dots..", "a//b", "file", "two\nlines", "cr\r\nlf\n"]
 
 
 def test_every_id_round_trips_through_every_endpoint(empty):
