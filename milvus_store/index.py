@@ -244,37 +244,11 @@ class ImageIndex:
     def _prepare_batch(self, batch: list[IngestItem], skip_existing: bool, pool: ThreadPoolExecutor,
                        first_of: dict[str, str]):
         """Read, hash and decode a batch: (prepared, ids already present, failures, duplicates, seen)."""
-        failures, loaded, duplicates = [], [], []
+        failures, loaded = [], []
         for item in batch:
-            try:
-                data = item.source if isinstance(item.source, bytes) else _read(item.source)
-            except OSError as exc:
-                failures.append(FailedItem(item.name, f"cannot read: {exc.strerror or exc}", "read"))
-                continue
-            if item.category is None and not self.can_predict:
-                failures.append(FailedItem(item.name, "has no category path (and the model cannot predict one)",
-                                           "invalid", item.id))
-                continue
-            rid = item.id if item.id is not None else content_id(data)
-            try:
-                check_id(rid)  # before the id reaches a query: one odd id must not fail the batch
-            except RecordError as exc:
-                failures.append(FailedItem(item.name, str(exc), "invalid", printable(rid)))
-                continue
-            if rid in first_of:  # an earlier item with this id is stored or present: no need to decode
-                duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
-                continue
-            loaded.append((item, rid, data))
-        present = self.store.existing_ids([rid for _, rid, _ in loaded]) if skip_existing and loaded else set()
-        todo, skipped = [], []
-        for item, rid, data in loaded:
-            if rid not in present:
-                todo.append((item, rid, data))
-            elif rid in first_of:
-                duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
-            else:
-                first_of[rid] = item.name
-                skipped.append(rid)
+            result = read_item(item, self.can_predict)
+            (failures if isinstance(result, FailedItem) else loaded).append(result)
+        todo, skipped, duplicates = select_new(loaded, first_of, self.store if skip_existing else None)
         prepared = []
         for result in pool.map(self._decode, todo) if todo else ():
             if isinstance(result, FailedItem):  # a copy that also fails is reported failed too, not a duplicate
@@ -287,36 +261,11 @@ class ImageIndex:
         return prepared, skipped, failures, duplicates, len(batch)
 
     def _decode(self, entry) -> _Prepared | FailedItem:
-        item, rid, data = entry
-        try:
-            return _Prepared(item, rid, self.embedder.prepare(data))
-        except Exception as exc:  # any decoder failure is this file's, never the batch's
-            reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
-            return FailedItem(item.name, reason, "decode", rid)
+        return decode_item(self.embedder, entry)
 
     def _embed_batch(self, prepared_batch) -> tuple:
         """Embed a prepared batch and make its rows: (prepared batch, rows, invalid records)."""
-        prepared = prepared_batch[0]
-        if not prepared:
-            return prepared_batch, [], []
-        vectors = self.embedder.embed([p.data for p in prepared])
-        unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]
-        predictions = dict(zip(unlabelled, self._predict(vectors, unlabelled))) if unlabelled else {}
-        records = []
-        for row, p in enumerate(prepared):
-            guess = predictions.get(row)
-            records.append(Record(
-                category=p.item.category if guess is None else guess.path,  # a given path always wins
-                vector=vectors.concat[row],
-                level_vectors={level: v[row] for level, v in vectors.levels.items()},
-                id=p.id,
-                uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
-                meta=dict(p.item.meta),
-                predicted=guess is not None,
-                confidence=None if guess is None else guess.probabilities,
-            ))
-        rows, problems = validate_records(records, self.store.spec)
-        invalid = [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
+        rows, invalid = embed_rows(self.embedder, prepared_batch[0], self.store.spec)
         return prepared_batch, rows, invalid
 
     def _write_batch(self, embedded: tuple) -> tuple:
@@ -478,6 +427,87 @@ class ImageIndex:
             flush()
         self.store.flush()
         return report
+
+
+
+# -- the steps of one ingest, shared by `ImageIndex.ingest` and the scale-out engines -------
+def read_item(item: IngestItem, can_predict: bool) -> tuple[IngestItem, str, bytes] | FailedItem:
+    """An item's bytes and id (the caller's, else the content hash), or why it cannot be stored."""
+    try:
+        data = item.source if isinstance(item.source, bytes) else _read(item.source)
+    except OSError as exc:
+        return FailedItem(item.name, f"cannot read: {exc.strerror or exc}", "read")
+    if item.category is None and not can_predict:
+        return FailedItem(item.name, "has no category path (and the model cannot predict one)", "invalid", item.id)
+    rid = item.id if item.id is not None else content_id(data)
+    try:
+        check_id(rid)  # before the id reaches a query: one odd id must not fail the batch
+    except RecordError as exc:
+        return FailedItem(item.name, str(exc), "invalid", printable(rid))
+    return item, rid, data
+
+
+def select_new(loaded: list[tuple], first_of: dict[str, str], store: HierStore | None):
+    """The read items still to embed: (todo, ids already stored, duplicates).
+
+    `first_of` maps each id met so far in this ingest to the item that stored it or found it
+    present; an item with such an id is a duplicate and is not decoded. `store` (None: do
+    not look) skips the ids it holds already."""
+    todo, skipped, duplicates, fresh = [], [], [], []
+    for entry in loaded:
+        item, rid = entry[0], entry[1]
+        if rid in first_of:
+            duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+        else:
+            fresh.append(entry)
+    present = store.existing_ids([entry[1] for entry in fresh]) if store is not None and fresh else set()
+    for entry in fresh:
+        item, rid = entry[0], entry[1]
+        if rid not in present:
+            todo.append(entry)
+        elif rid in first_of:
+            duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+        else:
+            first_of[rid] = item.name
+            skipped.append(rid)
+    return todo, skipped, duplicates
+
+
+def decode_item(embedder: ImageEmbedder, entry: tuple) -> _Prepared | FailedItem:
+    """An item's image decoded by the embedder (`prepare`), or why not: any decoder failure is
+    this file's, never the batch's."""
+    item, rid, data = entry
+    try:
+        return _Prepared(item, rid, embedder.prepare(data))
+    except Exception as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
+        return FailedItem(item.name, reason, "decode", rid)
+
+
+def embed_rows(embedder: ImageEmbedder, prepared: list[_Prepared], spec: CollectionSpec) -> tuple[list[dict], list]:
+    """Embed decoded items and make the collection's rows (predicting the category of those without
+    one): (rows, items whose records were refused)."""
+    if not prepared:
+        return [], []
+    vectors = embedder.embed([p.data for p in prepared])
+    unlabelled = [row for row, p in enumerate(prepared) if p.item.category is None]
+    predictions = (dict(zip(unlabelled, embedder.predict_vectors(vectors.rows(unlabelled))))
+                   if unlabelled else {})
+    records = []
+    for row, p in enumerate(prepared):
+        guess = predictions.get(row)
+        records.append(Record(
+            category=p.item.category if guess is None else guess.path,  # a given path always wins
+            vector=vectors.concat[row],
+            level_vectors={level: v[row] for level, v in vectors.levels.items()},
+            id=p.id,
+            uri=p.item.uri or (path_uri(p.item.source) if not isinstance(p.item.source, bytes) else ""),
+            meta=dict(p.item.meta),
+            predicted=guess is not None,
+            confidence=None if guess is None else guess.probabilities,
+        ))
+    rows, problems = validate_records(records, spec)
+    return rows, [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
 
 
 def _read(path: str | os.PathLike) -> bytes:
