@@ -70,6 +70,24 @@ SHARE_TTL_S = 60.0
 CONSISTENCY = "Session"
 
 
+def collection_schema(spec: CollectionSpec):
+    """The Milvus schema of a collection of `spec` (fields in the order `row_batches` reads them)."""
+    fields = spec.fields
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH)
+    schema.add_field(fields.meta, DataType.JSON)
+    for level, field in fields.levels.items():
+        schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH,
+                         is_partition_key=level == spec.partition_key)
+    schema.add_field(fields.predicted, DataType.BOOL)
+    for field in fields.confidence.values():
+        schema.add_field(field, DataType.FLOAT)
+    for field, dim in spec.vector_dims().items():
+        schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
+    return schema
+
+
 def _locked_by_another_process(lite_path: str) -> bool:
     """Whether Milvus Lite's lock on `lite_path` is held (pymilvus reports only "Open local milvus failed")."""
     import fcntl  # Milvus Lite runs on Linux and macOS only
@@ -258,23 +276,13 @@ class HierStore:
 
     def _create(self) -> None:
         spec, fields, features = self.spec, self.spec.fields, self.features
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
-        schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH)
-        schema.add_field(fields.meta, DataType.JSON)
-        for level, field in fields.levels.items():
-            schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH,
-                             is_partition_key=level == spec.partition_key)
-        schema.add_field(fields.predicted, DataType.BOOL)
-        for field in fields.confidence.values():
-            schema.add_field(field, DataType.FLOAT)
+        schema = collection_schema(spec)
         index_params = self._client.prepare_index_params()
         for field in fields.levels.values():
             index_params.add_index(field, index_type=features.scalar_index)
         if features.bool_index:
             index_params.add_index(fields.predicted, index_type=features.bool_index)
         for field, dim in spec.vector_dims().items():
-            schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
             index_params.add_index(field, index_type=spec.index, metric_type=spec.metric,
                                    params=index_build_params(spec.index, dim))
         properties = {PROPERTY_SPEC: spec.to_json()}
