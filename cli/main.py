@@ -394,18 +394,54 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (threads overlap reading, embedding and writing); ray: Ray Data, "
+                   "on this machine or a cluster (needs: pip install 'hiervec[ray]').")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="A running Ray cluster (ray://host:10001 or host:6379) for --engine ray. [default: a local "
+                   "Ray started for this ingest]")
+@click.option("--actors", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Embedding actors of --engine ray, each holding the model.")
+@click.option("--cpus-per-actor", type=click.FloatRange(0.05, 256), default=0.5, show_default=True,
+              help="CPUs Ray reserves per embedding actor (fractions let a 2-core node run two beside the readers).")
+@click.option("--threads-per-actor", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Torch threads of each embedding actor (actors on one node must not oversubscribe its cores).")
+@click.option("--gpus-per-actor", type=click.FloatRange(0, 16), default=0.0, show_default=True,
+              help="GPUs per embedding actor (e.g. 1, or 0.5 for two actors per GPU).")
+@click.option("--bulk", is_flag=True,
+              help="Milvus servers: write the rows as Parquet files to the bucket the server reads, then bulk-import "
+                   "them in one job (large backfills). Ids already stored are still skipped first.")
+@click.option("--bulk-endpoint", default="localhost:9000", show_default=True, metavar="HOST:PORT",
+              help="S3/MinIO endpoint of the server's bucket for --bulk (docker-compose.yml's MinIO); keys from "
+                   "$HIERVEC_S3_ACCESS_KEY and $HIERVEC_S3_SECRET_KEY [default: minioadmin].")
+@click.option("--bulk-bucket", default="a-bucket", show_default=True, help="The server's bucket for --bulk.")
+@click.option("--writers", type=click.IntRange(1, 64), default=None,
+              help="Writer actors for a Milvus server with --engine ray. [default: 2; a Milvus Lite file is "
+                   "written by this process]")
 @optimize_option
 @runtime_option
 @compute_options
 @json_option
 @uses_milvus
 def ingest(source, model_path, uri, collection, token, batch_size, index, level_vectors, partition_key, num_partitions,
-           report_path, strict, optimize, runtime, device, amp, as_json):
+           report_path, strict, engine, ray_address, actors, cpus_per_actor, threads_per_actor, gpus_per_actor, bulk,
+           bulk_endpoint, bulk_bucket, writers, optimize, runtime, device, amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
-    from milvus_store import FailedItem, ImageIndex, IngestItem, StoreError, path_uri, printable
+    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, IngestItem, StoreError, path_uri, printable
 
     check_writable(report_path, "--report")
+    if bulk and ConnectionSettings.resolve(uri).is_local:
+        raise click.UsageError("--bulk: Milvus Lite has no bulk import; ingest into a .db without --bulk, or give "
+                               "--uri http://host:19530 (a Milvus server)")
+    if engine == "ray":  # before anything is read or created
+        from scaleout import EngineMissingError
+        from scaleout.ray_ingest import import_ray
+
+        try:
+            import_ray()
+        except EngineMissingError as exc:
+            raise click.ClickException(str(exc)) from None
     listing = read_source(source)
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
     items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
@@ -413,8 +449,16 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
     layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
     with ImageIndex.open(embedder, uri, collection, index=index, token=token, num_partitions=num_partitions,
                          **layout) as image_index:
+        files = _bulk_files(image_index.store, collection, bulk_endpoint, bulk_bucket) if bulk else None
+        write = files.append if files is not None else None
         with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
-            report = image_index.ingest(items, batch_size=batch_size, progress=advance)
+            if engine == "ray":
+                report = _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor,
+                                     threads_per_actor, gpus_per_actor, writers, optimize, runtime, device, amp,
+                                     token, advance, write)
+            else:
+                report = image_index.ingest(items, batch_size=batch_size, progress=advance, write=write)
+        imported = _bulk_import(image_index.store, files, as_json) if files is not None else None
         report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
                          for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
@@ -424,6 +468,8 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
         except StoreError as exc:
             note(as_json, f"warning: the collection does not record its model ({exc}); searches need --model")
     result = report.to_dict() | {"collection": collection, "count": count}
+    if imported is not None:
+        result["bulk_import"] = imported
     if report_path is not None:  # its folder was made (or refused) by check_writable before the work
         report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""
@@ -442,6 +488,44 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
                        f"category", err=True)
     if strict and report.failed:
         sys.exit(1)
+
+
+def _bulk_files(store, collection, endpoint, bucket):
+    from milvus_store.bulk import BulkFiles, S3Bucket
+
+    prefix = f"hiervec-bulk/{collection}/{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    return BulkFiles(store.spec, remote=S3Bucket(endpoint, bucket, prefix))
+
+
+def _bulk_import(store, files, as_json) -> dict:
+    from milvus_store.bulk import import_files
+
+    batch_files = files.close()
+    note(as_json, f"bulk import: {files.rows} rows in {len(batch_files)} file(s); importing")
+    with progress_bar(files.rows, "import", as_json, rate="rows/s") as advance:
+        seen = [0]
+
+        def imported(rows: int) -> None:
+            advance(rows - seen[0])
+            seen[0] = rows
+
+        return import_files(store, batch_files, progress=imported) | {"files": len(batch_files)}
+
+
+def _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,
+                gpus_per_actor, writers, optimize, runtime, device, amp, token, advance, write=None):
+    from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
+
+    if gpus_per_actor and device == "auto":
+        device = "cuda"
+    recipe = EmbedderRecipe(str(model_path.resolve()), runtime=runtime, optimize=optimize, device=device, amp=amp,
+                            threads=threads_per_actor)
+    try:
+        options = RayOptions(address=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
+                             gpus_per_actor=gpus_per_actor, writers=writers, batch_size=batch_size)
+        return ray_ingest(image_index, items, recipe, options, progress=advance, token=token, write=write)
+    except ScaleOutError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # -- search ------------------------------------------------------------------------------

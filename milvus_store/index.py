@@ -195,6 +195,7 @@ class ImageIndex:
         skip_existing: bool = True,
         workers: int | None = None,
         progress: Callable[[int], None] | None = None,
+        write: Callable[[list[dict]], int] | None = None,
     ) -> IngestReport:
         """Store every item that decodes; list the others with their reason.
 
@@ -204,7 +205,9 @@ class ImageIndex:
         with the id of an earlier item of the same call (the same bytes, when ids are
         content hashes) are not stored: the first wins, and the report lists the others
         under `duplicates`, whatever the batch size.
-        `progress(n)` is called with the number of items finished in each batch.
+        `progress(n)` is called with the number of items finished in each batch. `write(rows)`
+        stores a batch's rows instead of `store.upsert_rows` (e.g. `BulkFiles.append` for a bulk
+        import); the collection is still the one that says which ids are present.
         """
         if batch_size < 1:
             raise QueryError(f"batch_size must be positive, got {batch_size}")
@@ -226,7 +229,7 @@ class ImageIndex:
                 embedded = self._embed_batch(prepared_batch)
                 if writing is not None:
                     self._report_batch(writing.result(), report, progress)
-                writing = writer.submit(self._write_batch, embedded)
+                writing = writer.submit(self._write_batch, embedded, write or self.store.upsert_rows)
 
             for batch in _batches(items, batch_size):
                 ready = stage.submit(self._prepare_batch, batch, skip_existing, decoders, first_of)
@@ -248,7 +251,8 @@ class ImageIndex:
         for item in batch:
             result = read_item(item, self.can_predict)
             (failures if isinstance(result, FailedItem) else loaded).append(result)
-        todo, skipped, duplicates = select_new(loaded, first_of, self.store if skip_existing else None)
+        todo, present, found = select_new(loaded, first_of, self.store if skip_existing else None)
+        skipped, duplicates = [entry[1] for entry in present], [duplicate for _, duplicate in found]
         prepared = []
         for result in pool.map(self._decode, todo) if todo else ():
             if isinstance(result, FailedItem):  # a copy that also fails is reported failed too, not a duplicate
@@ -268,10 +272,10 @@ class ImageIndex:
         rows, invalid = embed_rows(self.embedder, prepared_batch[0], self.store.spec)
         return prepared_batch, rows, invalid
 
-    def _write_batch(self, embedded: tuple) -> tuple:
+    def _write_batch(self, embedded: tuple, write: Callable[[list[dict]], int]) -> tuple:
         """Store an embedded batch's rows (on the writer thread): the batch and how many were stored."""
         prepared_batch, rows, invalid = embedded
-        return prepared_batch, rows, invalid, self.store.upsert_rows(rows) if rows else 0
+        return prepared_batch, rows, invalid, write(rows) if rows else 0
 
     def _report_batch(self, written: tuple, report: IngestReport, progress) -> None:
         _, skipped, failures, duplicates, seen = written[0]
@@ -448,7 +452,8 @@ def read_item(item: IngestItem, can_predict: bool) -> tuple[IngestItem, str, byt
 
 
 def select_new(loaded: list[tuple], first_of: dict[str, str], store: HierStore | None):
-    """The read items still to embed: (todo, ids already stored, duplicates).
+    """Sort read items, ``(item, id, ...)`` tuples, into (to embed, already stored, duplicates), each a
+    list of those tuples; a duplicate comes as ``(entry, DuplicateItem)``.
 
     `first_of` maps each id met so far in this ingest to the item that stored it or found it
     present; an item with such an id is a duplicate and is not decoded. `store` (None: do
@@ -457,7 +462,7 @@ def select_new(loaded: list[tuple], first_of: dict[str, str], store: HierStore |
     for entry in loaded:
         item, rid = entry[0], entry[1]
         if rid in first_of:
-            duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+            duplicates.append((entry, DuplicateItem(item.name, first_of[rid], rid)))
         else:
             fresh.append(entry)
     present = store.existing_ids([entry[1] for entry in fresh]) if store is not None and fresh else set()
@@ -466,10 +471,10 @@ def select_new(loaded: list[tuple], first_of: dict[str, str], store: HierStore |
         if rid not in present:
             todo.append(entry)
         elif rid in first_of:
-            duplicates.append(DuplicateItem(item.name, first_of[rid], rid))
+            duplicates.append((entry, DuplicateItem(item.name, first_of[rid], rid)))
         else:
             first_of[rid] = item.name
-            skipped.append(rid)
+            skipped.append(entry)
     return todo, skipped, duplicates
 
 

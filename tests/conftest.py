@@ -39,3 +39,12 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model") / "model.pt"
     save_checkpoint(path, PyramidEmbedder(config), hierarchy)
     return path
+
+
+@pytest.fixture(scope="session")
+def lite_server(tmp_path_factory):
+    """A `milvus-lite server` on a free loopback port, for client/server tests."""
+    from .servers import LiteServer
+
+    with LiteServer(tmp_path_factory.mktemp("milvus-lite-server")) as server:
+        yield server.uri

@@ -15,7 +15,7 @@ import pytest
 
 from milvus_store import CollectionSpec
 
-from ..servers import EmbeddedMilvus, LiteServer
+from ..servers import EmbeddedMilvus
 
 MILVUS_IMAGE = "milvusdb/milvus:v2.5.14"  # pinned: the standalone release docker-compose.yml runs
 
@@ -47,13 +47,6 @@ _names = itertools.count()
 
 def fresh_collection() -> str:
     return f"c{next(_names)}_{int(time.time() * 1000) % 100000}"
-
-
-@pytest.fixture(scope="session")
-def lite_server(tmp_path_factory):
-    """A `milvus-lite server` on a free loopback port, for client/server tests here."""
-    with LiteServer(tmp_path_factory.mktemp("milvus-lite-server")) as server:
-        yield server.uri
 
 
 @pytest.fixture(scope="session")

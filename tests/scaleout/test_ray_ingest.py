@@ -1,0 +1,186 @@
+"""`hiervec ingest --engine ray`: the same collection and report as the single-process ingest.
+
+Ray runs on loopback: a local Ray of 2 CPUs, and a 2-node cluster on this machine
+(`ray.cluster_utils.Cluster`). Skipped with the reason where Ray is not installed (CI
+installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import cli
+from embedder import Embedder, read_source
+from milvus_store import HierStore, ImageIndex, IngestItem, path_uri
+from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
+
+from ..conftest import LEAVES
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'hiervec[ray]' (CI installs it)")
+
+pytestmark = pytest.mark.lite
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """12 images over 4 leaves, a copy of one under another name, a truncated PNG, a text file
+    with an image's name, an empty file, and an unlabelled image at the root."""
+    root = tmp_path_factory.mktemp("ray-tree")
+    rng = np.random.default_rng(3)
+    for n, leaf in enumerate(LEAVES):
+        (root / leaf).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, size=(36, 36, 3), dtype=np.uint8)
+            pixels[:, : 6 * (n + 1)] = (60 * n, 40 * i, 200)
+            Image.fromarray(pixels).save(root / leaf / f"{i}.png")
+    shutil.copy(root / LEAVES[0] / "0.png", root / LEAVES[1] / "copy-of-shirt-0.png")
+    (root / LEAVES[2] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / LEAVES[3] / "text.png").write_text("not an image at all")
+    (root / LEAVES[3] / "empty.png").write_bytes(b"")
+    Image.fromarray(rng.integers(0, 255, size=(36, 36, 3), dtype=np.uint8)).save(root / "unlabelled.png")
+    return root
+
+
+def items_of(tree):
+    listing = read_source(tree)
+    return [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve()), i.origin)
+            for i in listing.items]
+
+
+def stored(uri: str) -> dict:
+    with HierStore(uri, "images", create=False) as store:
+        rows = {row["id"]: row for batch in store.row_batches(batch_size=100) for row in batch}
+        return rows
+
+
+def failures_of(report) -> set:
+    return {(f.source, f.stage, f.reason) for f in report.failed}
+
+
+@pytest.fixture(scope="module")
+def single(tree, tiny_model, tmp_path_factory):
+    """The single-process ingest of the tree: what the Ray engine must reproduce."""
+    uri = str(tmp_path_factory.mktemp("single") / "single.db")
+    embedder = Embedder.from_checkpoint(tiny_model, runtime="torch")
+    with ImageIndex.open(embedder, uri, "images") as index:
+        report = index.ingest(items_of(tree), batch_size=4)
+    return uri, report
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray of 2 CPUs on loopback (started once, shut down by the 2-node test or at the end)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_ray(tree, model, uri, options, **kwargs):
+    embedder = Embedder.from_checkpoint(model, runtime="torch")
+    with ImageIndex.open(embedder, uri, "images") as index:
+        return ray_ingest(index, items_of(tree), EmbedderRecipe(str(model), runtime="torch"), options, **kwargs)
+
+
+def assert_same_collection(uri: str, single_uri: str) -> None:
+    got, want = stored(uri), stored(single_uri)
+    assert sorted(got) == sorted(want)
+    for rid, row in want.items():
+        for name in ("uri", "meta", "department", "category", "item", "predicted"):
+            assert got[rid][name] == row[name], (rid, name)
+        for name in ("conf_department", "conf_category", "conf_item"):
+            assert got[rid][name] == pytest.approx(row[name], abs=1e-5)
+        for name in ("vec", "vec_department", "vec_category", "vec_item"):
+            np.testing.assert_allclose(got[rid][name], row[name], atol=1e-5)
+
+
+def test_ray_ingest_stores_what_the_single_process_ingest_stores(tree, tiny_model, single, local_ray, tmp_path):
+    single_uri, want = single
+    assert (want.stored, want.predicted, len(want.failed), len(want.duplicates)) == (13, 1, 3, 1)  # the tree
+    uri = str(tmp_path / "ray.db")
+    seen = []
+    report = run_ray(tree, tiny_model, uri, RayOptions(actors=2, cpus_per_actor=0.5, batch_size=4),
+                     progress=seen.append)
+    assert (report.seen, report.stored, report.skipped_present, report.predicted) == (
+        want.seen, want.stored, want.skipped_present, want.predicted)
+    assert failures_of(report) == failures_of(want)
+    assert [(d.source, d.same_as, d.id) for d in report.duplicates] == [
+        (d.source, d.same_as, d.id) for d in want.duplicates]
+    assert sorted(report.ids) == sorted(want.ids) and sum(seen) == report.seen
+    assert_same_collection(uri, single_uri)
+
+    again = run_ray(tree, tiny_model, uri, RayOptions(actors=1, batch_size=8))
+    assert (again.stored, again.skipped_present, len(again.duplicates)) == (0, 13, 1)
+    assert failures_of(again) == failures_of(want)
+    assert len(stored(uri)) == 13
+
+
+def test_ray_ingest_into_a_server_uses_writer_actors(tree, tiny_model, single, local_ray, lite_server):
+    from milvus_store import HierStore as Store
+
+    report = run_ray(tree, tiny_model, lite_server, RayOptions(actors=1, writers=2, batch_size=4))
+    assert report.stored == 13 and failures_of(report) == failures_of(single[1])
+    with Store(lite_server, "images", create=False) as store:
+        assert store.count() == 13
+        store.drop()
+
+
+@pytest.mark.unit
+def test_bad_options_and_bytes_are_refused_with_their_names(tiny_model, tmp_path):
+    for kwargs, name in (({"actors": 0}, "actors"), ({"cpus_per_actor": 0}, "cpus_per_actor"),
+                         ({"writers": 100}, "writers"), ({"batch_size": 0}, "batch_size")):
+        with pytest.raises(ScaleOutError, match=name):
+            RayOptions(**kwargs)
+    embedder = Embedder.from_checkpoint(tiny_model, runtime="torch")
+    with ImageIndex.open(embedder, str(tmp_path / "x.db"), "images") as index:
+        with pytest.raises(ScaleOutError, match="files"):
+            ray_ingest(index, [IngestItem(b"bytes", "clothing/tops/shirt")], EmbedderRecipe(str(tiny_model)))
+
+
+def test_the_cli_runs_the_ray_engine(tree, tiny_model, single, tmp_path):
+    uri = str(tmp_path / "cli.db")
+    result = CliRunner().invoke(cli, ["ingest", str(tree), "--model", str(tiny_model), "--uri", uri,
+                                      "--collection", "images", "--engine", "ray", "--actors", "2",
+                                      "--runtime", "torch", "--batch-size", "4", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert '"stored": 13' in result.output and '"failed": 3' in result.output
+    assert_same_collection(uri, single[0])
+
+
+def test_a_two_node_ray_cluster_runs_the_same_ingest(tree, tiny_model, single, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Two raylets on this machine; Ray's test cluster binds the machine's own address (its
+    # node_ip_address does not reach the GCS), which nothing outside this machine can reach here.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+        assert ray.cluster_resources()["CPU"] == 2
+        ray.shutdown()
+        uri = str(tmp_path / "cluster.db")  # --ray-address: ray_ingest connects, and disconnects at the end
+        report = run_ray(tree, tiny_model, uri, RayOptions(address=cluster.address, actors=2, cpus_per_actor=0.5,
+                                                           batch_size=4))
+        assert not ray.is_initialized()
+        assert report.stored == single[1].stored and failures_of(report) == failures_of(single[1])
+        assert_same_collection(uri, single[0])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
