@@ -509,7 +509,8 @@ def _bulk_import(store, files, as_json) -> dict:
             advance(rows - seen[0])
             seen[0] = rows
 
-        return import_files(store, batch_files, progress=imported) | {"files": len(batch_files)}
+        return import_files(store, batch_files, progress=imported, expected_rows=files.rows) | {
+            "files": len(batch_files)}
 
 
 def _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,

@@ -76,6 +76,7 @@ class BulkFiles:
                                                chunk_size=chunk_bytes, file_type=bw.BulkFileType.PARQUET)
         self.rows = 0
         self.batch_files: list[list[str]] = []
+        self._where = str(folder) if remote is None else f"bucket {remote.bucket!r} at {remote.endpoint}"
 
     def append(self, rows: Sequence[dict]) -> int:
         for row in rows:
@@ -88,6 +89,9 @@ class BulkFiles:
         if self.rows:
             self._writer.commit()
         self.batch_files = [list(files) for files in self._writer.batch_files]
+        if self.rows and not self.batch_files:  # pymilvus logs a failed write or upload and carries on
+            raise StoreError(f"bulk files: {self.rows} rows were not written to {self._where} (the writer reported "
+                             f"no file; for a bucket, check the endpoint, bucket name and keys)")
         return self.batch_files
 
     def __enter__(self) -> BulkFiles:
@@ -99,9 +103,10 @@ class BulkFiles:
 
 def import_files(store: HierStore, batch_files: Sequence[Sequence[str]], *, poll_s: float = 2.0,
                  timeout_s: float = 24 * 3600, progress: Callable[[int], None] | None = None,
-                 token: str | None = None) -> dict:
+                 token: str | None = None, expected_rows: int | None = None) -> dict:
     """Import files (paths in the server's bucket) into `store`'s collection and wait for the job:
-    {job_id, rows, seconds}. `progress(rows)` gets the rows imported so far."""
+    {job_id, rows, seconds}. `progress(rows)` gets the rows imported so far; a job that imports
+    other than `expected_rows` (when given) is an error."""
     if store.lite:
         raise StoreError("Milvus Lite has no bulk import: write with `hiervec ingest` (without --bulk), or "
                          "import into a Milvus server")
@@ -125,6 +130,9 @@ def import_files(store: HierStore, batch_files: Sequence[Sequence[str]], *, poll
             if progress is not None:
                 progress(rows)
             if state.get("state") == "Completed":
+                if expected_rows is not None and rows != expected_rows:
+                    raise StoreError(f"bulk import job {job_id} into {store.collection!r} imported {rows} rows of "
+                                     f"the {expected_rows} written to its files")
                 return {"job_id": job_id, "rows": rows, "seconds": round(time.monotonic() - started, 3)}
             if state.get("state") == "Failed":
                 raise StoreError(f"bulk import job {job_id} into {store.collection!r} failed: "

@@ -65,6 +65,28 @@ def test_bulk_files_hold_the_collection_schema_and_the_rows(tmp_path):
 
 
 @pytest.mark.unit
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # pymilvus's upload thread
+def test_rows_that_never_reach_the_bucket_are_an_error_not_an_empty_import(tmp_path, monkeypatch):
+    from tests.servers import free_port
+
+    monkeypatch.chdir(tmp_path)  # pymilvus buffers remote files under the working folder
+    files = bulk.BulkFiles(SPEC, remote=bulk.S3Bucket(f"127.0.0.1:{free_port()}", "nobucket"))
+    files.append(rows_of(3))
+    with pytest.raises(StoreError, match="3 rows were not written to bucket 'nobucket'"):
+        files.close()
+
+
+@pytest.mark.unit
+def test_a_job_that_imports_fewer_rows_than_written_is_an_error():
+    fake = FakeMilvusRest(rows=20)
+    try:
+        with pytest.raises(StoreError, match="imported 20 rows of the 25 written"):
+            bulk.import_files(StoreAt(fake.uri), [["p/1.parquet"]], poll_s=0.01, expected_rows=25)
+    finally:
+        fake.close()
+
+
+@pytest.mark.unit
 def test_bulk_files_need_exactly_one_place():
     with pytest.raises(StoreError, match="exactly one"):
         bulk.BulkFiles(SPEC)
