@@ -68,6 +68,10 @@ SHARE_TTL_S = 60.0
 # latest write. "Strong" made every server search wait for the next tick: 200 ms p50 against
 # ~2 ms (BENCHMARKS.md, "Search on a Milvus server"). Milvus Lite is always strong.
 CONSISTENCY = "Session"
+# Iterators (whole-collection passes: copy, relabel, exports) start after one Strong read: pymilvus's
+# iterators do not send the session's timestamp with all their requests (on Milvus 2.3 they then miss
+# rows written a moment before), and one time tick is nothing against a pass over the collection.
+STRONG = {"consistency_level": "Strong"}
 
 
 def collection_schema(spec: CollectionSpec):
@@ -355,7 +359,9 @@ class HierStore:
         with self._calls("delete"):
             before = self.count(timeout=timeout)
             self._client.delete(self.collection, filter=expr, timeout=self._timeout(timeout), **self._params(params))
-            return before - self.count(timeout=timeout)
+            # Strong: Milvus 2.3 returns no timestamp for a delete, so Session reads would not wait for it;
+            # once this count has, every later read of this process sees it.
+            return before - self._count(None, timeout, **STRONG)
 
     def flush(self, *, timeout: float | None = None) -> None:
         with self._calls("flush"):
@@ -363,10 +369,13 @@ class HierStore:
 
     # -- reads ---------------------------------------------------------------------------
     def count(self, where: WhereInput = None, *, timeout: float | None = None) -> int:
+        return self._count(where, timeout)
+
+    def _count(self, where: WhereInput, timeout: float | None, **consistency) -> int:
         expr, params = self._filter(where)
         with self._calls("count"):
             rows = self._client.query(self.collection, filter=expr, output_fields=["count(*)"],
-                                      timeout=self._timeout(timeout), **self._params(params))
+                                      timeout=self._timeout(timeout), **self._params(params), **consistency)
         return int(rows[0]["count(*)"])
 
     def get(self, ids: Sequence[str], *, timeout: float | None = None) -> list[Hit]:
@@ -568,12 +577,13 @@ class HierStore:
         # pymilvus iterators forward no filter_params: values go through quote_literal.
         expr, _ = render(where, self.spec.fields, templates=False)
         with self._calls("search iterator"):
+            self._count(None, timeout, **STRONG)  # see STRONG
             iterator = self._client.search_iterator(
                 self.collection, data=data, anns_field=self._vector_field(level), batch_size=batch_size,
                 limit=limit if limit is not None else -1, filter=expr, output_fields=self._outputs(output),
                 search_params={"metric_type": self.spec.metric,
                                "params": index_search_params(self.spec.index, batch_size, self._share(where, timeout))},
-                timeout=self._timeout(timeout),
+                timeout=self._timeout(timeout), **STRONG,
             )
         for batch in self._drain(iterator, "search iterator"):
             yield from self._hits(batch)
@@ -586,8 +596,10 @@ class HierStore:
         # pymilvus iterators forward no filter_params: values go through quote_literal.
         expr, _ = render(where, self.spec.fields, templates=False)
         with self._calls("query iterator"):
+            self._count(None, timeout, **STRONG)  # see STRONG
             iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter=expr,
-                                                   output_fields=self._outputs(output), timeout=self._timeout(timeout))
+                                                   output_fields=self._outputs(output), timeout=self._timeout(timeout),
+                                                   **STRONG)
         for batch in self._drain(iterator, "query iterator"):
             for row in batch:
                 yield hit_from_entity(row, self.spec, id_=row[self.spec.fields.id], distance=None)
@@ -600,8 +612,9 @@ class HierStore:
         fields = self.spec.fields
         names = [fields.id, *fields.scalars, *self.spec.vector_dims()]
         with self._calls("query iterator"):
+            self._count(None, timeout, **STRONG)  # see STRONG
             iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter="",
-                                                   output_fields=names, timeout=self._timeout(timeout))
+                                                   output_fields=names, timeout=self._timeout(timeout), **STRONG)
         for batch in self._drain(iterator, "query iterator"):
             yield [{name: row[name] for name in names} for row in batch]
 
