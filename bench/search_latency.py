@@ -1,8 +1,15 @@
-"""Search latency and recall of each index offered on Milvus Lite, with and without level filters.
+"""Search latency and recall of each index on Milvus Lite or a Milvus server, with and without level filters.
 
     .venv/bin/python bench/search_latency.py              # 100,000 vectors, every index, the figures in BENCHMARKS.md
     .venv/bin/python bench/search_latency.py --n 100000,1000000 --indexes HNSW   # the default index at scale
+    .venv/bin/python bench/search_latency.py --uri http://127.0.0.1:19530 --indexes HNSW,IVF_SQ8   # a server
+    .venv/bin/python bench/search_latency.py --partition-key both --indexes HNSW   # with and without the key
     .venv/bin/python bench/search_latency.py --smoke      # seconds: CI keeps it from rotting
+
+On a server (`--uri`) the collection holds the image vector only by default (`--level-vectors
+none`: what any server can hold, Milvus 2.3 included); measuring starts once the server
+reports every row indexed. `--partition-key department|none|both` makes the coarsest level
+the partition key, or not, or measures both.
 
 The collection has the default layout of a 3-level model (image vector 192 = 3 x 64,
 one 64-d vector per level). Vectors are unit-length draws around 1,000 cluster centres,
@@ -106,10 +113,23 @@ def settle(path: Path, at_most_s: float, quiet_s: float = 60.0, poll_s: float = 
     return time.time() - started
 
 
+def wait_indexed(store: HierStore, at_most_s: float, poll_s: float = 2.0) -> float:
+    """Wait until the server reports every row of every vector field indexed; seconds waited."""
+    started = time.time()
+    while time.time() - started < at_most_s:
+        if all(total and indexed >= total for indexed, total in store.index_progress().values()):
+            break
+        time.sleep(poll_s)
+    return time.time() - started
+
+
 def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, settle_s: float,
-              search_params: dict | None = None, e2e_repeats: int = 0) -> dict:
-    spec = CollectionSpec(LEVELS, dim=192, level_dims=(64, 64, 64), index=index)
-    store = HierStore(str(folder / f"{index}.db"), "bench", spec=spec)
+              search_params: dict | None = None, e2e_repeats: int = 0, *, uri: str | None = None,
+              vector_levels: tuple[str, ...] | None = None, partition_key: str = "") -> dict:
+    spec = CollectionSpec(LEVELS, dim=192, level_dims=(64, 64, 64), index=index, vector_levels=vector_levels,
+                          partition_key=partition_key)
+    name = f"bench_{index.lower()}_{partition_key or 'nokey'}_{int(time.time())}"
+    store = HierStore(uri or str(folder / f"{index}-{partition_key or 'nokey'}.db"), name, spec=spec)
     started = time.perf_counter()
     for start in range(0, len(vectors), 50_000):  # in chunks: a million Records at once take ~10 GB
         store.upsert([Record(paths[leaf[i]], vectors[i],
@@ -120,14 +140,16 @@ def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, s
     # Milvus Lite reports the index finished at flush but keeps building segment indexes
     # in the background (tens of seconds at 100,000 rows, minutes at 1,000,000); measure
     # the settled state users search: once its files have been quiet for a while.
-    settled_s = settle(folder / f"{index}.db", settle_s)
+    settled_s = (wait_indexed(store, settle_s) if uri else
+                 settle(folder / f"{index}-{partition_key or 'nokey'}.db", settle_s))
     department = np.array([paths[i].split("/")[0] for i in range(50)])[leaf]
     filters = {
         "none": (None, np.ones(len(vectors), bool)),
         "department (20%)": (Eq("department", "d0"), department == "d0"),
         "item (2%)": (Eq("item", paths[0]), leaf == 0),
     }
-    results = {"index": index, "build_s": build_s, "settled_s": settled_s, "filters": {}}
+    results = {"index": index, "build_s": build_s, "settled_s": settled_s, "partition_key": partition_key,
+               "vector_fields": spec.vector_field_count, "filters": {}}
     for name, (where, mask) in filters.items():
         pool = np.flatnonzero(mask)
         latencies, found = [], []
@@ -144,6 +166,8 @@ def run_index(index: str, vectors, queries, leaf, paths, k: int, folder: Path, s
         }
     if e2e_repeats:
         results["end_to_end"] = end_to_end(store, folder, e2e_repeats)
+    if uri:
+        store.drop()
     store.close()
     return results
 
@@ -153,6 +177,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n", default="100000", help="collection sizes, comma-separated")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--indexes", default=",".join(LITE_INDEXES))
+    parser.add_argument("--uri", default=None, help="a Milvus server (http://host:port) instead of Lite files")
+    parser.add_argument("--level-vectors", choices=("all", "none"), default=None,
+                        help="keep the level vector fields (all) or the image vector only (none) [default: all on "
+                             "Lite, none on a server]")
+    parser.add_argument("--partition-key", choices=("none", "department", "both"), default="none",
+                        help="the coarsest level as partition key, none, or both layouts in turn")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--settle", type=float, default=900.0,
                         help="at most this many seconds after flush for Lite's background indexing to go quiet "
@@ -171,15 +201,25 @@ def main(argv=None) -> int:
         args.n, args.queries, args.settle = "2000", 10, 0.0
     sizes = [int(n) for n in args.n.split(",")]
     indexes = args.indexes.split(",")
+    level_vectors = args.level_vectors or ("none" if args.uri else "all")
+    keys = {"none": [""], "department": ["department"], "both": ["", "department"]}[args.partition_key]
+    target = "Milvus Lite"
+    if args.uri:
+        with HierStore(args.uri, "bench_probe", spec=CollectionSpec(LEVELS, 192, (64,) * 3, vector_levels=(),
+                                                                    partition_key="")) as probe:
+            target = f"{probe.features.name} at {args.uri}"
+            probe.drop()
     runs = []
     for n in sizes:
         vectors, queries, leaf, paths = make_data(n, args.queries)
         folder = Path(tempfile.mkdtemp(prefix="hiervec-bench-"))
         try:
             for index in indexes:
-                e2e = args.queries if args.end_to_end and index == indexes[-1] else 0
-                runs.append({"n": n, **run_index(index, vectors, queries, leaf, paths, 10, folder, args.settle, fixed,
-                                                 e2e)})
+                for key in keys:
+                    e2e = args.queries if args.end_to_end and index == indexes[-1] and key == keys[-1] else 0
+                    runs.append({"n": n, **run_index(
+                        index, vectors, queries, leaf, paths, 10, folder, args.settle, fixed, e2e, uri=args.uri,
+                        vector_levels=None if level_vectors == "all" else (), partition_key=key)})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         del vectors
@@ -187,20 +227,26 @@ def main(argv=None) -> int:
         f" --n {args.n}" if not args.smoke and args.n != "100000" else "") + (
         f" --indexes {args.indexes}" if args.indexes != ",".join(LITE_INDEXES) else "") + (
         f" --queries {args.queries}" if not args.smoke and args.queries != 200 else "") + (
-        f" --search-param {args.search_param}" if fixed else "")
+        f" --search-param {args.search_param}" if fixed else "") + (
+        f" --uri {args.uri}" if args.uri else "") + (
+        f" --level-vectors {args.level_vectors}" if args.level_vectors else "") + (
+        f" --partition-key {args.partition_key}" if args.partition_key != "none" else "") + (
+        " --no-end-to-end" if not args.end_to_end and not args.smoke else "") + (
+        f" --settle {args.settle:g}" if not args.smoke and args.settle != 900.0 else "")
     waited = ", ".join(f"{run['settled_s']:.0f}" for run in runs)
-    print(f"# top-10 search on Milvus Lite, {' and '.join(f'{n:,}' for n in sizes)} vectors (192-d image + 3 x 64-d "
-          f"level), {args.queries} queries, measured "
-          + (f"once Lite's files were quiet for 60 s after flush (waited {waited} s)" if args.settle else
-             "right after flush") + ", search breadth "
+    layout = "192-d image + 3 x 64-d level vectors" if level_vectors == "all" else "the 192-d image vector only"
+    settled = (f"once the server reported every row indexed (waited {waited} s)" if args.uri else
+               f"once Lite's files were quiet for 60 s after flush (waited {waited} s)")
+    print(f"# top-10 search on {target}, {' and '.join(f'{n:,}' for n in sizes)} vectors ({layout}), "
+          f"{args.queries} queries, measured " + (settled if args.settle else "right after flush") + ", search breadth "
           f"{args.search_param or 'filter-aware (the default)'}\n\n"
           f"machine: {describe()}\ncommand: {command}\n")
-    print("| vectors | index | insert + flush s | filter | rows passing | p50 ms | p99 ms | recall@10 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| vectors | index | partition key | insert + flush s | filter | rows passing | p50 ms | p99 ms | recall@10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         for name, r in run["filters"].items():
-            print(f"| {run['n']:,} | {run['index']} | {run['build_s']:.1f} | {name} | {r['share']:.1%} | "
-                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |")
+            print(f"| {run['n']:,} | {run['index']} | {run['partition_key'] or 'none'} | {run['build_s']:.1f} | {name} | "
+                  f"{r['share']:.1%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |")
     with_e2e = [run for run in runs if "end_to_end" in run]
     if with_e2e:
         print(f"\none query image end to end (PNG decode + 64 px MobileNetV2 embed + top-10 search, "

@@ -11,8 +11,8 @@ from bench import search_latency, speed
 def test_search_latency_smoke(capsys):
     assert search_latency.main(["--smoke", "--indexes", "FLAT,HNSW"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| 2,000 \| (FLAT|HNSW) \| [\d.]+ \| (.+?) \| ([\d.]+)% \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$",
-                      out, re.M)
+    rows = re.findall(r"^\| 2,000 \| (FLAT|HNSW) \| none \| [\d.]+ \| (.+?) \| ([\d.]+)% \| [\d.]+ \| [\d.]+ \| "
+                      r"([\d.]+) \|$", out, re.M)
     assert len(rows) == 6
     assert {(index, share) for index, _, share, _ in rows} >= {("FLAT", "100.0"), ("HNSW", "20.0"), ("HNSW", "2.0")}
     assert all(recall == "1.000" for index, _, _, recall in rows if index == "FLAT")  # exact search
@@ -20,6 +20,18 @@ def test_search_latency_smoke(capsys):
     parts = [tuple(map(float, cell.split(" / "))) for cell in e2e.group(1).split(" | ")]
     assert len(parts) == 4 and all(0 < p50 <= p99 for p50, p99 in parts)
     assert parts[3][0] >= parts[1][0]  # the whole takes at least its embedding
+
+
+@pytest.mark.lite
+def test_search_latency_compares_layouts_with_and_without_the_partition_key(capsys):
+    assert search_latency.main(["--smoke", "--indexes", "FLAT", "--partition-key", "both", "--level-vectors", "none",
+                                "--no-end-to-end"]) == 0
+    out = capsys.readouterr().out
+    assert "the 192-d image vector only" in out
+    rows = re.findall(r"^\| 2,000 \| FLAT \| (none|department) \| [\d.]+ \| (.+?) \| [\d.]+% \| [\d.]+ \| [\d.]+ \| "
+                      r"([\d.]+) \|$", out, re.M)
+    assert sorted(key for key, _, _ in rows) == ["department"] * 3 + ["none"] * 3
+    assert all(recall == "1.000" for _, _, recall in rows)  # exact search, with the key or not
 
 
 @pytest.mark.unit
@@ -169,3 +181,33 @@ def test_train_scale_smoke(capsys):
     assert [r[0] for r in rows] == ["1", "2"]
     assert rows[0][2] == "1.00" and float(rows[1][2]) > 0
     assert all(len(r[3].split(", ")) == 2 for r in rows)  # R@1 after each of the 2 epochs, from rank 0
+
+
+def test_memory_arithmetic_matches_hand_computed_bytes(capsys):
+    from bench import memory
+
+    assert memory.index_bytes("FLAT", 192) == (768, 0)
+    assert memory.index_bytes("HNSW", 64) == (256 + 128 * (1 + 1 / 16), 0)
+    assert memory.index_bytes("IVF_SQ8", 192) == (200, 0)
+    assert memory.index_bytes("DISKANN", 192) == (96, 768 + 256)
+    image_only = memory.per_image("HNSW", [64, 64, 64], level_vectors=False)
+    every = memory.per_image("HNSW", [64, 64, 64], level_vectors=True)
+    assert every["vectors"] - image_only["vectors"] == 3 * memory.index_bytes("HNSW", 64)[0]
+    assert memory.main(["--images", "1000"]) == 0
+    assert "| HNSW | image vector only | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.lite
+def test_ingest_scale_smoke(capsys):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'hiervec[ray]' (CI installs it)")
+    from bench import ingest_scale
+
+    assert ingest_scale.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| 32 px \| 16 \| (.+?) \| ([\d.]+) \| ([\d.]+) \|.*\|$", out, re.M)
+    assert [name for name, _, _ in rows] == ["single process", "Ray, 1 actor", "Ray, 2 actors"]
+    assert rows[0][2] == "1.00" and all(float(rate) > 0 for _, rate, _ in rows)
+    writes = dict(re.findall(r"^\| (upsert into Milvus Lite \(\+ flush\)|bulk-import Parquet files "
+                             r"\(LocalBulkWriter\)) \| ([\d,]+) \|$", out, re.M))
+    assert len(writes) == 2 and all(int(v.replace(",", "")) > 0 for v in writes.values())
+
