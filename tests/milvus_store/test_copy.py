@@ -15,7 +15,7 @@ from milvus_store import HierStore, Record, SchemaMismatchError, StoreError, cop
 from milvus_store.copy import target_spec
 
 from .conftest import fresh_collection
-from .helpers import LEVELS, SPEC, levels_of
+from .helpers import LEVELS, SPEC
 
 WEIGHTS = (0.5, 0.6, 0.62)
 
