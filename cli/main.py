@@ -870,41 +870,61 @@ def export(model_path, fmt, out, as_json):
 @click.option("--max-requests", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests in progress at once; more are answered 503. With the other limits it bounds the "
                    "memory held for requests (GET /stats: memory_budget_bytes).")
+@click.option("--lite-process/--lite-in-process", default=True, show_default=True,
+              help="With a Milvus Lite file: serve it from a process of its own (Lite's search and write "
+                   "handling is Python and would share the interpreter lock with the service's), which also lets "
+                   "--workers share the file.")
 @optimize_option
 @runtime_option
 @compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
-          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, optimize, runtime, device,
-          amp):
+          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, lite_process, optimize,
+          runtime, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
-    import uvicorn
-
-    from milvus_store import ConnectionSettings
-    from service import Service, ServiceSettings, create_app
+    from milvus_store import ConnectionSettings, LiteProcess
+    from service import ServiceSettings
 
     settings = ServiceSettings(
         model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, runtime=runtime, threads=click.get_current_context().params["threads"],
-        max_pixels=int(max_megapixels * 1_000_000), max_requests=max_requests,
+        max_pixels=int(max_megapixels * 1_000_000), max_requests=max_requests, lite_process=lite_process,
     )
     if not api_key and not _is_loopback(host) and not allow_anonymous_writes:
         raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
                                f"HIERVEC_API_KEY) is set, so anyone could add and delete images; set a key, "
                                f"or pass --allow-anonymous-writes to serve openly")
-    if workers > 1 and ConnectionSettings.resolve(uri).is_local:
-        raise click.ClickException("--workers above 1 needs a Milvus server URI: a Milvus Lite file is locked by "
-                                   "one process (micro-batching already uses every core for embedding)")
+    local = ConnectionSettings.resolve(uri).is_local
+    if workers > 1 and local and not lite_process:
+        raise click.UsageError("--workers above 1 with a Milvus Lite file needs --lite-process: the file is locked by "
+                               "the one process that opens it")
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and local:  # the workers share one Lite process, started (and stopped) here
+            lite = stack.enter_context(LiteProcess(uri))
+            settings = replace(settings, store_uri=lite.uri)
+        _serve(settings, host, port, workers, token, api_key, max_requests)
+
+
+def _serve(settings, host: str, port: int, workers: int, token: str | None, api_key: str | None,
+           max_requests: int) -> None:
+    import uvicorn
+
+    from service import Service, create_app
+
     service = Service.open(settings)  # a bad model or a mismatched collection stops here, as one line
     if not api_key:
         click.echo("warning: no API key: whoever reaches this server can add and delete images "
                    "(set --api-key or HIERVEC_API_KEY)", err=True)
-    click.echo(f"serving {service.settings.collection!r} of {service.index(None).store.settings.display_uri} "
-               f"on http://{host}:{port}/ (API schema at /docs)", err=True)
+    served = settings.uri if service.store_uri != settings.uri else service.index(None).store.settings.display_uri
+    click.echo(f"serving {settings.collection!r} of {served} on http://{host}:{port}/ (API schema at /docs)"
+               + (" (Milvus Lite in a process of its own)" if service.store_uri != settings.uri else ""), err=True)
     if workers == 1:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="info", limit_concurrency=max_requests)
+        try:
+            uvicorn.run(create_app(service), host=host, port=port, log_level="info", limit_concurrency=max_requests)
+        finally:  # the app's shutdown closed it, unless uvicorn never started it (a port in use)
+            service.close()
         return
     service.close()
     os.environ["HIERVEC_SERVE_SETTINGS"] = settings.to_json()

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from embedder import Embedder, ImageDecodeError
 from embedder.devices import available_cpus, set_threads
 from hiervec_core.vectors import LevelVectors
-from milvus_store import ImageIndex, SearchRequest, SearchResult, content_id, uri_path
+from milvus_store import ConnectionSettings, ImageIndex, LiteProcess, SearchRequest, SearchResult, content_id, uri_path
 
 from .batching import MicroBatcher
 from .errors import ApiError
@@ -37,15 +37,19 @@ UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  #
 class Service:
     """The loaded model, the open collections and the micro-batchers behind the app."""
 
-    def __init__(self, settings: ServiceSettings, embedder: Embedder, index: ImageIndex):
+    def __init__(self, settings: ServiceSettings, embedder: Embedder, index: ImageIndex,
+                 lite: LiteProcess | None = None):
         self.settings = settings
         self.embedder = embedder
+        self.lite = lite  # the Lite process this service started and stops, if any
+        self.store_uri = settings.store_uri or (lite.uri if lite is not None else settings.uri)
         window = settings.batch_window_ms / 1000
         self.embedding = MicroBatcher(lambda _, images: embedder.embed(images).split(),
                                       max_batch=settings.max_batch, window_s=window, name="embed")
         self.searching = MicroBatcher(self._search_batch, max_batch=settings.max_batch, window_s=window,
                                       name="search")
         self.started = time.time()
+        self._closed = False
         self.requests: Counter = Counter()
         self._indexes = {settings.collection: index}
         self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
@@ -71,14 +75,29 @@ class Service:
         _return_freed_images_to_the_system()
         embedder = Embedder.from_checkpoint(settings.model, optimize=settings.optimize, device=settings.device,
                                             amp=settings.amp, runtime=settings.runtime)
-        index = ImageIndex.open(embedder, settings.uri, settings.collection, token=settings.token)
-        return cls(settings, embedder, index)
+        lite = None
+        if settings.store_uri is None and settings.lite_process and ConnectionSettings.resolve(settings.uri).is_local:
+            lite = LiteProcess(settings.uri).start()
+        try:
+            index = ImageIndex.open(embedder, settings.store_uri or (lite.uri if lite else settings.uri),
+                                    settings.collection, token=settings.token)
+        except BaseException:
+            if lite is not None:
+                lite.stop()
+            raise
+        return cls(settings, embedder, index, lite)
 
     def close(self) -> None:
+        """Stop the batchers, close the collections and stop the Lite process this service started (once)."""
+        if self._closed:
+            return
+        self._closed = True
         self.embedding.close()
         self.searching.close()
         for index in self._indexes.values():
             index.close()
+        if self.lite is not None:
+            self.lite.stop()
 
     # -- search ------------------------------------------------------------------------------
     async def embed(self, prepared) -> LevelVectors:
@@ -120,7 +139,7 @@ class Service:
         name = collection or self.settings.collection
         with self._lock:
             if name not in self._indexes:
-                self._indexes[name] = ImageIndex.open(self.embedder, self.settings.uri, name,
+                self._indexes[name] = ImageIndex.open(self.embedder, self.store_uri, name,
                                                       token=self.settings.token, create=create)
             return self._indexes[name]
 

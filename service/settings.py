@@ -36,6 +36,10 @@ class ServiceSettings:
     amp: bool = False  # mixed-precision embedding; stored and searched vectors stay float32
     runtime: str = "auto"  # torch, onnxruntime, openvino; auto: the fastest installed (embedder.runtimes)
     threads: int | None = None  # torch threads of each server process (None: torch's default)
+    # A Milvus Lite `uri` is served from a process of its own (milvus_store.LiteProcess), so that
+    # Lite's Python work does not share this process's interpreter lock with the service's.
+    lite_process: bool = False
+    store_uri: str | None = None  # where the store is reached when not at `uri` (workers: the parent's Lite process)
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_k", "max_files", "max_batch", "max_pixels", "max_requests"):

@@ -84,11 +84,45 @@ def test_serve_answers_searches_writes_and_batches_concurrent_queries(server, ca
     assert stats["searching"]["batches"] < stats["searching"]["items"]  # ... and Milvus search calls
 
 
-def test_serve_refuses_several_workers_on_a_lite_file(catalogue, tmp_path):
+def test_serve_refuses_several_workers_on_a_lite_file_opened_in_process(catalogue, tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"),
-                                      "--workers", "2"])
-    assert result.exit_code == 1
-    assert "--workers above 1 needs a Milvus server URI" in result.stderr
+                                      "--workers", "2", "--lite-in-process"])
+    assert result.exit_code == 2
+    assert "--workers above 1 with a Milvus Lite file needs --lite-process" in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process(catalogue, tmp_path):
+    from milvus_store.store import _locked_by_another_process
+
+    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
+    db = tmp_path / "shared.db"
+    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
+                   check=True, capture_output=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
+         "--workers", "2", "--image-root", str(catalogue.tree), "--api-key", "k3y"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/healthz", process, seconds=120)
+        query = catalogue.files["clothing/tops/coat"][0]
+        added = httpx.post(f"{base}/images", files={"images": ("n.png", query.read_bytes())},
+                           data={"category": "clothing/tops/coat", "id": "added-by-one-worker"},
+                           headers={"X-API-Key": "k3y"}, timeout=60)
+        assert added.json()["stored"] == 1
+        with ThreadPoolExecutor(4) as pool:  # whichever worker answers reads the one file, new image included
+            answers = list(pool.map(lambda _: httpx.post(f"{base}/search", files={"image": ("q.png", query.read_bytes())},
+                                                         data={"k": 3}, timeout=60), range(16)))
+        assert all(a.status_code == 200 for a in answers)
+        assert all("added-by-one-worker" in [h["id"] for h in a.json()["hits"]] for a in answers)
+        assert httpx.get(f"{base}/healthz").json()["count"] == len(LEAVES) * PER_LEAF + 1
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert "Milvus Lite in a process of its own" in process.stderr.read()
+    assert not _locked_by_another_process(str(db))  # the Lite process went with the server
 
 
 def test_serve_reports_a_missing_model_as_one_line(tmp_path):
