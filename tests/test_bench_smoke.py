@@ -86,8 +86,8 @@ def test_serve_load_smoke(capsys):
 
     assert serve_load.main(["--smoke", "--runtime", "torch,onnxruntime"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (\w+) \| (\d+) \| 24 \| 0 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
-                      r"([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    rows = re.findall(r"^\| (\w+) \| process \| (\d+) \| 24 \| 0 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
     from embedder.runtimes import installed
 
     runtimes = ["torch"] + (["onnxruntime"] if installed("onnxruntime") else [])
