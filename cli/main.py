@@ -917,9 +917,10 @@ def _serve(settings, host: str, port: int, workers: int, token: str | None, api_
     if not api_key:
         click.echo("warning: no API key: whoever reaches this server can add and delete images "
                    "(set --api-key or HIERVEC_API_KEY)", err=True)
-    served = settings.uri if service.store_uri != settings.uri else service.index(None).store.settings.display_uri
+    separate = service.store_uri != settings.uri  # a Lite file served from a process of its own
+    served = settings.uri if separate else service.index(None).store.settings.display_uri
     click.echo(f"serving {settings.collection!r} of {served} on http://{host}:{port}/ (API schema at /docs)"
-               + (" (Milvus Lite in a process of its own)" if service.store_uri != settings.uri else ""), err=True)
+               + (" (Milvus Lite in a process of its own)" if separate else ""), err=True)
     if workers == 1:
         try:
             uvicorn.run(create_app(service), host=host, port=port, log_level="info", limit_concurrency=max_requests)

@@ -42,7 +42,7 @@ class Service:
         self.settings = settings
         self.embedder = embedder
         self.lite = lite  # the Lite process this service started and stops, if any
-        self.store_uri = settings.store_uri or (lite.uri if lite is not None else settings.uri)
+        self.store_uri = _store_uri(settings, lite)
         window = settings.batch_window_ms / 1000
         self.embedding = MicroBatcher(lambda _, images: embedder.embed(images).split(),
                                       max_batch=settings.max_batch, window_s=window, name="embed")
@@ -79,7 +79,7 @@ class Service:
         if settings.store_uri is None and settings.lite_process and ConnectionSettings.resolve(settings.uri).is_local:
             lite = LiteProcess(settings.uri).start()
         try:
-            index = ImageIndex.open(embedder, settings.store_uri or (lite.uri if lite else settings.uri),
+            index = ImageIndex.open(embedder, _store_uri(settings, lite),
                                     settings.collection, token=settings.token)
         except BaseException:
             if lite is not None:
@@ -232,6 +232,11 @@ class Service:
 
     def is_media(self, path: Path) -> bool:
         return self.settings.media_dir is not None and path.is_relative_to(Path(self.settings.media_dir).resolve())
+
+
+def _store_uri(settings: ServiceSettings, lite: LiteProcess | None) -> str | None:
+    """Where the service reaches its store: the workers' shared Lite process, its own, or `uri`."""
+    return settings.store_uri or (lite.uri if lite is not None else settings.uri)
 
 
 def pixels_over(data: bytes, limit: int) -> str | None:
