@@ -166,6 +166,9 @@ def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle worker threads sleep instead of spinning: a spinning worker took more CPU than the
+        # service's event loop and starved it and Milvus Lite (BENCHMARKS.md, "profile").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run(images: torch.Tensor):
