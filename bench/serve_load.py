@@ -70,7 +70,9 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
     blobs = [Path(q).read_bytes() for q in queries]
     with ImageIndex.open(embedder, db, "images") as index:
         if ingest:
-            items = [IngestItem(item.path, item.category, uri=str(item.path)) for item in read_source(Path(tree)).items]
+            # the real file as the uri (the tree holds links): what a catalogue stores
+            items = [IngestItem(item.path, item.category, uri=str(item.path.resolve()))
+                     for item in read_source(Path(tree)).items]
             index.ingest(items)
             time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
         request = SearchRequest(k=10)

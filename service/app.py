@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse
 
 from .core import Service
 from .errors import add_error_handlers
-from .middleware import BodyLimit, count_requests
+from .middleware import BodyLimit, CountRequests
 from .routers import admin, categories, images, search
 from .settings import ServiceSettings
 
@@ -48,7 +48,7 @@ def create_app(service: Service) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(BodyLimit, limit=service.settings.max_upload_bytes)
-    app.middleware("http")(count_requests)
+    app.add_middleware(CountRequests, service=service)
     add_error_handlers(app)
     for router in (search.router, images.router, images.writes, categories.router, admin.router):
         app.include_router(router)

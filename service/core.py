@@ -12,6 +12,8 @@ import functools
 import hmac
 import io
 import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -30,6 +32,8 @@ from .errors import ApiError
 from .settings import ServiceSettings
 
 CATEGORY_CACHE_S = 30.0
+FILE_CHECK_CACHE_S = 30.0  # how long hits remember whether their file is served (writes forget at once)
+FILE_CHECKS_KEPT = 100_000  # remembered file checks at most (about 20 MB); all are forgotten past it
 BODY_SLACK = 64 * 1024  # form fields and multipart framing around the largest file allowed
 UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what Pillow raises on bad headers
 
@@ -53,6 +57,8 @@ class Service:
         self.requests: Counter = Counter()
         self._indexes = {settings.collection: index}
         self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
+        self._file_checks: dict[str, tuple[float, bool]] = {}  # uri -> (when, shown)
+        self._real_folders: dict[str, tuple[float, str]] = {}  # folder -> (when, its realpath)
         self._lock = threading.Lock()
         self._counting = threading.Lock()
         # The memory budget: decoded query images at most one per CPU at a time, writes one
@@ -159,6 +165,8 @@ class Service:
 
     def changed(self, collection: str | None) -> None:
         self._categories.pop(collection or self.settings.collection, None)
+        self._file_checks.clear()  # an upload's file was kept or deleted
+        self._real_folders.clear()
 
     def known_categories(self, collection: str | None) -> dict[str, set[str]]:
         """Category paths per level: the model's hierarchy and whatever the collection holds (counted
@@ -218,6 +226,40 @@ class Service:
         if not path.is_file() or not any(path.is_relative_to(root) for root in self.image_roots):
             return None
         return path
+
+    def shows_file(self, uri: str) -> bool:
+        """Whether a hit with `uri` links to its file: what `servable_file` says, remembered for
+        `FILE_CHECK_CACHE_S` per uri, and worked out with one `lstat` for a regular file in a
+        folder seen before. A `realpath` walks every folder of the path, and ten of them a
+        response took over a third of the event loop's time under load. The link checks again
+        when it is followed."""
+        now = time.monotonic()
+        seen = self._file_checks.get(uri)
+        if seen is not None and now - seen[0] < FILE_CHECK_CACHE_S:
+            return seen[1]
+        if len(self._file_checks) >= FILE_CHECKS_KEPT:
+            self._file_checks.clear()
+        local = uri_path(uri) if uri else None
+        try:
+            mode = os.lstat(local).st_mode if local else 0
+        except (OSError, ValueError):
+            mode = 0
+        if stat.S_ISREG(mode):  # not a link: its real path is its real folder's plus its name
+            folder, name = os.path.split(local)
+            real = Path(self._real_folder(folder or ".", now)) / name
+            served = any(real.is_relative_to(root) for root in self.image_roots)
+        else:
+            served = stat.S_ISLNK(mode) and self.servable_file(uri) is not None
+        self._file_checks[uri] = (now, served)
+        return served
+
+    def _real_folder(self, folder: str, now: float) -> str:
+        seen = self._real_folders.get(folder)
+        if seen is None or now - seen[0] >= FILE_CHECK_CACHE_S:
+            if len(self._real_folders) >= FILE_CHECKS_KEPT:
+                self._real_folders.clear()
+            seen = self._real_folders[folder] = (now, os.path.realpath(folder))
+        return seen[1]
 
     def media_path(self, record_id: str) -> Path | None:
         """Where an uploaded image is kept so the page can show it (None: uploads are not kept).

@@ -15,7 +15,7 @@ from milvus_store.search import parse_level_weights, parse_where
 from ..deps import ServiceDep
 from ..errors import ApiError, responses
 from ..models import SearchOut
-from ..shared import hit_out, read_upload
+from ..shared import hits_out, read_upload
 
 router = APIRouter(tags=["search"])
 
@@ -74,5 +74,5 @@ async def search(
     described = search_request.describe()
     return SearchOut(query=query, level=level, request=described,
                      routing=result.route.to_dict() if result.route is not None else None,
-                     hits=[hit_out(service, request, hit) for hit in result.hits],
+                     hits=hits_out(service, request, result.hits),
                      filter={"where": described["where"], "under": under, "group_by": group_by})

@@ -491,6 +491,37 @@ def test_api_key_guards_writes_only(empty):
     assert client.delete("/images/p1", headers=KEY).status_code == 200
 
 
+def test_hits_link_a_file_exactly_when_it_is_served(catalogue, tmp_path):
+    """`shows_file` (remembered, one lstat per file) agrees with `servable_file` (a realpath),
+    and forgets what it remembered when the service writes."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    inside, secret = root / "sub" / "in.png", outside / "secret.png"
+    inside.write_bytes(b"x")
+    secret.write_bytes(b"x")
+    (root / "leak.png").symlink_to(secret)  # a link inside the root to a file outside it
+    (outside / "back.png").symlink_to(inside)  # a link outside the root to a file inside it
+    (root / "up").symlink_to(outside, target_is_directory=True)  # a folder link out of the root
+    settings = ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "files.db"), media_dir=None,
+                               image_roots=(str(root),))
+    service = Service.open(settings)
+    try:
+        uris = {str(inside): True, f"file://{inside}": True, str(secret): False, str(root / "leak.png"): False,
+                str(outside / "back.png"): True, str(root / "up" / "secret.png"): False,
+                str(root / "sub" / ".." / "sub" / "in.png"): True, str(root / "missing.png"): False,
+                str(root / "sub"): False, "https://example.com/in.png": False, "": False}
+        for uri, shown in uris.items():
+            assert service.shows_file(uri) is shown, uri
+            assert (service.servable_file(uri) is not None) is shown, uri
+        inside.unlink()
+        assert service.shows_file(str(inside))  # remembered for FILE_CHECK_CACHE_S
+        service.changed(None)  # a write forgets
+        assert not service.shows_file(str(inside))
+    finally:
+        service.close()
+
+
 def test_files_outside_the_image_roots_are_not_served(empty, tmp_path):
     service, client = empty
     secret = tmp_path / "elsewhere" / "secret.png"
