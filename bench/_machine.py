@@ -1,4 +1,4 @@
-"""What a benchmark ran on, printed beside its figures."""
+"""What a benchmark ran on, printed beside its figures, and the CPU time processes used."""
 
 from __future__ import annotations
 
@@ -23,3 +23,35 @@ def describe(packages: tuple[str, ...] = ("pymilvus", "milvus-lite", "numpy")) -
             versions.append(f"{name} (not installed)")
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()} on {sys.platform}; "
             + ", ".join(versions))
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds that process `pid` (default: this one) has used so far; None
+    when it cannot be read (another process, off Linux)."""
+    if pid is None:
+        return os.times().user + os.times().system
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; none elsewhere)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found

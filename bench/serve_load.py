@@ -12,7 +12,9 @@ sends a fixed number of POST /search requests (multipart upload, k=10) from that
 clients, each with its own keep-alive connection (asyncio, in a process of its own, the
 requests encoded beforehand, so that the clients take little of the server's CPUs). It reports QPS, p50/p99 latency, the
 service's mean embedding batch, and the ratio of service QPS to the offline rate.
-The clients share the machine with the server: their CPU seconds are reported beside the rates.
+The clients share the machine with the server: their CPU seconds are reported beside the rates,
+and so is the CPU time per query of the server's process, of its Lite process, and of the
+offline path (on Linux): where the service spends more than the offline path does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._machine import describe  # noqa: E402
+from bench._machine import child_processes, cpu_seconds, describe  # noqa: E402
 
 HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
 
@@ -83,12 +85,13 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
                  "embed_32_ms": _best_ms(lambda: embedder.embed(prepared)),
                  "search_1_ms": _best_ms(lambda: index.store.search(vectors[:1], 10)),
                  "search_32_ms": _best_ms(lambda: index.store.search(vectors, 10))}
-        best = float("inf")
+        best, cpu = float("inf"), time.process_time()
         for _ in range(repeats):
             started = time.perf_counter()
             for start in range(0, len(blobs), 32):
                 index.search(request, blobs[start : start + 32])
             best = min(best, time.perf_counter() - started)
+        parts["cpu_ms_per_query"] = round(1000 * (time.process_time() - cpu) / (repeats * len(blobs)), 2)
     out.put((len(blobs) / best, parts))
 
 
@@ -107,23 +110,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def load(base: str, blobs: list[bytes], requests: int, concurrency: int) -> dict:
+def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server: int | None = None) -> dict:
     """`requests` POST /search (k=10) from `concurrency` clients, each on its own keep-alive connection.
 
     The clients run in a process of their own, on asyncio with the requests encoded beforehand, so
     that they take as little as possible of the CPUs they share with the server: its CPU seconds
-    are reported (`client_cpu_s`)."""
+    are reported (`client_cpu_s`). With the `server`'s process id, the CPU time per query of the
+    server's process and of its child processes (a Lite process) too, on Linux."""
     port = int(base.rsplit(":", 1)[1])
     encoded = [multipart_request(f"127.0.0.1:{port}", "/search", blobs[i % len(blobs)], {"k": "10"})
                for i in range(requests)]
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     before = _stats(base)
+    children = child_processes(server) if server is not None else []
+    cpu_before = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
     clients = context.Process(target=_run_clients, args=(port, encoded, concurrency, results))
     clients.start()
     latencies, errors, seconds, cpu = results.get(timeout=3600)
     clients.join()
+    cpu_after = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
     after = _stats(base)
+    used = [None if a is None or b is None else round(1000 * (a - b) / requests, 2)
+            for a, b in zip(cpu_after, cpu_before)]
 
     def mean_batch(stage: str) -> float:
         batches = after[stage]["batches"] - before[stage]["batches"]
@@ -133,7 +142,10 @@ def load(base: str, blobs: list[bytes], requests: int, concurrency: int) -> dict
             "qps": round(requests / seconds, 1), "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
             "embed_batch": mean_batch("embedding"), "search_batch": mean_batch("searching"),
-            "client_cpu_s": round(cpu, 2), "first_error": errors[0] if errors else None}
+            "client_cpu_s": round(cpu, 2), "server_cpu_ms": used[0] if used else None,
+            "children_cpu_ms": round(sum(used[1:]), 2) if len(used) > 1 and None not in used else None,
+            "first_error": errors[0] if errors else None}
+
 
 
 def _run_clients(port: int, requests: list[bytes], concurrency: int, out) -> None:
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     _wait(base, server)
                     load(base, blobs, min(20, args.requests), 2)  # warm-up
-                    runs += [load(base, blobs, args.requests, c) | {"lite": lite} for c in levels]
+                    runs += [load(base, blobs, args.requests, c, server.pid) | {"lite": lite} for c in levels]
                 finally:
                     server.terminate()
                     server.wait(timeout=60)
@@ -290,16 +302,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{report['stored']} images stored (Milvus Lite, HNSW); {report['queries']} distinct query images")
     for runtime, m in measured.items():
         print(f"{runtime}: offline ImageIndex.search {m['offline_qps']} queries/s; parts (best of 20): "
-              + ", ".join(f"{k} {v}" for k, v in m["parts"].items()))
+              + ", ".join(f"{k} {v}" for k, v in m["parts"].items() if k != "cpu_ms_per_query"))
     print("\n| runtime | Milvus Lite | clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch "
-          "| client CPU s | offline QPS | QPS / offline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| client CPU s | server CPU ms/query | Lite process CPU ms/query | offline CPU ms/query | offline QPS "
+          "| QPS / offline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for runtime, m in measured.items():
         for run in m["runs"]:
             print(f"| {runtime} | {run['lite']} | {run['concurrency']} | {run['requests']} | {run['errors']} | {run['qps']} | "
                   f"{run['p50_ms']} | {run['p99_ms']} | {run['embed_batch']} | {run['search_batch']} | "
-                  f"{run['client_cpu_s']} | {m['offline_qps']} | {run['vs_offline']} |")
+                  f"{run['client_cpu_s']} | {_or_dash(run['server_cpu_ms'])} | {_or_dash(run['children_cpu_ms'])} | "
+                  f"{m['parts']['cpu_ms_per_query']} | {m['offline_qps']} | {run['vs_offline']} |")
     return 0 if all(run["errors"] == 0 for m in measured.values() for run in m["runs"]) else 1
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def _wait(base: str, server: subprocess.Popen, seconds: float = 120) -> None:

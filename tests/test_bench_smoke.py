@@ -1,6 +1,10 @@
 """The benchmark scripts run in seconds with --smoke, so they cannot rot."""
 
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -87,13 +91,15 @@ def test_serve_load_smoke(capsys):
     assert serve_load.main(["--smoke", "--runtime", "torch,onnxruntime"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (\w+) \| process \| (\d+) \| 24 \| 0 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
-                      r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+                      r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
     from embedder.runtimes import installed
 
     runtimes = ["torch"] + (["onnxruntime"] if installed("onnxruntime") else [])
     assert [(r[0], r[1]) for r in rows] == [(runtime, c) for runtime in runtimes for c in ("1", "4")]
     assert all(float(qps) > 0 and float(p50) <= float(p99) for _, _, qps, p50, p99, *_ in rows)
     assert all(float(row[5]) == float(row[6]) == 1.0 for row in rows if row[1] == "1")  # one client never shares
+    # CPU per query: the server's, its Lite process's (a number: the child was found) and offline's
+    assert all(float(row[8]) > 0 and float(row[10]) > 0 for row in rows)
 
 
 @pytest.mark.lite
@@ -211,3 +217,28 @@ def test_ingest_scale_smoke(capsys):
                              r"\(LocalBulkWriter\)) \| ([\d,]+) \|$", out, re.M))
     assert len(writes) == 2 and all(int(v.replace(",", "")) > 0 for v in writes.values())
 
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads another process's CPU time from /proc")
+def test_cpu_time_per_image_counts_this_process_and_a_child():
+    from bench._machine import child_processes, cpu_seconds
+    from bench.ingest_lite_process import rate_and_cpu
+
+    def burn(seconds: float) -> None:
+        started = time.process_time()
+        while time.process_time() - started < seconds:
+            pass
+
+    images_per_s, cpu_ms = rate_and_cpu(lambda: burn(0.02), images=2, repeats=3)
+    assert 8 <= cpu_ms <= 40 and 0 < images_per_s <= 100  # 20 ms of CPU per pass of 2 images
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\nprint(flush=True)\nsys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # it has burnt 0.3 s
+        assert child.pid in child_processes(os.getpid())
+        assert 0.25 <= cpu_seconds(child.pid) < 5
+    finally:
+        child.communicate()
+    assert cpu_seconds(child.pid) is None  # gone
