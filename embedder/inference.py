@@ -70,7 +70,8 @@ def forward_batches(
     float32, so they keep unit length whatever the model computed in.
     """
     was_training = model.training
-    model.eval()
+    if was_training:  # eval() walks every module: a cost per call the service's small batches felt
+        model.eval()
     run = runner or model.vectors
     device = next(model.parameters()).device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
@@ -84,7 +85,8 @@ def forward_batches(
             concat.append(_host_float32(image_vectors))
             for name, vector in level_vectors.items():
                 levels.setdefault(name, []).append(_host_float32(vector))
-    model.train(was_training)
+    if was_training:
+        model.train()
     config = model.config
     if not concat:  # no images: empty arrays of the right widths
         dims = {} if config.mode == "flat" else dict(zip(config.level_names, config.level_dims))
