@@ -50,8 +50,9 @@ class Service:
         window = settings.batch_window_ms / 1000
         self.embedding = MicroBatcher(lambda _, images: embedder.embed(images).split(),
                                       max_batch=settings.max_batch, window_s=window, name="embed")
+        # Searches follow the forward passes and run two calls at once (see `service.batching`).
         self.searching = MicroBatcher(self._search_batch, max_batch=settings.max_batch, window_s=window,
-                                      name="search")
+                                      name="search", calls=2, after=self.embedding)
         self.started = time.time()
         self._closed = False
         self.requests: Counter = Counter()

@@ -83,6 +83,76 @@ def test_a_failing_call_fails_its_callers_and_the_worker_lives_on():
     assert after == (None, 70)
 
 
+def test_up_to_calls_batches_run_at_once_and_the_rest_gather_meanwhile():
+    import threading
+
+    started, release = threading.Semaphore(0), threading.Event()
+    model = Recorder()
+
+    def slow(key, items):
+        started.release()
+        release.wait(5)
+        return model(key, items)
+
+    batcher = MicroBatcher(slow, max_batch=32, calls=2)
+
+    async def main():
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        loop = asyncio.get_running_loop()
+        # the second call starts while the first still runs: two calls at once
+        assert await loop.run_in_executor(None, started.acquire, True, 5)
+        await asyncio.sleep(0)
+        first.append(asyncio.ensure_future(batcher.submit(3)))
+        assert await loop.run_in_executor(None, started.acquire, True, 5)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in (4, 5, 6)]  # both busy: these gather
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*first, *rest)
+
+    assert run(batcher, main()) == [(None, 10 * i) for i in range(1, 7)]
+    assert sorted(items for _, items in model.calls) == [[1, 2], [3], [4, 5, 6]]
+    assert len(model.threads) == 2
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_batcher_after_another_waits_for_its_running_call(follows):
+    """Items already waiting join the results of the call running upstream in one call downstream."""
+    import threading
+
+    upstream_started, release = threading.Event(), threading.Event()
+
+    def upstream_model(key, items):
+        upstream_started.set()
+        release.wait(5)
+        return list(items)
+
+    downstream_model = Recorder()
+    upstream = MicroBatcher(upstream_model, max_batch=32, name="up")
+    downstream = MicroBatcher(downstream_model, max_batch=32, name="down", after=upstream if follows else None)
+
+    async def through_both(i):
+        return await downstream.submit(await upstream.submit(i))
+
+    async def main():
+        piped = [asyncio.ensure_future(through_both(i)) for i in (1, 2, 3)]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, upstream_started.wait, 5)
+        direct = asyncio.ensure_future(downstream.submit(9))  # arrives while the forward pass runs
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*piped, direct)
+
+    try:
+        assert asyncio.run(main()) == [(None, 10), (None, 20), (None, 30), (None, 90)]
+    finally:
+        upstream.close()
+        downstream.close()
+    if follows:
+        assert downstream_model.calls == [(None, [9, 1, 2, 3])]
+    else:
+        assert downstream_model.calls == [(None, [9]), (None, [1, 2, 3])]
+
+
 def test_level_vectors_split_into_each_images_rows_and_stack_back():
     values = np.arange(3, dtype=np.float32)
     out = LevelVectors({"coarse": values[:, None] * 3}, np.stack([values, 2 * values], 1))
@@ -100,6 +170,7 @@ def test_level_vectors_split_into_each_images_rows_and_stack_back():
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_batch": 0}, "max_batch must be positive, got 0"),
     ({"window_s": -1}, "window_s must not be negative, got -1"),
+    ({"calls": 0}, r"calls must be in \[1, 8\], got 0"),
 ])
 def test_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
