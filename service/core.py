@@ -1,9 +1,10 @@
 """`Service`: the loaded model, the open collections and the micro-batchers behind the app.
 
 The model is loaded and the store opened once, by `Service.open`. Concurrent queries share
-forward passes and Milvus calls through two micro-batchers (`service.batching`), each on
-its own thread: a search is a `milvus_store.SearchRequest`, and requests that ask the same
-(equal requests, whatever their query vectors) share one `ImageIndex.search` call.
+forward passes and Milvus calls through two micro-batchers (`service.batching`), off the
+event loop: one forward pass at a time, and two search calls that follow the forward
+passes. A search is a `milvus_store.SearchRequest`, and requests that ask the same (equal
+requests, whatever their query vectors) share one `ImageIndex.search` call.
 """
 
 from __future__ import annotations
