@@ -225,13 +225,13 @@ def test_cpu_time_per_image_counts_this_process_and_a_child():
     from bench._machine import child_processes, cpu_seconds
     from bench.ingest_lite_process import rate_and_cpu
 
-    def burn(seconds: float) -> None:
-        started = time.process_time()
-        while time.process_time() - started < seconds:
+    def burn(seconds: float) -> None:  # this thread's CPU time: at least as much wall time, and process time
+        started = time.thread_time()
+        while time.thread_time() - started < seconds:
             pass
 
     images_per_s, cpu_ms = rate_and_cpu(lambda: burn(0.02), images=2, repeats=3)
-    assert 8 <= cpu_ms <= 40 and 0 < images_per_s <= 100  # 20 ms of CPU per pass of 2 images
+    assert 10 <= cpu_ms <= 40 and 0 < images_per_s <= 100  # 20 ms of CPU per pass of 2 images
     child = subprocess.Popen([sys.executable, "-c", "import sys, time\nt = time.process_time()\n"
                               "while time.process_time() - t < 0.3: pass\nprint(flush=True)\nsys.stdin.read()"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

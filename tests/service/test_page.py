@@ -99,7 +99,9 @@ def test_upload_filter_and_click_through(page_server, browser, catalogue):
     wait.until(lambda d: re.match(r"\d+ hits for " + re.escape(query.name), d.find_element(By.ID, "status").text))
     first = browser.find_elements(By.CSS_SELECTOR, "#grid .hit")[0]
     assert first.find_element(By.CSS_SELECTOR, ".dist").text == "distance 0.0000"  # the query is stored too
-    assert browser.execute_script("return document.querySelector('#grid .hit img').naturalWidth") > 0
+    # the grid is drawn before its images arrive: wait for the first to load (a 404 never does)
+    wait.until(lambda d: d.execute_script("const img = document.querySelector('#grid .hit img'); "
+                                          "return img.complete && img.naturalWidth > 0"))
 
     target = departments[-1]
     department.select_by_value(target)  # the filter searches again, inside that department only
