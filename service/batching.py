@@ -76,10 +76,11 @@ class MicroBatcher:
         self._finished: asyncio.Event | None = None  # set each time a call has handed out its results
         self._running: set[asyncio.Task] = set()
 
-    @property
-    def running(self) -> bool:
-        """Whether a call is running (its callers have not got their results yet)."""
-        return bool(self._running)
+    async def running_call_done(self) -> None:
+        """Return once the call running now, if any, has handed out its results (at once when none runs)."""
+        if self._running:
+            self._finished.clear()
+            await self._finished.wait()
 
     async def submit(self, item: Any, key: Hashable = None) -> Any:
         """This item's result, computed in one call with its waiting peers of the same key."""
@@ -128,10 +129,8 @@ class MicroBatcher:
                         await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                     except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
                         break
-            before = self.after
-            if before is not None and before.running and len(self._waiting) < self.max_batch:
-                before._finished.clear()
-                await before._finished.wait()  # its callers submit here as they get their results
+            if self.after is not None and len(self._waiting) < self.max_batch:
+                await self.after.running_call_done()  # its callers submit here as they get their results
             key, batch = self._take()
             if not batch:
                 self._free.release()
