@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,3 +94,48 @@ class ConnectionSettings:
     def __repr__(self) -> str:
         auth = "token" if self.token else "user/password" if self.user else "none"
         return f"ConnectionSettings(uri={self.display_uri!r}, auth={auth})"
+
+
+class LiteServers:
+    """Who in this process uses the Milvus Lite file at each path, so that the last one to close stops it.
+
+    Opened by path, pymilvus starts Lite's server on threads of this process
+    (``milvus_lite.server_manager``), shared by every client of that path, and stops it only
+    at exit: a closed store would keep the file's lock, its background compaction and index
+    threads, and its open files until then. `HierStore` holds the path while its client is
+    open and lets go in `close`; the last to let go stops the server, which flushes what it
+    holds, finishes its background work and releases the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: Counter[str] = Counter()
+
+    @staticmethod
+    def key(path: str) -> str:
+        return os.path.abspath(path)  # how milvus_lite.server_manager names its servers
+
+    def hold(self, path: str) -> str:
+        key = self.key(path)
+        with self._lock:
+            self._users[key] += 1
+        return key
+
+    def let_go(self, key: str) -> None:
+        with self._lock:  # held while stopping: an opener waits rather than reusing a server being stopped
+            self._users[key] -= 1
+            if self._users[key] > 0:
+                return
+            del self._users[key]
+            try:
+                from milvus_lite.server_manager import server_manager_instance
+            except ImportError:  # pymilvus without milvus-lite opens no file
+                return
+            server_manager_instance.release_server(key)
+
+    def users(self, path: str) -> int:
+        with self._lock:
+            return self._users.get(self.key(path), 0)
+
+
+LITE_SERVERS = LiteServers()

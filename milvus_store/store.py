@@ -29,7 +29,7 @@ from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, 
 from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_INDEX, MAX_TOPK
 from hiervec_core.vectors import LevelVectors, levels_from_concat
 
-from .connection import ConnectionSettings
+from .connection import LITE_SERVERS, ConnectionSettings
 from .errors import (
     CollectionNotFoundError,
     FilterError,
@@ -131,10 +131,13 @@ class HierStore:
         self.settings = ConnectionSettings.resolve(uri, token=token, user=user, password=password)
         self.collection = collection
         self.timeout = timeout
+        kwargs = self.settings.client_kwargs()
+        self._lite_key = LITE_SERVERS.hold(kwargs["uri"]) if self.settings.is_local else None
         try:
-            self._client = MilvusClient(**self.settings.client_kwargs(), timeout=timeout)
+            self._client = MilvusClient(**kwargs, timeout=timeout)
             version = self._client.get_server_version(timeout=timeout)
         except Exception as exc:  # grpc, OSError, MilvusException
+            self.close()
             reason = self._clean(exc)
             if self.settings.is_local and _locked_by_another_process(self.settings.uri):
                 reason = "another process has it open (a Milvus Lite file is used by one process at a time)"
@@ -232,8 +235,12 @@ class HierStore:
         self.close()
 
     def close(self) -> None:
+        """Close the client; the last store of a Lite file in this process stops its server (and its lock)."""
         with contextlib.suppress(Exception):
             self._client.close()
+        key, self._lite_key = getattr(self, "_lite_key", None), None
+        if key is not None:
+            LITE_SERVERS.let_go(key)
 
     def _clean(self, exc: BaseException) -> str:
         message = exc.message if isinstance(exc, MilvusException) else str(exc)

@@ -333,3 +333,41 @@ def test_a_refused_open_releases_the_lite_file(tmp_path):
             HierStore(uri, "images", spec=SPEC, fingerprint="b")
     with HierStore(uri, "images") as again:
         assert again.count() == 3
+
+
+@pytest.mark.lite
+def test_the_last_store_of_a_lite_file_to_close_stops_its_server(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from milvus_lite.server_manager import server_manager_instance
+
+    from milvus_store.connection import LITE_SERVERS
+
+    def lite_threads():
+        return sum(t.name.startswith("milvus_lite-") for t in threading.enumerate())
+
+    def locked_for_another_process(path) -> bool:
+        code = f"from milvus_store.store import _locked_by_another_process as l; print(l({str(path)!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+    db = tmp_path / "shared.db"
+    before = lite_threads()
+    first = HierStore(db, "c", spec=SPEC)
+    first.upsert(make_records(5))
+    second = HierStore(db, "c")
+    assert LITE_SERVERS.users(str(db)) == 2 and lite_threads() > before
+    first.close()
+    first.close()  # twice lets go once
+    assert LITE_SERVERS.users(str(db)) == 1 and second.count() == 5  # the other store still works
+    assert str(db) in server_manager_instance._servers and locked_for_another_process(db)
+    second.close()
+    assert LITE_SERVERS.users(str(db)) == 0 and str(db) not in server_manager_instance._servers
+    assert lite_threads() == before  # its background threads are gone,
+    assert not locked_for_another_process(db)  # and another process can open the file
+    with HierStore(db, "c") as reopened:  # as can this one, with what was stored
+        assert reopened.count() == 5
+    with pytest.raises(CollectionNotFoundError):
+        HierStore(db, "missing", create=False)  # a refused open lets go too
+    assert LITE_SERVERS.users(str(db)) == 0 and str(db) not in server_manager_instance._servers
