@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve_load.py            # the demo model and test split (run `make demo` first)
     .venv/bin/python bench/serve_load.py --model M.pt --images DIR --requests 600 --concurrency 1,4,16
     .venv/bin/python bench/serve_load.py --smoke    # seconds, a tiny untrained model: CI keeps it from rotting
+    .venv/bin/python bench/serve_load.py --uri http://127.0.0.1:19530 --store-pid PID   # a Milvus server
 
 What it does, in a child process (a Lite file is locked by the process that opened it):
 ingests `--ingest` images of DIR into a fresh Milvus Lite file, waits `--settle` seconds
@@ -15,6 +16,9 @@ service's mean embedding batch, and the ratio of service QPS to the offline rate
 The clients share the machine with the server: their CPU seconds are reported beside the rates,
 and so is the CPU time per query of the server's process, of its Lite process, and of the
 offline path (on Linux): where the service spends more than the offline path does.
+With `--uri`, a Milvus server holds the images instead (collection `serve_load`, replaced),
+both for the offline path and for the service; `--store-pid` (the server's process id) adds
+its CPU time per query, with its child processes', to both.
 """
 
 from __future__ import annotations
@@ -61,22 +65,37 @@ def tiny_catalogue(folder: Path) -> tuple[Path, Path]:
 
 
 def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str], settle: float, repeats: int,
-                               runtime: str, ingest: bool, out) -> None:
-    """In a child process: store `tree` (when `ingest`), let Lite build its index, then time
-    `ImageIndex.search` on `queries` in batches of 32 (queries per second) with `runtime`. The
-    process ends, so the server can open the file."""
+                               runtime: str, ingest: bool, out, collection: str = "images",
+                               store_pid: int | None = None, vector_levels: tuple[str, ...] | None = None) -> None:
+    """In a child process: store `tree` (when `ingest`; a server's `collection` is replaced), let
+    the store build its index, then time `ImageIndex.search` on `queries` in batches of 32
+    (queries per second) with `runtime`. The process ends, so the server can open a Lite file.
+    The CPU time per query counts the `store_pid` process's (and its children's) too.
+    `vector_levels` is the layout of a new collection (None: a vector field per level)."""
     from embedder import Embedder, read_source
-    from milvus_store import ImageIndex, IngestItem, SearchRequest
+    from milvus_store import CollectionNotFoundError, HierStore, ImageIndex, IngestItem, SearchRequest
 
     embedder = Embedder.from_checkpoint(model, runtime=runtime)
     blobs = [Path(q).read_bytes() for q in queries]
-    with ImageIndex.open(embedder, db, "images") as index:
+    server = not db.endswith(".db")
+    if ingest and server:
+        try:
+            with HierStore(db, collection, create=False) as old:
+                old.drop()
+        except CollectionNotFoundError:
+            pass
+    with ImageIndex.open(embedder, db, collection, vector_levels=vector_levels) as index:
         if ingest:
             # the real file as the uri (the tree holds links): what a catalogue stores
             items = [IngestItem(item.path, item.category, uri=str(item.path.resolve()))
                      for item in read_source(Path(tree)).items]
             index.ingest(items)
-            time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
+            if server:
+                from bench.search_latency import wait_indexed
+
+                wait_indexed(index.store, max(settle, 600), poll_s=1.0)
+            else:
+                time.sleep(settle)  # Milvus Lite goes on building the index for a while after the flush
         request = SearchRequest(k=10)
         index.search(request, blobs[:32])  # warm-up
         prepared = [embedder.prepare(b) for b in blobs[:32]]
@@ -85,14 +104,41 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
                  "embed_32_ms": _best_ms(lambda: embedder.embed(prepared)),
                  "search_1_ms": _best_ms(lambda: index.store.search(vectors[:1], 10)),
                  "search_32_ms": _best_ms(lambda: index.store.search(vectors, 10))}
-        best, cpu = float("inf"), time.process_time()
+        best, cpu, store_cpu = float("inf"), time.process_time(), _tree_cpu(store_pid)
         for _ in range(repeats):
             started = time.perf_counter()
             for start in range(0, len(blobs), 32):
                 index.search(request, blobs[start : start + 32])
             best = min(best, time.perf_counter() - started)
         parts["cpu_ms_per_query"] = round(1000 * (time.process_time() - cpu) / (repeats * len(blobs)), 2)
+        if store_pid is not None:
+            parts["store_cpu_ms_per_query"] = round(1000 * (_tree_cpu(store_pid) - store_cpu) / (repeats * len(blobs)), 2)
     out.put((len(blobs) / best, parts))
+
+
+def _result_of(child, results, seconds: float):
+    """What `child` put on `results`; an error as soon as it has ended without (its traceback is
+    on stderr), instead of waiting out `seconds`."""
+    import queue
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            if not child.is_alive():
+                try:
+                    return results.get(timeout=1)  # put just before it ended
+                except queue.Empty:
+                    raise RuntimeError(f"{child.name} ended with exit code {child.exitcode} and no result") from None
+    raise RuntimeError(f"{child.name} gave no result within {seconds:.0f}s")
+
+
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds of process `pid` and of its children (a Milvus server's launcher and the server), 0 for None."""
+    if pid is None:
+        return 0.0
+    return sum(cpu_seconds(p) or 0.0 for p in (pid, *child_processes(pid)))
 
 
 def _best_ms(fn, repeats: int = 20) -> float:
@@ -110,13 +156,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server: int | None = None) -> dict:
+def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server: int | None = None,
+         store_pid: int | None = None) -> dict:
     """`requests` POST /search (k=10) from `concurrency` clients, each on its own keep-alive connection.
 
     The clients run in a process of their own, on asyncio with the requests encoded beforehand, so
     that they take as little as possible of the CPUs they share with the server: its CPU seconds
     are reported (`client_cpu_s`). With the `server`'s process id, the CPU time per query of the
-    server's process and of its child processes (a Lite process) too, on Linux."""
+    server's process and of its child processes (a Lite process) too, on Linux; with `store_pid`
+    (a Milvus server's process), that process's and its children's as the store's."""
     port = int(base.rsplit(":", 1)[1])
     encoded = [multipart_request(f"127.0.0.1:{port}", "/search", blobs[i % len(blobs)], {"k": "10"})
                for i in range(requests)]
@@ -125,11 +173,13 @@ def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server:
     before = _stats(base)
     children = child_processes(server) if server is not None else []
     cpu_before = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
+    store_before = _tree_cpu(store_pid)
     clients = context.Process(target=_run_clients, args=(port, encoded, concurrency, results))
     clients.start()
-    latencies, errors, seconds, cpu = results.get(timeout=3600)
+    latencies, errors, seconds, cpu = _result_of(clients, results, 3600)
     clients.join()
     cpu_after = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
+    store_used = round(1000 * (_tree_cpu(store_pid) - store_before) / requests, 2) if store_pid is not None else None
     after = _stats(base)
     used = [None if a is None or b is None else round(1000 * (a - b) / requests, 2)
             for a, b in zip(cpu_after, cpu_before)]
@@ -143,7 +193,8 @@ def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server:
             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
             "embed_batch": mean_batch("embedding"), "search_batch": mean_batch("searching"),
             "client_cpu_s": round(cpu, 2), "server_cpu_ms": used[0] if used else None,
-            "children_cpu_ms": round(sum(used[1:]), 2) if len(used) > 1 and None not in used else None,
+            "children_cpu_ms": (store_used if store_pid is not None else
+                                round(sum(used[1:]), 2) if len(used) > 1 and None not in used else None),
             "first_error": errors[0] if errors else None}
 
 
@@ -230,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lite", choices=["process", "in-process", "both"], default="process",
                         help="Serve the Lite file from a process of its own (`hiervec serve`'s default), inside the "
                              "server's process, or both, one after the other.")
+    parser.add_argument("--uri", default=None,
+                        help="A Milvus server (http://host:port) to hold the images instead of a fresh Lite file; its "
+                             "collection `serve_load` is replaced.")
+    parser.add_argument("--level-vectors", choices=["all", "none"], default="all",
+                        help="The collection's layout: a vector field per level too, or the image vector only "
+                             "(Milvus 2.3 takes one vector field per collection).")
+    parser.add_argument("--store-pid", type=int, default=None,
+                        help="With --uri: the Milvus server's process id, to report its CPU time per query.")
     args = parser.parse_args(argv)
     from embedder.runtimes import installed
     from hiervec_core.names import RUNTIMES
@@ -238,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = [r for r in wanted if installed(r)]
     levels = [int(c) for c in args.concurrency.split(",")]
     lites = ["process", "in-process"] if args.lite == "both" else [args.lite]
+    if args.uri is None and args.store_pid is not None:
+        parser.error("--store-pid is the process of the Milvus server given with --uri")
+    if args.uri is not None:
+        if args.uri.endswith(".db") or "://" not in args.uri:
+            parser.error(f"--uri {args.uri!r}: a Milvus server's address (http://host:port); Lite files are made here")
+        lites = ["server"]
+    collection = "images" if args.uri is None else "serve_load"
 
     with tempfile.TemporaryDirectory(prefix="hiervec-serve-load-") as tmp:
         tmp = Path(tmp)
@@ -257,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             link = tree / path.relative_to(images)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(path.resolve())
-        db = str(tmp / "load.db")
+        db = str(tmp / "load.db") if args.uri is None else args.uri
         queries = [str(p) for p in chosen[:: max(1, len(chosen) // args.queries)][: args.queries]]
 
         context = multiprocessing.get_context("spawn")
@@ -267,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             results = context.Queue()
             child = context.Process(target=ingest_and_measure_offline,
                                     args=(str(model), str(tree), db, queries, args.settle, args.repeats, runtime,
-                                          n == 0, results))
+                                          n == 0, results, collection, args.store_pid,
+                                          () if args.level_vectors == "none" else None))
             child.start()
-            offline_qps, parts = results.get(timeout=1800)
+            offline_qps, parts = _result_of(child, results, 1800)
             child.join()
 
             runs = []
@@ -277,14 +344,16 @@ def main(argv: list[str] | None = None) -> int:
                 port = free_port()
                 base = f"http://127.0.0.1:{port}"
                 server = subprocess.Popen([*HIERVEC, "serve", "--model", str(model), "--uri", db, "--port", str(port),
-                                           "--media", str(tmp / "media"), "--runtime", runtime, f"--lite-{lite}",
+                                           "--collection", collection, "--media", str(tmp / "media"),
+                                           "--runtime", runtime, *([f"--lite-{lite}"] if lite != "server" else []),
                                            *(["--batch-window-ms", str(args.batch_window_ms)]
                                              if args.batch_window_ms is not None else [])],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 try:
                     _wait(base, server)
                     load(base, blobs, min(20, args.requests), 2)  # warm-up
-                    runs += [load(base, blobs, args.requests, c, server.pid) | {"lite": lite} for c in levels]
+                    runs += [load(base, blobs, args.requests, c, server.pid, args.store_pid) | {"lite": lite}
+                             for c in levels]
                 finally:
                     server.terminate()
                     server.wait(timeout=60)
@@ -299,21 +368,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(f"machine: {report['machine']}\ncommand: {report['command']}")
-    print(f"{report['stored']} images stored (Milvus Lite, HNSW); {report['queries']} distinct query images")
+    store = "Milvus Lite" if args.uri is None else f"a Milvus server at {args.uri}"
+    print(f"{report['stored']} images stored ({store}, HNSW); {report['queries']} distinct query images")
     for runtime, m in measured.items():
         print(f"{runtime}: offline ImageIndex.search {m['offline_qps']} queries/s; parts (best of 20): "
-              + ", ".join(f"{k} {v}" for k, v in m["parts"].items() if k != "cpu_ms_per_query"))
-    print("\n| runtime | Milvus Lite | clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch "
-          "| client CPU s | server CPU ms/query | Lite process CPU ms/query | offline CPU ms/query | offline QPS "
-          "| QPS / offline |")
+              + ", ".join(f"{k} {v}" for k, v in m["parts"].items() if not k.endswith("cpu_ms_per_query")))
+    print("\n| runtime | Milvus | clients | requests | errors | QPS | p50 ms | p99 ms | mean embed batch | mean search batch "
+          "| client CPU s | server CPU ms/query | Lite process or Milvus server CPU ms/query | offline CPU ms/query "
+          "| offline QPS | QPS / offline |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for runtime, m in measured.items():
         for run in m["runs"]:
             print(f"| {runtime} | {run['lite']} | {run['concurrency']} | {run['requests']} | {run['errors']} | {run['qps']} | "
                   f"{run['p50_ms']} | {run['p99_ms']} | {run['embed_batch']} | {run['search_batch']} | "
                   f"{run['client_cpu_s']} | {_or_dash(run['server_cpu_ms'])} | {_or_dash(run['children_cpu_ms'])} | "
-                  f"{m['parts']['cpu_ms_per_query']} | {m['offline_qps']} | {run['vs_offline']} |")
+                  f"{_offline_cpu(m['parts'])} | {m['offline_qps']} | {run['vs_offline']} |")
     return 0 if all(run["errors"] == 0 for m in measured.values() for run in m["runs"]) else 1
+
+
+def _offline_cpu(parts: dict) -> str:
+    """The offline path's CPU per query, with the Milvus server's after a + when it was measured."""
+    if "store_cpu_ms_per_query" in parts:
+        return f"{parts['cpu_ms_per_query']} + {parts['store_cpu_ms_per_query']}"
+    return str(parts["cpu_ms_per_query"])
 
 
 def _or_dash(value) -> str:

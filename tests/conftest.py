@@ -48,3 +48,22 @@ def lite_server(tmp_path_factory):
 
     with LiteServer(tmp_path_factory.mktemp("milvus-lite-server")) as server:
         yield server.uri
+
+
+@pytest.fixture(scope="session")
+def embedded_milvus_server(tmp_path_factory):
+    """The real Milvus 2.3 standalone of PyPI's `milvus` package (`milvus-server`), without Docker:
+    one for the session (it takes a minute to start and to stop)."""
+    from .servers import EmbeddedMilvus
+
+    if EmbeddedMilvus.executable() is None:
+        pytest.skip("PyPI's `milvus` package (milvus-server, Milvus 2.3 standalone) is not installed; "
+                    "pip install 'milvus==2.3.5' (x86_64 Linux)")
+    with EmbeddedMilvus(tmp_path_factory.mktemp("milvus-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def embedded_milvus(embedded_milvus_server) -> str:
+    """The address of `embedded_milvus_server`."""
+    return embedded_milvus_server.uri

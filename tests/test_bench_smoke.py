@@ -102,6 +102,38 @@ def test_serve_load_smoke(capsys):
     assert all(float(row[8]) > 0 and float(row[10]) > 0 for row in rows)
 
 
+@pytest.mark.server
+def test_serve_load_smoke_on_a_milvus_server(capsys, embedded_milvus_server):
+    """--uri: the offline path and the service both search the server's collection, and the
+    server's CPU per query is its own column (a number: its process was read)."""
+    from bench import serve_load
+
+    assert serve_load.main(["--smoke", "--runtime", "torch", "--uri", embedded_milvus_server.uri,
+                            "--level-vectors", "none", "--store-pid", str(embedded_milvus_server.process.pid)]) == 0
+    out = capsys.readouterr().out
+    assert f"48 images stored (a Milvus server at {embedded_milvus_server.uri}, HNSW)" in out
+    rows = re.findall(r"^\| torch \| server \| (\d+) \| 24 \| 0 \| ([\d.]+) \| .* \| ([\d.]+) \| ([\d.]+) \+ ([\d.]+) "
+                      r"\| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "4"], out
+    assert all(float(qps) > 0 for _, qps, *_ in rows), out
+    # the server's CPU was read (numbers, not "-"); /proc counts in 10 ms ticks, so one figure may be 0
+    assert sum(float(store) + float(offline_store) for _, _, store, _, offline_store, _, _ in rows) > 0, out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, culprit", [
+    (["--smoke", "--uri", "catalogue.db"], "--uri 'catalogue.db'"),
+    (["--smoke", "--uri", "127.0.0.1:19530"], "--uri '127.0.0.1:19530'"),
+    (["--smoke", "--store-pid", "1"], "--store-pid"),
+])
+def test_serve_load_refuses_a_store_it_cannot_use(capsys, argv, culprit):
+    from bench import serve_load
+
+    with pytest.raises(SystemExit) as exc:
+        serve_load.main(argv)
+    assert exc.value.code == 2 and culprit in capsys.readouterr().err
+
+
 @pytest.mark.lite
 def test_prediction_smoke(capsys):
     from bench import prediction

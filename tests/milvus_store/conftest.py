@@ -15,7 +15,6 @@ import pytest
 
 from milvus_store import CollectionSpec
 
-from ..servers import EmbeddedMilvus
 
 MILVUS_IMAGE = "milvusdb/milvus:v2.5.14"  # pinned: the standalone release docker-compose.yml runs
 
@@ -61,16 +60,6 @@ def docker_milvus():
         pytest.skip(f"no Docker engine for testcontainers' Milvus ({MILVUS_IMAGE}): {exc}")
     with container:
         yield container.get_connection_url()
-
-
-@pytest.fixture(scope="session")
-def embedded_milvus(tmp_path_factory):
-    """The real Milvus 2.3 standalone of PyPI's `milvus` package (`milvus-server`), without Docker."""
-    if EmbeddedMilvus.executable() is None:
-        pytest.skip("PyPI's `milvus` package (milvus-server, Milvus 2.3 standalone) is not installed; "
-                    "pip install 'milvus==2.3.5' (x86_64 Linux)")
-    with EmbeddedMilvus(tmp_path_factory.mktemp("milvus-server")) as server:
-        yield server.uri
 
 
 @pytest.fixture(
