@@ -274,3 +274,22 @@ def test_cpu_time_per_image_counts_this_process_and_a_child():
     finally:
         child.communicate()
     assert cpu_seconds(child.pid) is None  # gone
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads other processes' CPU time from /proc")
+def test_a_servers_cpu_time_counts_its_children():
+    """A Milvus server's launcher does no work itself: `--store-pid` must count the server it starts."""
+    from bench.serve_load import _tree_cpu
+
+    burner = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+              "print(flush=True)\nsys.stdin.read()")
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\n"
+                                 f"subprocess.run([sys.executable, '-c', {burner!r}])"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        launcher.stdout.readline()  # its child has burnt 0.3 s
+        assert 0.25 <= _tree_cpu(launcher.pid) < 5
+        assert _tree_cpu(None) == 0.0
+    finally:
+        launcher.communicate()
