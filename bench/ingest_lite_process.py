@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import cpu_seconds, describe  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
-from bench.serve_load import _tree_cpu  # noqa: E402
-from milvus_store import CollectionNotFoundError, HierStore, ImageIndex, IngestItem, LiteProcess  # noqa: E402
+from bench.serve_load import _tree_cpu, drop_collection  # noqa: E402
+from milvus_store import ImageIndex, IngestItem, LiteProcess  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -73,11 +73,7 @@ def main(argv=None) -> int:
                                             pids=(lite.process.pid,))
             rate = cpu = None
             if args.uri:
-                try:
-                    with HierStore(args.uri, "ingest_bench", create=False) as old:
-                        old.drop()
-                except CollectionNotFoundError:
-                    pass
+                drop_collection(args.uri, "ingest_bench")
                 with ImageIndex.open(embedder, args.uri, "ingest_bench", **layout) as index:
                     rate, cpu = rate_and_cpu(lambda: index.ingest(items, batch_size=64, skip_existing=False), n,
                                              trees=(args.store_pid,) if args.store_pid else ())

@@ -73,17 +73,13 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
     The CPU time per query counts the `store_pid` process's (and its children's) too.
     `vector_levels` is the layout of a new collection (None: a vector field per level)."""
     from embedder import Embedder, read_source
-    from milvus_store import CollectionNotFoundError, HierStore, ImageIndex, IngestItem, SearchRequest
+    from milvus_store import ImageIndex, IngestItem, SearchRequest
 
     embedder = Embedder.from_checkpoint(model, runtime=runtime)
     blobs = [Path(q).read_bytes() for q in queries]
     server = not db.endswith(".db")
     if ingest and server:
-        try:
-            with HierStore(db, collection, create=False) as old:
-                old.drop()
-        except CollectionNotFoundError:
-            pass
+        drop_collection(db, collection)
     with ImageIndex.open(embedder, db, collection, vector_levels=vector_levels) as index:
         if ingest:
             # the real file as the uri (the tree holds links): what a catalogue stores
@@ -132,6 +128,17 @@ def _result_of(child, results, seconds: float):
                 except queue.Empty:
                     raise RuntimeError(f"{child.name} ended with exit code {child.exitcode} and no result") from None
     raise RuntimeError(f"{child.name} gave no result within {seconds:.0f}s")
+
+
+def drop_collection(uri: str, collection: str) -> None:
+    """Drop a server's `collection` left by an earlier run, if there is one."""
+    from milvus_store import CollectionNotFoundError, HierStore
+
+    try:
+        with HierStore(uri, collection, create=False) as old:
+            old.drop()
+    except CollectionNotFoundError:
+        pass
 
 
 def _tree_cpu(pid: int | None) -> float:
