@@ -56,3 +56,11 @@ def child_processes(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of process `pid` and of its children (a Milvus server's launcher and the server
+    it starts), 0 for None."""
+    if pid is None:
+        return 0.0
+    return sum(cpu_seconds(p) or 0.0 for p in (pid, *child_processes(pid)))

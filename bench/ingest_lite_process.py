@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import cpu_seconds, describe  # noqa: E402
+from bench._machine import cpu_seconds, describe, tree_cpu_seconds  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
-from bench.serve_load import _tree_cpu, drop_collection  # noqa: E402
+from bench.serve_load import drop_collection  # noqa: E402
 from milvus_store import ImageIndex, IngestItem, LiteProcess  # noqa: E402
 
 
@@ -92,13 +92,13 @@ def rate_and_cpu(fn, images: int, repeats: int = 3, pids: tuple[int, ...] = (),
     """Images per second (the best of `repeats` passes after a warm-up), and CPU milliseconds per
     image over those passes, of this process, of `pids` and of `trees` with their children."""
     fn()  # warm-up
-    before = [cpu_seconds(), *(cpu_seconds(pid) for pid in pids), *(_tree_cpu(pid) for pid in trees)]
+    before = [cpu_seconds(), *(cpu_seconds(pid) for pid in pids), *(tree_cpu_seconds(pid) for pid in trees)]
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - started)
-    after = [cpu_seconds(), *(cpu_seconds(pid) for pid in pids), *(_tree_cpu(pid) for pid in trees)]
+    after = [cpu_seconds(), *(cpu_seconds(pid) for pid in pids), *(tree_cpu_seconds(pid) for pid in trees)]
     used = sum(a - b for a, b in zip(after, before) if a is not None and b is not None)
     return images / best, 1000 * used / (repeats * images)
 

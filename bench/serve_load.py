@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._machine import child_processes, cpu_seconds, describe  # noqa: E402
+from bench._machine import child_processes, cpu_seconds, describe, tree_cpu_seconds  # noqa: E402
 
 HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
 
@@ -100,7 +100,7 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
                  "embed_32_ms": _best_ms(lambda: embedder.embed(prepared)),
                  "search_1_ms": _best_ms(lambda: index.store.search(vectors[:1], 10)),
                  "search_32_ms": _best_ms(lambda: index.store.search(vectors, 10))}
-        best, cpu, store_cpu = float("inf"), time.process_time(), _tree_cpu(store_pid)
+        best, cpu, store_cpu = float("inf"), time.process_time(), tree_cpu_seconds(store_pid)
         for _ in range(repeats):
             started = time.perf_counter()
             for start in range(0, len(blobs), 32):
@@ -108,7 +108,7 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
             best = min(best, time.perf_counter() - started)
         parts["cpu_ms_per_query"] = round(1000 * (time.process_time() - cpu) / (repeats * len(blobs)), 2)
         if store_pid is not None:
-            parts["store_cpu_ms_per_query"] = round(1000 * (_tree_cpu(store_pid) - store_cpu) / (repeats * len(blobs)), 2)
+            parts["store_cpu_ms_per_query"] = round(1000 * (tree_cpu_seconds(store_pid) - store_cpu) / (repeats * len(blobs)), 2)
     out.put((len(blobs) / best, parts))
 
 
@@ -139,13 +139,6 @@ def drop_collection(uri: str, collection: str) -> None:
             old.drop()
     except CollectionNotFoundError:
         pass
-
-
-def _tree_cpu(pid: int | None) -> float:
-    """CPU seconds of process `pid` and of its children (a Milvus server's launcher and the server), 0 for None."""
-    if pid is None:
-        return 0.0
-    return sum(cpu_seconds(p) or 0.0 for p in (pid, *child_processes(pid)))
 
 
 def _best_ms(fn, repeats: int = 20) -> float:
@@ -180,13 +173,13 @@ def load(base: str, blobs: list[bytes], requests: int, concurrency: int, server:
     before = _stats(base)
     children = child_processes(server) if server is not None else []
     cpu_before = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
-    store_before = _tree_cpu(store_pid)
+    store_before = tree_cpu_seconds(store_pid)
     clients = context.Process(target=_run_clients, args=(port, encoded, concurrency, results))
     clients.start()
     latencies, errors, seconds, cpu = _result_of(clients, results, 3600)
     clients.join()
     cpu_after = [cpu_seconds(pid) for pid in (server, *children)] if server is not None else []
-    store_used = round(1000 * (_tree_cpu(store_pid) - store_before) / requests, 2) if store_pid is not None else None
+    store_used = round(1000 * (tree_cpu_seconds(store_pid) - store_before) / requests, 2) if store_pid is not None else None
     after = _stats(base)
     used = [None if a is None or b is None else round(1000 * (a - b) / requests, 2)
             for a, b in zip(cpu_after, cpu_before)]

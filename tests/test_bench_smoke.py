@@ -280,7 +280,7 @@ def test_cpu_time_per_image_counts_this_process_and_a_child():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads other processes' CPU time from /proc")
 def test_a_servers_cpu_time_counts_its_children():
     """A Milvus server's launcher does no work itself: `--store-pid` must count the server it starts."""
-    from bench.serve_load import _tree_cpu
+    from bench._machine import tree_cpu_seconds
 
     burner = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
               "print(flush=True)\nsys.stdin.read()")
@@ -289,7 +289,7 @@ def test_a_servers_cpu_time_counts_its_children():
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         launcher.stdout.readline()  # its child has burnt 0.3 s
-        assert 0.25 <= _tree_cpu(launcher.pid) < 5
-        assert _tree_cpu(None) == 0.0
+        assert 0.25 <= tree_cpu_seconds(launcher.pid) < 5
+        assert tree_cpu_seconds(None) == 0.0
     finally:
         launcher.communicate()
