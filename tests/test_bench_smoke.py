@@ -293,3 +293,12 @@ def test_a_servers_cpu_time_counts_its_children():
         assert tree_cpu_seconds(None) == 0.0
     finally:
         launcher.communicate()
+
+
+@pytest.mark.unit
+def test_ingest_lite_process_refuses_a_server_pid_without_a_server(capsys):
+    from bench import ingest_lite_process
+
+    with pytest.raises(SystemExit) as exc:
+        ingest_lite_process.main(["--store-pid", "1"])
+    assert exc.value.code == 2 and "--store-pid" in capsys.readouterr().err
