@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/quality.py                          # class-level Fashion-MNIST, BENCHMARKS.md
     .venv/bin/python bench/quality.py --benchmark products     # product-level Fashion-MNIST (4 levels)
+    .venv/bin/python bench/quality.py --benchmark openclipart --image-size 224   # real RGB clip art (2 levels)
+    .venv/bin/python bench/quality.py --benchmark openclipart --per-leaf 5       # the few-shot variant
     .venv/bin/python bench/quality.py --smoke                  # seconds: CI keeps it from rotting
 
 Methods, all with the same backbone (ImageNet MobileNetV2), input size, training budget
@@ -24,6 +26,13 @@ Benchmarks:
   (`embedder.fashion_mnist.product_photos`); 4 levels, the leaf is the product. Trains
   on ``--train`` products of the train split; test products come from the test split,
   validation products from train images after the training ones: never seen in training.
+- ``openclipart``: Debian's ``openclipart-png``, real RGB images in a 2-level category tree
+  (department > category, 49 categories), exported by ``hiervec data openclipart`` (into
+  ``--data``, on first use) with its deterministic train/val/test split by file. Training
+  keeps its best epoch on the val split (as ``hiervec train`` does on its validation images)
+  and stops early; ``--split test`` reports the test split, ``--split val`` the val split
+  (tuning: the epoch is then chosen on the split that is reported, for every trained method
+  alike). ``--per-leaf N`` trains on at most N images per category (the few-shot variant).
 
 Protocol: the evaluation images are embedded, stored in Milvus Lite (FLAT, exact) and
 each stored image vector searches the collection for its top 50, itself left out: the path
@@ -59,8 +68,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import describe  # noqa: E402
-from embedder import EmbedderConfig, Hierarchy, LossWeights, TrainConfig, fashion_mnist, train  # noqa: E402
-from embedder.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone  # noqa: E402
+from embedder import EmbedderConfig, Hierarchy, LossWeights, TrainConfig, fashion_mnist, load_images, openclipart, read_source, train  # noqa: E402
+from embedder.baseline import BackboneEmbedder  # noqa: E402
 from embedder.inference import forward_batches  # noqa: E402
 from embedder.metrics import (  # noqa: E402
     consistency_at_k, exact_neighbours, hierarchical_ap, hierarchical_distance, map_at_r, others_in_category,
@@ -109,6 +118,29 @@ def product_split(split: str, count: int, offset: int, args) -> Split:
     paths = [f"{fashion_mnist.CLASS_PATHS[c]}/{fashion_mnist.product_name(split, offset + i)}"
              for i, c in enumerate(labels) for _ in range(args.photos)]
     return Split(to_rgb(views.reshape(-1, 28, 28), args.image_size), paths)
+
+
+def openclipart_split(args, split: str) -> Split:
+    """One split of the exported tree, decoded at --image-size; the training split cut to --per-leaf per category."""
+    if not (args.data / "train").is_dir():
+        print(f"exporting openclipart into {args.data} ...", file=sys.stderr)
+        openclipart.export(args.data)
+    listing = read_source(args.data / split)
+    items = sorted(listing.items, key=lambda item: (item.category, item.path.name))
+    if split == "train" and args.per_leaf:
+        kept: dict[str, int] = {}
+        items = [i for i in items if kept.setdefault(i.category, 0) < args.per_leaf and not kept.update(
+            {i.category: kept[i.category] + 1})]
+    images, indices, failures = load_images([i.path for i in items], args.image_size)
+    if failures:
+        raise SystemExit(f"{len(failures)} images of {args.data / split} failed to decode, e.g. {failures[0]}")
+    return Split(images, [items[i].category for i in indices])
+
+
+def openclipart_splits(args) -> tuple[Split, Split, Split]:
+    """(train, evaluated, validation for choosing the epoch)."""
+    train_split, val_split = openclipart_split(args, "train"), openclipart_split(args, "val")
+    return train_split, val_split if args.split == "val" else openclipart_split(args, "test"), val_split
 
 
 def product_splits(args) -> tuple[Split, Split]:
@@ -190,17 +222,9 @@ def method_setup(method: str, hierarchy: Hierarchy, labels: np.ndarray, args, ov
     return config, dataclasses.replace(base, loss=loss)
 
 
-def off_the_shelf_vectors(images: torch.Tensor) -> np.ndarray:
-    """ImageNet MobileNetV2's globally pooled last feature map (1280-d), L2-normalised."""
-    net = build_backbone("mobilenet_v2", "imagenet").features.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), 128):
-            x = (images[start : start + 128].float() / 255 - mean) / std
-            out.append(torch.nn.functional.normalize(net(x).mean((2, 3)), dim=1).numpy())
-    return np.concatenate(out)
+def off_the_shelf_vectors(images: torch.Tensor, level_names) -> np.ndarray:
+    """ImageNet MobileNetV2's globally pooled last feature map (1280-d), L2-normalised: `hiervec eval --baseline`."""
+    return BackboneEmbedder(level_names=level_names, image_size=images.shape[-1]).embed(images).concat
 
 
 # -- evaluation through Milvus Lite -------------------------------------------------------
@@ -263,19 +287,21 @@ def leaf_agreement(labels: np.ndarray, neighbours: np.ndarray, depth: int) -> np
     return shared[:, :, None] > np.arange(depth)[None, None, :]
 
 
-def run_one(method: str, seed: int, data: tuple[Split, Split], level_names, args, overrides: dict) -> dict:
-    train_split, eval_split = data
+def run_one(method: str, seed: int, data: tuple[Split, ...], level_names, args, overrides: dict) -> dict:
+    train_split, eval_split, *selection_split = data
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         if method == "off-the-shelf":
-            concat, levels, setup = off_the_shelf_vectors(eval_split.images), {}, {}
+            concat, levels, setup = off_the_shelf_vectors(eval_split.images, level_names), {}, {}
             train_s = 0.0
         else:
             hierarchy = Hierarchy.from_paths(train_split.paths, level_names)
             labels = hierarchy.encode_many(train_split.paths)
             config, train_config = method_setup(method, hierarchy, labels, args, overrides, seed)
+            validation = [(split.images, hierarchy.encode_many(split.paths)) for split in selection_split]
             result = train(train_split.images, labels, hierarchy, config, train_config, out=Path(tmp) / "m.pt",
-                           backbone_weights="imagenet", log=lambda line: print("   ", line, file=sys.stderr))
+                           backbone_weights="imagenet", log=lambda line: print("   ", line, file=sys.stderr),
+                           validation=validation[0] if validation else None)
             train_s = time.perf_counter() - started
             model = result.checkpoint
             from embedder import PyramidEmbedder
@@ -284,7 +310,8 @@ def run_one(method: str, seed: int, data: tuple[Split, Split], level_names, args
             net.load_state_dict(model.state_dict)
             vectors = forward_batches(net, eval_split.images, 128)
             concat, levels = vectors.concat, dict(vectors.levels)
-            setup = {"config": config.to_dict() | {"num_classes": None}, "train": train_config.to_dict()}
+            setup = {"config": config.to_dict() | {"num_classes": None}, "train": train_config.to_dict(),
+                     "selection": model.selection}
         report = evaluate(concat, levels, eval_split, level_names, Path(tmp))
     return {"method": method, "seed": seed, "train_s": round(train_s, 1), **setup, "metrics": report}
 
@@ -400,12 +427,19 @@ def summary(args, level_names) -> None:
 DEFAULTS = {  # benchmark -> the budget BENCHMARKS.md reports
     "classes": dict(train=10000, val=5000, test=5000, epochs=2),
     "products": dict(train=4000, val=500, test=1000, epochs=3),
+    "openclipart": dict(),  # the exported splits; epochs and steps: `hiervec train`'s defaults from the data
 }
+LEVELS = {"classes": fashion_mnist.LEVEL_NAMES, "products": fashion_mnist.PRODUCT_LEVEL_NAMES,
+          "openclipart": openclipart.LEVEL_NAMES}
+TITLES = {"classes": "Fashion-MNIST classes", "products": "Fashion-MNIST products", "openclipart": "openclipart"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", choices=("classes", "products"), default="classes")
+    parser.add_argument("--benchmark", choices=tuple(DEFAULTS), default="classes")
+    parser.add_argument("--data", type=Path, default=Path("bench/out/openclipart-data"),
+                        help="openclipart: the tree `hiervec data openclipart` wrote (exported there when missing)")
+    parser.add_argument("--per-leaf", type=int, help="openclipart: at most N training images per category")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--split", choices=("test", "val"), default="test")
@@ -436,7 +470,7 @@ def main(argv=None) -> int:
         args.train, args.val, args.test, args.epochs, args.steps = (240, 60, 60, 1, 2) if args.benchmark == "products" \
             else (320, 200, 300, 1, 2)
         args.seeds, args.image_size, args.dim, args.photos = "0,1", 32, 8, 3
-    level_names = fashion_mnist.PRODUCT_LEVEL_NAMES if args.benchmark == "products" else fashion_mnist.LEVEL_NAMES
+    level_names = LEVELS[args.benchmark]
     if args.summary:
         summary(args, level_names)
         return 0
@@ -448,7 +482,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     with tempfile.TemporaryDirectory() as smoke_dir:
-        name = f"quality-{args.benchmark}-{args.split}" + (f"-{args.tag}" if args.tag else "")
+        name = (f"quality-{args.benchmark}-{args.split}" + (f"-{args.image_size}px" if args.benchmark == "openclipart" else "")
+                + (f"-per{args.per_leaf}" if args.per_leaf else "") + (f"-{args.tag}" if args.tag else ""))
         folder = (Path(smoke_dir) if args.smoke else args.out) / name
         folder.mkdir(parents=True, exist_ok=True)
         data = None
@@ -462,7 +497,8 @@ def main(argv=None) -> int:
                 if args.report_only:
                     continue
                 if data is None:
-                    data = product_splits(args) if args.benchmark == "products" else class_splits(args)
+                    data = {"products": product_splits, "classes": class_splits,
+                            "openclipart": openclipart_splits}[args.benchmark](args)
                     print(f"{len(data[0].images)} training images, {len(data[1].images)} {args.split} images",
                           file=sys.stderr)
                 print(f"== {method} seed {seed}", file=sys.stderr)
@@ -477,12 +513,15 @@ def main(argv=None) -> int:
         if not results:
             raise SystemExit(f"no results in {folder} for methods {', '.join(methods)}")
         plot_path = args.plot or folder / "consistency.png"
-        budget = (f"{args.train} {'products x ' + str(args.photos) + ' photos' if args.benchmark == 'products' else 'images'}"
+        budget = (f"the exported split{f', at most {args.per_leaf} training images per category' if args.per_leaf else ''}"
+                  f", {args.epochs or 'default'} epoch(s), {args.image_size} px"
+                  if args.benchmark == "openclipart" else
+                  f"{args.train} {'products x ' + str(args.photos) + ' photos' if args.benchmark == 'products' else 'images'}"
                   f", {args.epochs} epoch(s){f' of {args.steps} steps' if args.steps else ''}, {args.image_size} px")
-        plot(results, level_names, plot_path, f"Fashion-MNIST {args.benchmark}, {args.split} split; {budget}")
+        plot(results, level_names, plot_path, f"{TITLES[args.benchmark]}, {args.split} split; {budget}")
         main_table, losses = table(results, level_names)
         command = "python bench/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-        print(f"# retrieval quality, Fashion-MNIST {args.benchmark} ({args.split} split), leave-one-out through "
+        print(f"# retrieval quality, {TITLES[args.benchmark]} ({args.split} split), leave-one-out through "
               f"Milvus Lite\n\nmachine: {describe(('torch', 'torchvision', 'pymilvus', 'milvus-lite'))}\n"
               f"command: {command}\nbudget: {budget}, mobilenet_v2 (ImageNet), seeds {args.seeds}"
               + "".join(f"; {m or 'every method'}: {o}" for m, o in overrides.items()) + "\n")

@@ -24,7 +24,7 @@ from dataclasses import replace
 import click
 
 from hiervec_core.names import (
-    BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
+    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, IMAGE_SIZE_RANGE, PATIENCE, PROBE_EPOCHS, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
     MAX_TOPK, PREDICTED_CHOICES, RUNTIMES, SERVER_INDEXES,
 )
 
@@ -251,6 +251,45 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
          f"levels: {', '.join(levels)}")
 
 
+@data.command("openclipart")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The package's PNG folder. [default: /usr/share/openclipart/png]")
+@click.option("--min-per-leaf", type=click.IntRange(min=5), default=10, show_default=True,
+              help="Drop categories with fewer images.")
+@click.option("--max-per-leaf", type=click.IntRange(min=5), default=200, show_default=True,
+              help="Keep at most this many images of a category (chosen by the split's order).")
+@click.option("--max-side", type=click.IntRange(min=32), default=512, show_default=True,
+              help="Scale larger images down to this longer side.")
+@json_option
+def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_leaf: int, max_side: int,
+                     as_json: bool):
+    """Debian's openclipart-png as OUT/{train,val,test}/<department>/<category>/<image>.png.
+
+    Real RGB clip art in a real 2-level category tree (food/fruit, animals/mammals, ...):
+    transparency flattened on white, duplicates kept once, small categories dropped, a
+    deterministic split by file (20% test, 20% val). apt-get install openclipart-png.
+    """
+    from embedder import openclipart
+
+    started = time.perf_counter()
+    with progress_bar(0, "export", True, rate="img/s") as advance:
+        report = openclipart.export(out, source=source or openclipart.DEBIAN_DIR, min_per_leaf=min_per_leaf,
+                                    max_per_leaf=max_per_leaf, max_side=max_side, progress=advance)
+    for where, reason in report.failures[:5]:
+        note(as_json, f"skipped {where}: {reason}")
+    departments = sorted({leaf.split("/")[0] for leaf in report.categories})
+    data = {"out": str(out), "images": report.images, "levels": list(openclipart.LEVEL_NAMES),
+            "departments": len(departments), "categories": report.categories,
+            "dropped": report.dropped, "duplicates": report.duplicates, "failed": len(report.failures)}
+    emit(as_json, data,
+         f"wrote {sum(report.images.values())} images to {out} ({time.perf_counter() - started:.1f}s): "
+         + ", ".join(f"{split} {n}" for split, n in report.images.items())
+         + f"; {len(departments)} departments, {len(report.categories)} categories "
+           f"({len(report.dropped)} smaller than {min_per_leaf} dropped, {report.duplicates} duplicate files); "
+           f"levels: {', '.join(openclipart.LEVEL_NAMES)}")
+
+
 # -- train -------------------------------------------------------------------------------
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
@@ -260,12 +299,25 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @click.option("--backbone", type=click.Choice(BACKBONES), default=DEFAULT_BACKBONE, show_default=True)
 @click.option("--weights", default="imagenet", show_default=True,
               help="'imagenet', a torchvision weights name, a state-dict PATH, or 'none' for random initialisation.")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="[default: one pass over the data]")
-@click.option("--image-size", type=click.IntRange(min=32), default=64, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="[default: from the data: enough for 500 steps, 3 to 20 epochs]")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
+              help="[default: one pass over the data, at least 50 steps]")
+@click.option("--image-size", type=click.IntRange(min=32), default=None,
+              help=f"Input size in px. [default: from the data: the median shorter side of the training images, "
+                   f"within {IMAGE_SIZE_RANGE[0]}..{IMAGE_SIZE_RANGE[1]}]")
 @click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Vector size per level.")
 @click.option("--mode", type=click.Choice(["pyramid", "flat"]), default="pyramid", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Learning rate of the new layers (pyramid, heads, classifiers).")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1), default=BACKBONE_LR_SCALE, show_default=True,
+              help="The pretrained backbone's learning rate as a share of --lr (0 keeps it frozen).")
+@click.option("--probe-epochs", type=click.IntRange(min=0), default=PROBE_EPOCHS, show_default=True,
+              help="First epochs with the backbone frozen: the new layers learn on its features (linear probe), "
+                   "then everything is fine-tuned.")
+@click.option("--patience", type=click.IntRange(min=0), default=PATIENCE, show_default=True,
+              help="Stop after this many epochs without a better validation score (0: never stop early). "
+                   "The checkpoint always holds the best epoch, the pretrained start (epoch 0) included.")
 @click.option("--leaf-softmax", type=click.FloatRange(min=0), default=None,
               help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has "
                    f"{LEAF_SOFTMAX_MIN_IMAGES} or "
@@ -291,7 +343,7 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
 @compute_options
 @json_option
 def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
-          leaf_softmax, classes_per_batch, per_class, augment, seed, val_fraction, resume, batch_norm,
+          backbone_lr_scale, probe_epochs, patience, leaf_softmax, classes_per_batch, per_class, augment, seed, val_fraction, resume, batch_norm,
           dist_timeout, device, amp, as_json):
     """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest.
 
@@ -300,6 +352,7 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
       torchrun --standalone --nproc-per-node 8 -m cli.main train data/train --out model.pt
     """
     from embedder import EmbedderConfig, Hierarchy, TrainConfig, load_images, read_source
+    from embedder.data import default_image_size
     from embedder import train as train_model
     from embedder.devices import default_threads, set_threads
     from embedder.distributed import DistributedContext, process_group
@@ -310,6 +363,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
         set_threads(default_threads(context.local_world_size))  # torchrun's processes share this machine's CPUs
     quiet = as_json or not context.is_main
     train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
+                               backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs,
+                               patience=patience or None,
                                classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
                                seed=seed, val_fraction=val_fraction, batch_norm=batch_norm)
     listing = read_source(source)
@@ -320,6 +375,9 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
         raise click.ClickException(f"no labelled images in {source}")
     level_names = tuple(name.strip() for name in levels.split(",")) if levels else None
     hierarchy = Hierarchy.from_paths([item.category for item in labelled], level_names, pad=pad)
+    if image_size is None:
+        image_size, why = default_image_size([item.path for item in labelled], bounds=IMAGE_SIZE_RANGE)
+        note(quiet, f"image size {image_size} px: {why} (--image-size to choose)")
     note(quiet, f"decoding {len(labelled)} images at {image_size}px ...")
     with progress_bar(len(labelled), "decode", quiet, rate="img/s") as advance:
         images, kept, failures = load_images([item.path for item in labelled], image_size, progress=advance)
@@ -344,7 +402,10 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
                "processes": context.world_size}
     if checkpoint.calibration:
         summary["calibration"] = checkpoint.calibration
-    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}) in {summary['seconds']}s\n"
+    if checkpoint.selection:
+        summary["selection"] = checkpoint.selection
+    held = (f", the weights of epoch {checkpoint.selection['best_epoch']}" if checkpoint.selection else "")
+    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}{held}) in {summary['seconds']}s\n"
          + "\n".join(f"  {k:<32} {v:.4f}" for k, v in checkpoint.metrics.items()))
 
 
@@ -630,7 +691,15 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
 # -- eval --------------------------------------------------------------------------------
 @cli.command("eval")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@model_option
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint written by `hiervec train`.")
+@click.option("--baseline", type=click.Choice(["imagenet"]), default=None,
+              help="Evaluate the untrained backbone instead of a checkpoint (its pooled ImageNet features): "
+                   "the figure training must beat on this data.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default=DEFAULT_BACKBONE, show_default=True,
+              help="With --baseline: which backbone.")
+@click.option("--image-size", type=click.IntRange(min=32), default=None,
+              help="With --baseline: input size in px. [default: as `hiervec train` reads it from the data]")
 @click.option("--uri", default=None, metavar="URI",
               help="Evaluate in this Milvus (SOURCE is ingested there if missing). [default: a temporary Milvus Lite file]")
 @click.option("--collection", default="eval", show_default=True)
@@ -641,8 +710,15 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
 @compute_options
 @json_option
 @uses_milvus
-def eval_(source, model_path, uri, collection, token, k, optimize, runtime, device, amp, as_json):
-    """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level."""
+def eval_(source, model_path, baseline, backbone, image_size, uri, collection, token, k, optimize, runtime, device,
+          amp, as_json):
+    """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level.
+
+    \b
+    Compare a trained model with the backbone it started from, on the same images:
+      hiervec eval data/test --model model.pt
+      hiervec eval data/test --baseline imagenet
+    """
     import tempfile
 
     from embedder import read_source
@@ -650,9 +726,16 @@ def eval_(source, model_path, uri, collection, token, k, optimize, runtime, devi
 
     from .evaluation import evaluate_collection
 
+    if (model_path is None) == (baseline is None):
+        raise click.UsageError("give either --model or --baseline")
     listing = read_source(source)
     items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
-    embedder = load_embedder(model_path, optimize, device, amp, runtime)
+    if not items:
+        raise click.ClickException(f"no labelled images in {source}")
+    if baseline is not None:
+        embedder = baseline_embedder(items, backbone, image_size, quiet=as_json)
+    else:
+        embedder = load_embedder(model_path, optimize, device, amp, runtime)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
         target = uri or str(Path(tmp) / "eval.db")
         with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
@@ -668,6 +751,19 @@ def eval_(source, model_path, uri, collection, token, k, optimize, runtime, devi
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     emit(as_json, metrics, "\n".join(f"{key:<32} {value:.4f}" if isinstance(value, float) else f"{key:<32} {value}"
                                      for key, value in metrics.items()))
+
+
+def baseline_embedder(items, backbone: str, image_size: int | None, *, quiet: bool):
+    """The untrained backbone over the levels of `items`' category paths (named as `hiervec train` names them)."""
+    from embedder import Hierarchy
+    from embedder.baseline import BackboneEmbedder
+    from embedder.data import default_image_size
+
+    hierarchy = Hierarchy.from_paths([item.category for item in items])
+    if image_size is None:
+        image_size, why = default_image_size([item.source for item in items], bounds=IMAGE_SIZE_RANGE)
+        note(quiet, f"image size {image_size} px: {why} (--image-size to choose)")
+    return BackboneEmbedder(level_names=hierarchy.level_names, image_size=image_size, backbone=backbone)
 
 
 # -- info and delete ---------------------------------------------------------------------

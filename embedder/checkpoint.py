@@ -33,6 +33,7 @@ class Checkpoint:
     history: list = field(default_factory=list)
     train_state: dict | None = None  # optimizer, scheduler, RNG, train config: what `resume` needs
     calibration: dict | None = None  # per-level softmax temperatures and their ECE/NLL (see prediction.calibrate)
+    selection: dict | None = None  # which epoch the weights are, by what criterion, against the start (training)
 
     @property
     def vector_fingerprint(self) -> str:
@@ -117,13 +118,17 @@ def save_checkpoint(
     history: list | None = None,
     train_state: dict | None = None,
     calibration: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    selection: dict | None = None,
 ) -> Checkpoint:
-    """Write atomically (a crash never leaves a half-written file); returns what was written."""
+    """Write atomically (a crash never leaves a half-written file); returns what was written.
+
+    The weights are `model`'s, or `state_dict` when given (e.g. an earlier, better epoch's)."""
     config: EmbedderConfig = model.config
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in (state_dict or model.state_dict()).items()}
     checkpoint = Checkpoint(
         config, hierarchy, state, fingerprint(config, hierarchy, state), epoch, metrics or {}, history or [], train_state,
-        calibration,
+        calibration, selection,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +143,7 @@ def save_checkpoint(
         "history": checkpoint.history,
         "train_state": train_state,
         "calibration": calibration,
+        "selection": selection,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -189,6 +195,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         payload.get("history", []),
         payload.get("train_state"),
         payload.get("calibration"),
+        payload.get("selection"),
     )
 
 

@@ -341,6 +341,34 @@ def load_images(
     return stacked, kept, failures
 
 
+def default_image_size(paths: Sequence[str | os.PathLike], *, sample: int = 200,
+                       bounds: tuple[int, int] = (64, 224)) -> tuple[int, str]:
+    """The input size to train at, read from the images: (size, why).
+
+    The median shorter side of up to `sample` images spread over `paths` (read from their
+    headers, nothing decoded), rounded to a multiple of 32 and clamped to `bounds`: small
+    images are not blown up past what they hold, large ones not squeezed below what the
+    backbone was pretrained to see. Files that cannot be opened are left out of the sample.
+    """
+    low, high = bounds
+    if not paths:
+        raise DataError("no images to read a default image size from")
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in list(paths)[::step][:sample]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sides:
+        return low, f"none of {min(sample, len(paths))} sampled images could be opened; the smallest size"
+    median = float(np.median(sides))
+    size = int(min(high, max(low, 32 * round(median / 32))))
+    return size, (f"the median shorter side of {len(sides)} sampled images is {median:.0f} px "
+                  f"(rounded to a multiple of 32, within {low}..{high})")
+
+
 # -- batching ----------------------------------------------------------------------------
 def balanced_batches(
     leaf_labels: np.ndarray,

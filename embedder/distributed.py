@@ -190,6 +190,15 @@ def check_same_on_every_rank(what: str, values: list[int], device: torch.device)
                                f"data and checkpoint")
 
 
+def broadcast_from_main(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (a decision only rank 0 can take, e.g. to stop early)."""
+    if not current().enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, 0)
+    return float(tensor.item())
+
+
 def barrier() -> None:
     if current().enabled:
         dist.barrier()

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-from hiervec_core.names import LEAF_SOFTMAX_MIN_IMAGES
+from hiervec_core.names import BACKBONE_LR_SCALE, LEAF_SOFTMAX_MIN_IMAGES, PATIENCE, PROBE_EPOCHS
 
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, restore_weights, save_checkpoint
@@ -37,6 +37,7 @@ from .hierarchy import Hierarchy
 from .inference import forward_batches
 from .losses import ContrastiveLoss, HierarchicalLoss, LossWeights
 from .metrics import agreement, exact_neighbours, others_in_category, retrieval_report
+from .baseline import pooled_features
 from .model import PyramidEmbedder
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,21 @@ LEAF_SOFTMAX = 1.0
 BATCH_NORM_CHOICES = ("auto", "batch", "sync", "frozen")
 
 
+# Fine-tuning that keeps what the pretrained backbone knows (BENCHMARKS.md, "Learning from
+# real catalogues", has the search on openclipart's validation split that chose these):
+# the backbone learns at `BACKBONE_LR_SCALE` times the new layers' rate, and only after
+# `PROBE_EPOCHS` epochs in which it is frozen and the new layers (FPN, heads, classifiers)
+# learn on its features alone (linear probe, then fine-tune: Kumar et al., ICLR 2022).
+# Early stopping: `PATIENCE` epochs without a better validation score. The three values live
+# in hiervec_core.names, where the CLI reads them without importing torch.
+# An epoch is one pass over the training images, but at least this many steps: a small
+# catalogue (a few hundred images: ten steps a pass) gets enough updates between two validations.
+MIN_STEPS_PER_EPOCH = 50
+# The default number of epochs gives at least this many steps in all (3 to 20 epochs).
+MIN_TOTAL_STEPS = 500
+DEFAULT_EPOCHS = (3, 20)
+
+
 def default_leaf_softmax(leaf_labels: np.ndarray) -> float:
     """`LEAF_SOFTMAX` when the median leaf label has `LEAF_SOFTMAX_MIN_IMAGES` images or more, else 0."""
     counts = np.bincount(np.asarray(leaf_labels, dtype=np.int64))
@@ -83,11 +99,14 @@ class TrainConfig:
     leaf labels only. Classifiers without a softmax weight still learn, on detached
     vectors, for prediction. BENCHMARKS.md has the search that chose these defaults."""
 
-    epochs: int = 3
-    steps_per_epoch: int | None = None  # default: one pass over the training split
+    epochs: int | None = None  # default: `default_epochs` of the steps per epoch
+    steps_per_epoch: int | None = None  # default: `default_steps_per_epoch` (one pass, at least MIN_STEPS_PER_EPOCH)
     classes_per_batch: int = 8
     per_class: int = 4
     lr: float = 1e-3
+    backbone_lr_scale: float = BACKBONE_LR_SCALE
+    probe_epochs: int = PROBE_EPOCHS
+    patience: int | None = PATIENCE
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     margin: float = 1.0
@@ -100,10 +119,16 @@ class TrainConfig:
     batch_norm: str = "auto"
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "classes_per_batch", "per_class", "log_every")
-        for name in positive:
+        for name in ("classes_per_batch", "per_class", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}")
+        if self.probe_epochs < 0:
+            raise ConfigError(f"probe_epochs must be 0 or more, got {self.probe_epochs}")
+        if not (math.isfinite(self.backbone_lr_scale) and 0 <= self.backbone_lr_scale <= 1):
+            raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
         if self.per_class < 2:
             raise ConfigError(f"per_class must be at least 2 so batches hold positive pairs, got {self.per_class}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -116,6 +141,15 @@ class TrainConfig:
             raise ConfigError(f"leaf_softmax must be a finite weight >= 0, got {self.leaf_softmax}")
         if self.batch_norm not in BATCH_NORM_CHOICES:
             raise ConfigError(f"batch_norm must be one of {', '.join(BATCH_NORM_CHOICES)}, got {self.batch_norm!r}")
+
+    def schedule(self, train_images: int, world_size: int = 1) -> tuple[int, int]:
+        """(steps per epoch, epochs) for this many training images: the configured values, else the
+        defaults from the data (see `describe_schedule`)."""
+        one_pass = max(1, train_images // (self.batch_size * world_size))
+        steps = self.steps_per_epoch or max(one_pass, MIN_STEPS_PER_EPOCH)
+        low, high = DEFAULT_EPOCHS
+        epochs = self.epochs or min(high, max(low, math.ceil(MIN_TOTAL_STEPS / steps)))
+        return steps, epochs
 
     @property
     def batch_size(self) -> int:
@@ -169,11 +203,14 @@ def split_validation(leaf_labels: np.ndarray, fraction: float, seed: int) -> tup
 
 def evaluate(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray, batch_size: int = 128) -> dict[str, float]:
     """Exact leave-one-out retrieval metrics of `model` on uint8 `images` with `labels`."""
-    concat = forward_batches(model, images, batch_size).concat
+    return _leave_one_out(forward_batches(model, images, batch_size).concat, labels, model.config.level_names)
+
+
+def _leave_one_out(vectors: np.ndarray, labels: np.ndarray, level_names: Sequence[str]) -> dict[str, float]:
     r = others_in_category(labels)
-    k = min(len(images) - 1, max(10, int(r.max())))
-    same = agreement(labels, exact_neighbours(concat, k))
-    return retrieval_report(same, model.config.level_names, r=r)
+    k = min(len(vectors) - 1, max(10, int(r.max())))
+    same = agreement(labels, exact_neighbours(vectors, k))
+    return retrieval_report(same, level_names, r=r)
 
 
 def _augmenter(size: int) -> v2.Transform:
@@ -185,16 +222,52 @@ def _augmenter(size: int) -> v2.Transform:
     )
 
 
-def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    warmup = max(1, int(total_steps * warmup_fraction))
+def describe_schedule(tc: TrainConfig, train_images: int, world_size: int = 1) -> str:
+    """Why `TrainConfig.schedule` chose its numbers, for the first lines of a training log."""
+    steps, epochs = tc.schedule(train_images, world_size)
+    one_pass = max(1, train_images // (tc.batch_size * world_size))
+    why_steps = ("as set" if tc.steps_per_epoch else
+                 f"one pass over {train_images} images" if steps == one_pass else
+                 f"a pass is {one_pass} steps; at least {MIN_STEPS_PER_EPOCH} between validations")
+    why_epochs = "as set" if tc.epochs else f"at least {MIN_TOTAL_STEPS} steps in all, {DEFAULT_EPOCHS[0]} to {DEFAULT_EPOCHS[1]} epochs"
+    return f"steps: {why_steps}; epochs: {why_epochs}"
+
+
+def parameter_groups(model: PyramidEmbedder, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """The optimizer's two groups: the new layers at `lr`, the pretrained backbone at ``lr * backbone_lr_scale``."""
+    backbone = {id(p) for p in model.body.parameters()}
+    new = [p for p in model.parameters() if id(p) not in backbone]
+    return [{"params": new, "lr": lr, "name": "new layers"},
+            {"params": list(model.body.parameters()), "lr": lr * backbone_lr_scale, "name": "backbone"}]
+
+
+def _schedule(total_steps: int, warmup_fraction: float, start: int = 0) -> Callable[[int], float]:
+    """The learning-rate factor of each step: 0 before `start`, then a linear warm-up over
+    `warmup_fraction` of the steps left and a cosine decay to 0 at `total_steps`."""
+    span = max(1, total_steps - start)
+    warmup = max(1, int(span * warmup_fraction))
 
     def factor(step: int) -> float:
+        if step < start:
+            return 0.0
+        step -= start
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, span - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def backbone_score(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray) -> float:
+    """`selection_score` of the model's backbone alone (its deepest map, pooled): the untrained
+    baseline, measured like every epoch. Call it before training changes the backbone."""
+    vectors = pooled_features(model.body, model.stages[-1], images, model.mean, model.std)
+    return selection_score(_leave_one_out(vectors, labels, model.config.level_names), model.config.level_names)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def train(
@@ -210,20 +283,28 @@ def train(
     log: Callable[[str], None] | None = None,
     device: str | torch.device | None = "auto",
     amp: bool = False,
+    validation: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train on uint8 ``(n, 3, S, S)`` `images` (S = ``config.image_size``) with ``(n, depth)`` `labels`.
 
-    Writes a checkpoint to `out` after every epoch and returns the last one. `device`:
-    ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; `amp`: mixed precision (see
-    `embedder.devices.Precision`). In a process group of several processes (torchrun),
-    every process passes the same data and trains with DDP; rank 0 logs, validates and
-    writes `out`, and the other ranks return ``checkpoint=None``.
+    Validates before the first step (epoch 0: the pretrained start) and after every epoch,
+    on `validation` (uint8 images, labels) when given, else on `val_fraction` of `images`;
+    writes a checkpoint to `out` after every epoch holding the **best** epoch so far by
+    `selection_score` (epoch 0 included: training never hands back weights that validate
+    worse than its start), stops after `patience` epochs without a better one, and returns
+    the final checkpoint. `device`: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; `amp`:
+    mixed precision (see `embedder.devices.Precision`). In a process group of several
+    processes (torchrun), every process passes the same data and trains with DDP; rank 0
+    logs, validates and writes `out`, and the other ranks return ``checkpoint=None``.
     """
     context = distributed.current()
     device = distributed.process_device(context, device)
     log = (log or logger.info) if context.is_main else (lambda line: None)
     labels = np.asarray(labels, dtype=np.int64)
     _check_inputs(images, labels, hierarchy, config)
+    if validation is not None:
+        validation = (validation[0], np.asarray(validation[1], dtype=np.int64))
+        _check_inputs(*validation, hierarchy, config)
     distributed.check_same_on_every_rank("the training data (images, CRC-32 of the labels)",
                                          [len(images), zlib.crc32(np.ascontiguousarray(labels).tobytes())], device)
     tc = train_config
@@ -233,8 +314,17 @@ def train(
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
 
-    train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
-    steps = tc.steps_per_epoch or max(1, len(train_idx) // (tc.batch_size * context.world_size))
+    if validation is None:
+        train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
+        val_images, val_labels = images[val_idx], labels[val_idx]
+    else:
+        train_idx, (val_images, val_labels) = np.arange(len(images)), validation
+    steps, epochs = tc.schedule(len(train_idx), context.world_size)
+    # The recipe that keeps what a pretrained backbone knows; a backbone from random weights
+    # has nothing to keep and learns at the full rate from the first step.
+    pretrained = backbone_weights is not None
+    backbone_lr_scale = tc.backbone_lr_scale if pretrained else 1.0
+    probe_epochs = min(tc.probe_epochs, epochs) if pretrained else 0
     model = PyramidEmbedder(config, backbone_weights=None if resume else backbone_weights)
     if batch_norm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -242,20 +332,28 @@ def train(
     weights = tc.loss_weights(config, labels[train_idx, -1])
     pair_loss = distributed.GlobalBatchLoss(ContrastiveLoss(tc.margin)) if context.enabled else None
     criterion = HierarchicalLoss(config.level_names, weights, tc.margin, model.classify, pair_loss=pair_loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tc.epochs * steps, tc.warmup_fraction))
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc.lr, backbone_lr_scale), lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
+    probe_steps = probe_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        _schedule(epochs * steps, tc.warmup_fraction),  # the new layers
+        _schedule(epochs * steps, tc.warmup_fraction, start=probe_steps),  # the backbone, after the linear probe
+    ])
     scaler = precision.grad_scaler()
-    start_epoch, history = 0, []
+    start_epoch, history, resume_state = 0, [], None
     if resume and Path(out).is_file():
-        start_epoch, history, rng = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
+        start_epoch, history, rng, resume_state = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
         log(f"resuming {out} after epoch {start_epoch}")
     distributed.check_same_on_every_rank(f"the epoch to resume {out} from (resume needs --out on a filesystem "
                                          f"every process sees)", [start_epoch], device)
-    net = model
     if context.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {context.world_size} processes on {device.type}, {tc.batch_size} images per process "
             f"and step ({tc.batch_size * context.world_size} in all), batch norm {batch_norm}")
+    log(f"schedule: {epochs} epochs of {steps} steps ({describe_schedule(tc, len(train_idx), context.world_size)}); "
+        f"lr {tc.lr:g} for the new layers, {tc.lr * backbone_lr_scale:g} for the backbone"
+        + (f" after {probe_epochs} epoch(s) of linear probe (backbone frozen)" if probe_epochs else "")
+        + ("" if pretrained else " (random initial weights: no linear probe, the backbone at the full rate)")
+        + (f"; early stop after {tc.patience} epochs without a better validation score" if tc.patience else ""))
     log(f"loss weights: contrastive {weights.contrastive}, softmax per level {list(weights.softmax)}"
         + (f", contrastive per level {list(weights.level_contrastive)}" if weights.level_contrastive else ""))
     if device.type != "cpu" or precision.dtype is not None:
@@ -263,12 +361,28 @@ def train(
 
     augment = _augmenter(config.image_size) if tc.augment else None
     train_images, train_labels = images[train_idx], labels[train_idx]
-    val_images, val_labels = images[val_idx], labels[val_idx]
-    validate = context.is_main and len(val_idx) > 1
+    validate = context.is_main and len(val_labels) > 1
+    selection = BestEpoch.from_history(history, model, resume_state)
+    if validate and start_epoch == 0:
+        record = {"epoch": 0, **selection.validate(model, val_images, val_labels, 0, log)}
+        if backbone_weights is not None:
+            record["backbone/score"] = backbone_score(model, val_images, val_labels)
+            log(f"the untrained backbone (its pooled features, no new layers) scores {record['backbone/score']:.4f} "
+                f"on the same validation images: the baseline training must beat")
+        history.append(record)
     checkpoint = None
-    for epoch in range(start_epoch, tc.epochs):
+    net, probing = model, None
+    for epoch in range(start_epoch, epochs):
+        if probing != (epoch < probe_epochs or backbone_lr_scale == 0):
+            probing = epoch < probe_epochs or backbone_lr_scale == 0
+            for parameter in model.body.parameters():
+                parameter.requires_grad_(not probing)
+            if context.enabled:  # DDP reduces the parameters that need gradients when it is built
+                net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()
-        if batch_norm == "frozen":
+        if probing:
+            model.body.eval()  # the frozen backbone keeps its running statistics
+        elif batch_norm == "frozen":
             _freeze_batch_norm(model)
         if context.enabled:  # each rank its own augmentations, reproducibly, whatever epoch a run resumes at
             torch.manual_seed(tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
@@ -294,7 +408,8 @@ def train(
                     rate = seen / (time.perf_counter() - started)
                     shown = " ".join(f"{k} {v / step:.4f}"
                                      for k, v in distributed.mean_across_ranks(sums, device).items())
-                    log(f"epoch {epoch + 1}/{tc.epochs} step {step}/{steps} {shown} {rate:.0f} img/s")
+                    log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} {shown} {rate:.0f} img/s"
+                        + (" (linear probe)" if probing else ""))
         except RuntimeError as exc:
             if not (context.enabled and _lost_a_peer(exc)):
                 raise
@@ -305,11 +420,10 @@ def train(
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
         record["img_per_s"] = seen / (time.perf_counter() - started)
         if validate:
-            metrics = evaluate(model, val_images, val_labels)
-            record.update({f"val/{k}": v for k, v in metrics.items()})
-            log(f"epoch {epoch + 1} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            record.update(selection.validate(model, val_images, val_labels, epoch + 1, log))
         record["elapsed_s"] = time.perf_counter() - run_started  # since this run (or resume) started
         history.append(record)
+        stop = validate and tc.patience is not None and epoch + 1 - selection.epoch >= tc.patience
         if context.is_main:
             state = {
                 "optimizer": optimizer.state_dict(),
@@ -320,24 +434,108 @@ def train(
                 "loss_weights": weights.to_dict(),
                 "world_size": context.world_size,
                 "batch_norm": batch_norm,
+                "schedule": {"epochs": epochs, "steps_per_epoch": steps},
+                # the last epoch's weights, where the file's own are an earlier, better epoch's: what resume continues
+                "resume_weights": None if selection.is_current else _cpu_state(model),
             }
-            metrics_only = {k: v for k, v in record.items() if k.startswith("val/")}
-            checkpoint = save_checkpoint(
-                out, model, hierarchy, epoch=epoch + 1, metrics=metrics_only, history=history, train_state=state
-            )
+            checkpoint = save_checkpoint(out, model, hierarchy, epoch=epoch + 1, metrics=selection.metrics,
+                                         history=history, train_state=state, state_dict=selection.state,
+                                         selection=selection.summary(history, stopped_early=bool(stop)))
         distributed.barrier()  # no rank runs ahead of the checkpoint it could be resumed from
+        if distributed.broadcast_from_main(float(stop), device):
+            log(f"stopping early after epoch {epoch + 1}: no better validation score since epoch {selection.epoch} "
+                f"(patience {tc.patience})")
+            break
     if not context.is_main:
         return TrainResult(None, history)
     if checkpoint is None:  # resumed a run that had already finished
-        checkpoint = load_checkpoint(out)
-    elif len(val_idx) > 1:
+        return TrainResult(load_checkpoint(out), history)
+    if selection.state is not None:
+        model.load_state_dict(selection.state)  # hand back (and calibrate) the best epoch
+    if validate:
+        log(selection.verdict(history))
         calibration = calibrate(validation_logits(model, val_images), val_labels, config.level_names)
         log("calibration (temperature per level, ECE before -> after): " + ", ".join(
             f"{name} T={t:.2f} {calibration['ece_before'][name]:.3f} -> {calibration['ece_after'][name]:.3f}"
             for name, t in zip(config.level_names, calibration["temperatures"]) if name in calibration["ece_before"]))
         checkpoint = save_checkpoint(out, model, hierarchy, epoch=checkpoint.epoch, metrics=checkpoint.metrics,
-                                     history=history, train_state=checkpoint.train_state, calibration=calibration)
+                                     history=history, train_state=checkpoint.train_state, calibration=calibration,
+                                     selection=checkpoint.selection)
     return TrainResult(checkpoint, history)
+
+
+def selection_score(metrics: dict[str, float], level_names: Sequence[str]) -> float:
+    """The one validation number that picks the best epoch: the mean of leaf R@1 and consistency@10 at
+    every level. It covers every level, so an epoch that trades the categories for the leaf (or
+    the leaf for the categories) does not win."""
+    parts = [metrics["recall@1"], *(metrics[f"consistency@10/{name}"] for name in level_names)]
+    return float(np.mean(parts))
+
+
+SELECTION_CRITERION = "mean of leaf recall@1 and consistency@10 at every level (validation split)"
+
+
+class BestEpoch:
+    """The best epoch so far by `selection_score`, and its weights (None while the model itself is the best)."""
+
+    def __init__(self, level_names: Sequence[str], epoch: int = -1, score: float = -math.inf,
+                 metrics: dict | None = None, state: dict | None = None):
+        self.level_names = tuple(level_names)
+        self.epoch, self.score, self.metrics, self.state = epoch, score, metrics or {}, state
+        self.is_current = True
+
+    @classmethod
+    def from_history(cls, history: list[dict], model: PyramidEmbedder, resumed: dict | None) -> BestEpoch:
+        """After a resume: the best validated epoch of `history`, whose weights are in `model` unless
+        `resumed` (the checkpoint's `resume_weights`) says the model has moved on since."""
+        best = cls(model.config.level_names)
+        scored = [r for r in history if "val/score" in r]
+        if scored:
+            top = max(scored, key=lambda r: r["val/score"])  # the first of equal scores, as in training
+            best.epoch, best.score = top["epoch"], top["val/score"]
+            best.metrics = {k: v for k, v in top.items() if k.startswith("val/")}
+            best.state = _cpu_state(model)  # the file's weights are the best epoch's
+        if resumed is not None:  # training had moved on from the best epoch: continue from where it was
+            best.is_current = False
+            model.load_state_dict(resumed)
+        return best
+
+    def validate(self, model: PyramidEmbedder, images: torch.Tensor, labels: np.ndarray, epoch: int,
+                 log: Callable[[str], None]) -> dict[str, float]:
+        """Validate `model` after `epoch` (0: before training), keep it if it is the best: its ``val/`` record."""
+        metrics = evaluate(model, images, labels)
+        score = selection_score(metrics, self.level_names)
+        record = {f"val/{k}": v for k, v in metrics.items()} | {"val/score": score}
+        self.is_current = score > self.score
+        if self.is_current:  # a copy: the model trains on from here
+            self.epoch, self.score, self.metrics, self.state = epoch, score, record, _cpu_state(model)
+        log(f"epoch {epoch}{' (the pretrained start)' if epoch == 0 else ''} validation "
+            + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" score {score:.4f}"
+            + (" (best)" if self.is_current else f" (best: epoch {self.epoch}, {self.score:.4f})"))
+        return record
+
+    def summary(self, history: list[dict], *, stopped_early: bool) -> dict | None:
+        """What the checkpoint records of the choice."""
+        if self.epoch < 0:
+            return None
+        start = next((r for r in history if r["epoch"] == 0), {})
+        return {"criterion": SELECTION_CRITERION, "best_epoch": self.epoch, "best_score": self.score,
+                "start_score": start.get("val/score"), "backbone_score": start.get("backbone/score"),
+                "beats_start": self.epoch > 0, "stopped_early": stopped_early}
+
+    def verdict(self, history: list[dict]) -> str:
+        """One plain line: which epoch the checkpoint holds, and whether training beat its start."""
+        start = next((r for r in history if r["epoch"] == 0), None)
+        if self.epoch == 0:
+            return (f"no epoch beat the pretrained start (validation score {self.score:.4f} at epoch 0): "
+                    f"the checkpoint holds the start's weights")
+        line = f"the checkpoint holds epoch {self.epoch} (validation score {self.score:.4f}"
+        line += f"; the pretrained start scored {start['val/score']:.4f})" if start else ")"
+        backbone = (start or {}).get("backbone/score")
+        if backbone is not None and backbone >= self.score:
+            line += (f"; the untrained backbone scores {backbone:.4f} here, as well or better: check your catalogue "
+                     f"with `hiervec eval DATA --baseline imagenet` before you ingest")
+        return line
 
 
 # How gloo and NCCL word a collective that failed because a peer is gone or silent (torch
@@ -384,7 +582,10 @@ def _check_inputs(images: torch.Tensor, labels: np.ndarray, hierarchy: Hierarchy
         )
 
 
-def _restore(path, model, optimizer, scheduler, config, hierarchy, tc) -> tuple[int, list, np.random.Generator]:
+def _restore(path, model, optimizer, scheduler, config, hierarchy,
+             tc) -> tuple[int, list, np.random.Generator, dict | None]:
+    """Load a checkpoint to resume from: (epoch, history, batch RNG, the last epoch's weights when the
+    file's own weights are an earlier, better epoch's)."""
     checkpoint = load_checkpoint(path)
     if checkpoint.config != config or checkpoint.hierarchy != hierarchy:
         raise CheckpointError(f"cannot resume {path}: it was trained with another model config or hierarchy")
@@ -395,10 +596,14 @@ def _restore(path, model, optimizer, scheduler, config, hierarchy, tc) -> tuple[
     if saved_tc != tc.to_dict() | {"epochs": saved_tc["epochs"]}:
         raise CheckpointError(f"cannot resume {path}: it was trained with another TrainConfig ({saved_tc})")
     restore_weights(model, checkpoint, path)
-    optimizer.load_state_dict(checkpoint.train_state["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint.train_state["optimizer"])
+    except ValueError as exc:  # e.g. one parameter group: written before the backbone had its own rate
+        raise CheckpointError(f"cannot resume {path}: its optimizer state does not fit this version's "
+                              f"({exc}); train it again without --resume") from exc
     scheduler.load_state_dict(checkpoint.train_state["scheduler"])
     torch.set_rng_state(checkpoint.train_state["torch_rng"])
     rng = np.random.default_rng()
     rng.bit_generator.state = checkpoint.train_state["rng"]
-    return checkpoint.epoch, list(checkpoint.history), rng
+    return checkpoint.epoch, list(checkpoint.history), rng, checkpoint.train_state.get("resume_weights")
 

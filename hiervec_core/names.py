@@ -23,6 +23,12 @@ MAX_TOPK = 16384  # Milvus's limit on the hits of one search; `HierStore.search_
 # (product-like leaves) the leaf level trains with the contrastive loss alone.
 LEAF_SOFTMAX_MIN_IMAGES = 20
 
+# Fine-tuning defaults (embedder.training explains and measures them; the CLI shows them).
+BACKBONE_LR_SCALE = 0.1  # the backbone's learning rate, as a share of the new layers'
+PROBE_EPOCHS = 1  # epochs of linear probe (backbone frozen) before fine-tuning
+PATIENCE = 3  # epochs without a better validation score before training stops
+IMAGE_SIZE_RANGE = (64, 224)  # the default input size is read from the data, within these bounds
+
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # what runs the model's vector part (embedder.runtimes)
 EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`
 

@@ -12,7 +12,7 @@ from embedder import fashion_mnist
 
 pytestmark = pytest.mark.unit
 
-COMMANDS = [["data"], ["data", "fashion-mnist"], ["data", "fashion-mnist-products"], ["train"], ["ingest"], ["search"],
+COMMANDS = [["data"], ["data", "fashion-mnist"], ["data", "fashion-mnist-products"], ["data", "openclipart"], ["train"], ["ingest"], ["search"],
             ["eval"], ["info"], ["delete"], ["copy"], ["relabel"], ["serve"], ["export"]]
 
 

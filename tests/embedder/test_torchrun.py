@@ -84,7 +84,8 @@ def same_losses(a: list[tuple[str, list[float]]], b: list[tuple[str, list[float]
 
 
 def test_two_processes_train_as_one_process_on_the_global_batch(tree, tmp_path):
-    common = [tree, *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--no-augment"]
+    # no validation split: the checkpoints hold the trained weights, never an earlier, better epoch's
+    common = [tree, *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--no-augment", "--val-fraction", "0"]
     ddp = run(torchrun(2, *common, "--out", tmp_path / "ddp.pt", "--classes-per-batch", "2"), tmp_path)
     # the same global batches in one process: twice the classes per batch, batch norm as
     # torchrun's default on CPUs (frozen: torch's SyncBatchNorm does not run there)
@@ -97,6 +98,7 @@ def test_two_processes_train_as_one_process_on_the_global_batch(tree, tmp_path):
 
     a, b = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(tmp_path / "ddp.pt")
     assert a.epoch == b.epoch == 1 and b.train_state["world_size"] == 2 and b.train_state["batch_norm"] == "frozen"
+    assert a.selection is None and b.selection is None  # no validation: the last epoch's weights
     differences = torch.cat([(a.state_dict[k].float() - b.state_dict[k].float()).abs().reshape(-1)
                              for k in a.state_dict])
     # AdamW moves every weight by about lr * sign(gradient) whatever the gradient's size, so
@@ -134,7 +136,8 @@ def wait_for(condition, what: str, seconds: float = JOB_DEADLINE_S):
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through Linux's /proc")
 def test_a_killed_rank_fails_the_job_and_resume_continues_on_any_number_of_processes(tree, tmp_path):
     out = tmp_path / "m.pt"
-    common = [tree, *TINY, "--out", out, "--steps-per-epoch", "25", "--classes-per-batch", "2", "--dist-timeout", "60"]
+    common = [tree, *TINY, "--out", out, "--steps-per-epoch", "25", "--classes-per-batch", "2", "--dist-timeout", "60",
+              "--patience", "0"]  # every epoch runs, whatever validation says
     launcher = subprocess.Popen(torchrun(2, *common, "--epochs", "6"), cwd=Path(__file__).resolve().parents[2],
                                 env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -157,7 +160,7 @@ def test_a_killed_rank_fails_the_job_and_resume_continues_on_any_number_of_proce
     assert f"resuming {out} after epoch {stopped_at + 1}" in alone.stderr
     final = load_checkpoint(out)
     assert final.epoch == stopped_at + 2
-    assert [h["epoch"] for h in final.history] == list(range(1, stopped_at + 3))
+    assert [h["epoch"] for h in final.history] == list(range(0, stopped_at + 3))  # epoch 0: the start, validated
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through Linux's /proc")
