@@ -24,7 +24,7 @@ from dataclasses import replace
 import click
 
 from hiervec_core.names import (
-    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, IMAGE_SIZE_RANGE, PATIENCE, PROBE_EPOCHS, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
+    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, IMAGE_SIZE_RANGE, PATIENCE, PROBE_EPOCHS, VAL_MAX, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
     MAX_TOPK, PREDICTED_CHOICES, RUNTIMES, SERVER_INDEXES,
 )
 
@@ -331,6 +331,11 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
               help="Random resized crops and flips of the training images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--val-max", type=click.IntRange(min=2), default=VAL_MAX, show_default=True,
+              help="Validate on at most this many of the held-out images (a seeded sample).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Loader processes that decode and augment the training images (0: in the training process). "
+                   "[default: this machine's cores shared among its training processes, one left to each]")
 @click.option("--resume", is_flag=True,
               help="Continue the run whose checkpoint is at --out (on any number of processes).")
 @click.option("--batch-norm", type=click.Choice(["auto", "batch", "sync", "frozen"]), default="auto",
@@ -343,16 +348,17 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @compute_options
 @json_option
 def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
-          backbone_lr_scale, probe_epochs, patience, leaf_softmax, classes_per_batch, per_class, augment, seed, val_fraction, resume, batch_norm,
-          dist_timeout, device, amp, as_json):
+          backbone_lr_scale, probe_epochs, patience, leaf_softmax, classes_per_batch, per_class, augment, seed,
+          val_fraction, val_max, workers, resume, batch_norm, dist_timeout, device, amp, as_json):
     """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest.
 
     \b
     On several processes or machines, start it with torchrun (DistributedDataParallel):
       torchrun --standalone --nproc-per-node 8 -m cli.main train data/train --out model.pt
     """
-    from embedder import EmbedderConfig, Hierarchy, TrainConfig, load_images, read_source
+    from embedder import EmbedderConfig, Hierarchy, TrainConfig, read_source
     from embedder.data import default_image_size
+    from embedder.streaming import ImageFiles, default_workers
     from embedder import train as train_model
     from embedder.devices import default_threads, set_threads
     from embedder.distributed import DistributedContext, process_group
@@ -366,7 +372,7 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
                                backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs,
                                patience=patience or None,
                                classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
-                               seed=seed, val_fraction=val_fraction, batch_norm=batch_norm)
+                               seed=seed, val_fraction=val_fraction, val_max=val_max, batch_norm=batch_norm)
     listing = read_source(source)
     labelled = [item for item in listing.items if item.category is not None]
     for failure in listing.failures[:5]:
@@ -378,26 +384,26 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     if image_size is None:
         image_size, why = default_image_size([item.path for item in labelled], bounds=IMAGE_SIZE_RANGE)
         note(quiet, f"image size {image_size} px: {why} (--image-size to choose)")
-    note(quiet, f"decoding {len(labelled)} images at {image_size}px ...")
-    with progress_bar(len(labelled), "decode", quiet, rate="img/s") as advance:
-        images, kept, failures = load_images([item.path for item in labelled], image_size, progress=advance)
-    for failure in failures[:5]:
-        note(quiet, f"skipped {failure.source}: {failure.reason}")
-    labels = hierarchy.encode_many([labelled[i].category for i in kept], pad=pad)
+    images = ImageFiles([item.path for item in labelled], image_size)  # decoded batch by batch, in the loader
+    labels = hierarchy.encode_many([item.category for item in labelled], pad=pad)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
-    note(quiet, f"training {mode} {backbone} on {len(kept)} images, levels "
+    workers = default_workers(context.local_world_size) if workers is None else workers
+    note(quiet, f"training {mode} {backbone} on {len(labelled)} images at {image_size} px, levels "
                 f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
     started = time.perf_counter()
     with process_group(context, device, timeout_s=dist_timeout) as process_device:
         result = train_model(images, labels, hierarchy, config, train_config, out=out,
                              backbone_weights=None if weights == "none" else weights, resume=resume,
-                             device=process_device, amp=amp,
+                             device=process_device, amp=amp, workers=workers,
                              log=(lambda line: None) if quiet else (lambda line: click.echo(line, err=True)))
+    failures = list({failure.source: failure for failure in result.failures}.values())  # each file once
+    for failure in failures[:5]:
+        note(quiet, f"skipped {failure.source}: {failure.reason}")
     checkpoint = result.checkpoint
     if checkpoint is None:  # a rank other than 0: rank 0 reports
         return
     summary = {"checkpoint": str(out), "fingerprint": checkpoint.vector_fingerprint, "epochs": checkpoint.epoch,
-               "images": len(kept), "skipped": len(listing.failures) + len(failures),
+               "images": len(labelled) - len(failures), "skipped": len(listing.failures) + len(failures),
                "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics,
                "processes": context.world_size}
     if checkpoint.calibration:

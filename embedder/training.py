@@ -24,21 +24,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-from hiervec_core.names import BACKBONE_LR_SCALE, LEAF_SOFTMAX_MIN_IMAGES, PATIENCE, PROBE_EPOCHS
+from hiervec_core.names import BACKBONE_LR_SCALE, LEAF_SOFTMAX_MIN_IMAGES, PATIENCE, PROBE_EPOCHS, VAL_MAX
 
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, restore_weights, save_checkpoint
 from .prediction import calibrate
 from .config import EmbedderConfig
-from .data import balanced_batches
+from .data import Failure
 from .devices import Precision
-from .errors import CheckpointError, ConfigError, DistributedError
+from .errors import CheckpointError, ConfigError, DataError, DistributedError
 from .hierarchy import Hierarchy
 from .inference import forward_batches
 from .losses import ContrastiveLoss, HierarchicalLoss, LossWeights
 from .metrics import agreement, exact_neighbours, others_in_category, retrieval_report
 from .baseline import pooled_features
 from .model import PyramidEmbedder
+from .streaming import Batch, BalancedBatchSampler, training_loader
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ BATCH_NORM_CHOICES = ("auto", "batch", "sync", "frozen")
 MIN_STEPS_PER_EPOCH = 50
 # The default number of epochs gives at least this many steps in all (3 to 20 epochs).
 MIN_TOTAL_STEPS = 500
+
 DEFAULT_EPOCHS = (3, 20)
 
 
@@ -117,6 +119,7 @@ class TrainConfig:
     augment: bool = True
     log_every: int = 25
     batch_norm: str = "auto"
+    val_max: int = VAL_MAX
 
     def __post_init__(self) -> None:
         for name in ("classes_per_batch", "per_class", "log_every"):
@@ -125,6 +128,8 @@ class TrainConfig:
         for name in ("epochs", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}")
+        if self.val_max < 2:
+            raise ConfigError(f"val_max must be at least 2, got {self.val_max}")
         if self.probe_epochs < 0:
             raise ConfigError(f"probe_epochs must be 0 or more, got {self.probe_epochs}")
         if not (math.isfinite(self.backbone_lr_scale) and 0 <= self.backbone_lr_scale <= 1):
@@ -186,6 +191,7 @@ class TrainConfig:
 class TrainResult:
     checkpoint: Checkpoint | None  # None on the ranks other than 0 of a multi-process run
     history: list[dict] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)  # files that failed to decode (this process's)
 
 
 def split_validation(leaf_labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,6 +272,43 @@ def backbone_score(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndar
     return selection_score(_leave_one_out(vectors, labels, model.config.level_names), model.config.level_names)
 
 
+def _validation_sample(images, labels: np.ndarray, val_idx: np.ndarray, tc: TrainConfig,
+                       failures: list[Failure]) -> tuple[torch.Tensor, np.ndarray]:
+    """The held-out images to validate on, decoded: a seeded sample of at most `tc.val_max` of them."""
+    if len(val_idx) > tc.val_max:
+        val_idx = np.sort(np.random.default_rng(tc.seed).choice(val_idx, tc.val_max, replace=False))
+    chosen = images[val_idx]
+    if isinstance(chosen, torch.Tensor):
+        return chosen, labels[val_idx]
+    decoded, kept, failed = chosen.decode()
+    failures.extend(failed)
+    return decoded, labels[val_idx][kept]
+
+
+def _whole_batch(loaded: Batch, batch_idx: np.ndarray, leaf_labels: np.ndarray,
+                 distributed_run: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """The loaded images and their indices, each failed image's place taken by another image of its class
+    in the batch: the batch keeps its size and its balance (every process of a run needs equal batches)."""
+    if len(loaded.positions) == len(batch_idx):
+        return loaded.images, batch_idx
+    kept = loaded.positions.numpy()
+    rows, indices = list(range(len(kept))), list(batch_idx[kept])
+    for position in sorted(set(range(len(batch_idx))) - set(kept.tolist())):
+        twin = next((row for row, p in enumerate(kept) if leaf_labels[batch_idx[p]] == leaf_labels[batch_idx[position]]),
+                    None)
+        if twin is None and distributed_run:
+            raise DataError(f"every image of one class in a batch failed to decode "
+                            f"({'; '.join(f'{f.source}: {f.reason}' for f in loaded.failures[:3])}); "
+                            f"processes of a run need equal batches: remove the broken files and train again")
+        if twin is not None:
+            rows.append(twin)
+            indices.append(batch_idx[kept[twin]])
+    if not rows:
+        raise DataError("every image of a batch failed to decode: "
+                        + "; ".join(f"{f.source}: {f.reason}" for f in loaded.failures[:3]))
+    return loaded.images[rows], np.asarray(indices)
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -284,8 +327,14 @@ def train(
     device: str | torch.device | None = "auto",
     amp: bool = False,
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
+    workers: int = 0,
 ) -> TrainResult:
     """Train on uint8 ``(n, 3, S, S)`` `images` (S = ``config.image_size``) with ``(n, depth)`` `labels`.
+
+    `images` is a tensor, or an `embedder.streaming.ImageFiles` listing that is decoded batch
+    by batch in `workers` loader processes (0: in this thread): memory then does not grow
+    with the catalogue. A file that fails to decode is left out of its batch (its place
+    taken by another image of its class) and reported in the result; training goes on.
 
     Validates before the first step (epoch 0: the pretrained start) and after every epoch,
     on `validation` (uint8 images, labels) when given, else on `val_fraction` of `images`;
@@ -314,9 +363,10 @@ def train(
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
 
+    failures: list[Failure] = []
     if validation is None:
         train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
-        val_images, val_labels = images[val_idx], labels[val_idx]
+        val_images, val_labels = _validation_sample(images, labels, val_idx, tc, failures)
     else:
         train_idx, (val_images, val_labels) = np.arange(len(images)), validation
     steps, epochs = tc.schedule(len(train_idx), context.world_size)
@@ -361,6 +411,8 @@ def train(
 
     augment = _augmenter(config.image_size) if tc.augment else None
     train_images, train_labels = images[train_idx], labels[train_idx]
+    if workers:
+        log(f"loader: {workers} worker processes decode and augment the batches")
     validate = context.is_main and len(val_labels) > 1
     selection = BestEpoch.from_history(history, model, resume_state)
     if validate and start_epoch == 0:
@@ -387,13 +439,15 @@ def train(
         if context.enabled:  # each rank its own augmentations, reproducibly, whatever epoch a run resumes at
             torch.manual_seed(tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
         started, seen, sums = time.perf_counter(), 0, {}
-        batches = balanced_batches(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
-                                   rank=context.rank, world_size=context.world_size)
+        sampler = BalancedBatchSampler(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
+                                       rank=context.rank, world_size=context.world_size)
+        batches = training_loader(train_images, sampler, augment, workers=workers, pin_memory=device.type == "cuda",
+                                  seed=tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
         try:
-            for step, batch_idx in enumerate(batches, start=1):
-                batch = train_images[batch_idx].to(device).float().div_(255)
-                if augment is not None:
-                    batch = torch.stack([augment(img) for img in batch])
+            for step, (batch_idx, loaded) in enumerate(batches, start=1):
+                failures.extend(loaded.failures)
+                batch, batch_idx = _whole_batch(loaded, np.asarray(batch_idx), train_labels[:, -1], context.enabled)
+                batch = batch.to(device, non_blocking=True)
                 with precision.autocast():
                     loss, parts = criterion(net(batch), torch.from_numpy(train_labels[batch_idx]).to(device))
                 optimizer.zero_grad(set_to_none=True)
@@ -447,9 +501,9 @@ def train(
                 f"(patience {tc.patience})")
             break
     if not context.is_main:
-        return TrainResult(None, history)
+        return TrainResult(None, history, failures)
     if checkpoint is None:  # resumed a run that had already finished
-        return TrainResult(load_checkpoint(out), history)
+        return TrainResult(load_checkpoint(out), history, failures)
     if selection.state is not None:
         model.load_state_dict(selection.state)  # hand back (and calibrate) the best epoch
     if validate:
@@ -461,7 +515,7 @@ def train(
         checkpoint = save_checkpoint(out, model, hierarchy, epoch=checkpoint.epoch, metrics=checkpoint.metrics,
                                      history=history, train_state=checkpoint.train_state, calibration=calibration,
                                      selection=checkpoint.selection)
-    return TrainResult(checkpoint, history)
+    return TrainResult(checkpoint, history, failures)
 
 
 def selection_score(metrics: dict[str, float], level_names: Sequence[str]) -> float:

@@ -27,7 +27,8 @@ LEAF_SOFTMAX_MIN_IMAGES = 20
 BACKBONE_LR_SCALE = 0.1  # the backbone's learning rate, as a share of the new layers'
 PROBE_EPOCHS = 1  # epochs of linear probe (backbone frozen) before fine-tuning
 PATIENCE = 3  # epochs without a better validation score before training stops
-IMAGE_SIZE_RANGE = (64, 224)  # the default input size is read from the data, within these bounds
+IMAGE_SIZE_RANGE = (64, 224)
+VAL_MAX = 2000  # validation embeds at most this many held-out images (a seeded sample)  # the default input size is read from the data, within these bounds
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # what runs the model's vector part (embedder.runtimes)
 EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`
