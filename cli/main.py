@@ -337,7 +337,11 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
               help="Loader processes that decode and augment the training images (0: in the training process). "
                    "[default: this machine's cores shared among its training processes, one left to each]")
 @click.option("--resume", is_flag=True,
-              help="Continue the run whose checkpoint is at --out (on any number of processes).")
+              help="Continue the run whose checkpoint is at --out (on any number of processes), from the step "
+                   "it was saved at.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              help="Also save a checkpoint every STEPS steps inside an epoch, for --resume after a kill. "
+                   "[default: at the end of each epoch only]")
 @click.option("--batch-norm", type=click.Choice(["auto", "batch", "sync", "frozen"]), default="auto",
               show_default=True,
               help="Batch-norm statistics: batch (each process's batch), sync (the global batch; CUDA), frozen "
@@ -349,7 +353,7 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @json_option
 def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
           backbone_lr_scale, probe_epochs, patience, leaf_softmax, classes_per_batch, per_class, augment, seed,
-          val_fraction, val_max, workers, resume, batch_norm, dist_timeout, device, amp, as_json):
+          val_fraction, val_max, workers, resume, checkpoint_every, batch_norm, dist_timeout, device, amp, as_json):
     """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest.
 
     \b
@@ -372,7 +376,8 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
                                backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs,
                                patience=patience or None,
                                classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
-                               seed=seed, val_fraction=val_fraction, val_max=val_max, batch_norm=batch_norm)
+                               seed=seed, val_fraction=val_fraction, val_max=val_max, batch_norm=batch_norm,
+                               checkpoint_every=checkpoint_every)
     listing = read_source(source)
     labelled = [item for item in listing.items if item.category is not None]
     for failure in listing.failures[:5]:

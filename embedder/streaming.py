@@ -81,13 +81,18 @@ class _TrainingImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
         try:
             image = self.images[index]
         except ImageDecodeError as exc:
             return None, Failure(exc.source, exc.reason)
         image = image.float().div_(255)
-        return (self.augment(image) if self.augment is not None else image), None
+        if self.augment is None:
+            return image, None
+        with torch.random.fork_rng(devices=[]):  # this sample's own stream: the same crop in any worker, after any resume
+            torch.manual_seed(seed)
+            return self.augment(image), None
 
 
 def _collate(items) -> Batch:
@@ -101,26 +106,34 @@ def _pin(batch: Batch) -> Batch:
     return Batch(batch.images.pin_memory(), batch.positions, batch.failures)
 
 
-class BalancedBatchSampler(Sampler[list[int]]):
+class BalancedBatchSampler(Sampler[list[tuple[int, int]]]):
     """One epoch of `balanced_batches`: `steps` batches of this rank, drawn from the labels alone with the
-    seeded `rng` (advanced as they are drawn, so the next epoch continues the sequence)."""
+    seeded `rng` (advanced as they are drawn, so the next epoch continues the sequence).
+
+    Each batch is a list of ``(index, augmentation seed)``: a sample's seed follows from `seed`,
+    its step and its place in the batch, so its augmentation does not depend on which worker
+    draws it or on where a run was resumed. `skip` draws the first batches without yielding
+    them: an epoch resumed after `skip` steps goes on with the batches it would have had.
+    """
 
     def __init__(self, leaf_labels: np.ndarray, classes_per_batch: int, per_class: int, steps: int,
-                 rng: np.random.Generator, *, rank: int = 0, world_size: int = 1):
+                 rng: np.random.Generator, *, rank: int = 0, world_size: int = 1, seed: int = 0, skip: int = 0):
         self.batches = balanced_batches(leaf_labels, classes_per_batch, per_class, steps, rng, rank=rank,
                                         world_size=world_size)
-        self.steps = steps
+        self.steps, self.seed, self.skip = steps, seed, skip
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.skip
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches:
-            yield batch.tolist()
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step, batch in enumerate(self.batches):
+            if step >= self.skip:
+                base = (self.seed * 1_000_003 + step) * 4096
+                yield [(int(index), (base + position) % 2**63) for position, index in enumerate(batch)]
 
 
 def training_loader(images, sampler: BalancedBatchSampler, augment, *, workers: int = 0,
-                    pin_memory: bool = False, seed: int = 0) -> Iterator[tuple[list[int], Batch]]:
+                    pin_memory: bool = False) -> Iterator[tuple[list[int], Batch]]:
     """The epoch's batches in order: (the sampler's indices, the decoded and augmented `Batch`).
 
     With `workers` > 0, decoding and augmentation run in that many processes (each with one
@@ -134,10 +147,10 @@ def training_loader(images, sampler: BalancedBatchSampler, augment, *, workers: 
 
         def __iter__(self):
             for batch in sampler:
-                indices.append(batch)
+                indices.append([index for index, _ in batch])
                 yield batch
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(sampler.seed)  # the loader's own draws leave the global RNG alone
     loader = DataLoader(_TrainingImages(images, augment), batch_sampler=Recorded(), num_workers=workers,
                         collate_fn=_collate, generator=generator, worker_init_fn=_one_thread if workers else None,
                         persistent_workers=False, prefetch_factor=2 if workers else None)

@@ -120,12 +120,13 @@ class TrainConfig:
     log_every: int = 25
     batch_norm: str = "auto"
     val_max: int = VAL_MAX
+    checkpoint_every: int | None = None  # steps; None: at the end of every epoch only
 
     def __post_init__(self) -> None:
         for name in ("classes_per_batch", "per_class", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("epochs", "patience"):
+        for name in ("epochs", "patience", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}")
         if self.val_max < 2:
@@ -390,10 +391,14 @@ def train(
         _schedule(epochs * steps, tc.warmup_fraction, start=probe_steps),  # the backbone, after the linear probe
     ])
     scaler = precision.grad_scaler()
-    start_epoch, history, resume_state = 0, [], None
+    start_epoch, history, resume_state, partial = 0, [], None, None
     if resume and Path(out).is_file():
-        start_epoch, history, rng, resume_state = _restore(Path(out), model, optimizer, scheduler, config, hierarchy, tc)
-        log(f"resuming {out} after epoch {start_epoch}")
+        start_epoch, history, rng, saved = _restore(Path(out), model, optimizer, scheduler, scaler, config, hierarchy,
+                                                    tc)
+        resume_state = saved.get("resume_weights")
+        if saved.get("step"):
+            partial = {key: saved[key] for key in ("step", "seen", "sums")}
+        log(f"resuming {out} after epoch {start_epoch}" + (f", step {partial['step']}" if partial else ""))
     distributed.check_same_on_every_rank(f"the epoch to resume {out} from (resume needs --out on a filesystem "
                                          f"every process sees)", [start_epoch], device)
     if context.enabled:
@@ -422,6 +427,17 @@ def train(
             log(f"the untrained backbone (its pooled features, no new layers) scores {record['backbone/score']:.4f} "
                 f"on the same validation images: the baseline training must beat")
         history.append(record)
+    def train_state(batch_rng: dict) -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": batch_rng, "torch_rng": torch.get_rng_state(), "train_config": tc.to_dict(),
+                "loss_weights": weights.to_dict(), "world_size": context.world_size, "batch_norm": batch_norm,
+                "schedule": {"epochs": epochs, "steps_per_epoch": steps}}
+
+    def save(completed_epochs: int, state: dict, *, stopped_early: bool) -> Checkpoint:
+        return save_checkpoint(out, model, hierarchy, epoch=completed_epochs, metrics=selection.metrics,
+                               history=history, train_state=state, state_dict=selection.state,
+                               selection=selection.summary(history, stopped_early=stopped_early))
+
     checkpoint = None
     net, probing = model, None
     for epoch in range(start_epoch, epochs):
@@ -436,15 +452,18 @@ def train(
             model.body.eval()  # the frozen backbone keeps its running statistics
         elif batch_norm == "frozen":
             _freeze_batch_norm(model)
-        if context.enabled:  # each rank its own augmentations, reproducibly, whatever epoch a run resumes at
-            torch.manual_seed(tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
-        started, seen, sums = time.perf_counter(), 0, {}
+        started, seen, sums, skip = time.perf_counter(), 0, {}, 0
+        if partial is not None:  # resumed in the middle of this epoch: its first steps are done
+            skip, seen, sums, partial = partial["step"], partial["seen"], dict(partial["sums"]), None
+            log(f"resuming epoch {epoch + 1} at step {skip + 1}/{steps}")
+        epoch_rng = rng.bit_generator.state  # a checkpoint inside this epoch draws its batches again from here
+        # each rank its own augmentations, the same whatever worker draws a sample or where a run resumes
         sampler = BalancedBatchSampler(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
-                                       rank=context.rank, world_size=context.world_size)
-        batches = training_loader(train_images, sampler, augment, workers=workers, pin_memory=device.type == "cuda",
-                                  seed=tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
+                                       rank=context.rank, world_size=context.world_size, skip=skip,
+                                       seed=tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
+        batches = training_loader(train_images, sampler, augment, workers=workers, pin_memory=device.type == "cuda")
         try:
-            for step, (batch_idx, loaded) in enumerate(batches, start=1):
+            for step, (batch_idx, loaded) in enumerate(batches, start=skip + 1):
                 failures.extend(loaded.failures)
                 batch, batch_idx = _whole_batch(loaded, np.asarray(batch_idx), train_labels[:, -1], context.enabled)
                 batch = batch.to(device, non_blocking=True)
@@ -464,6 +483,12 @@ def train(
                                      for k, v in distributed.mean_across_ranks(sums, device).items())
                     log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} {shown} {rate:.0f} img/s"
                         + (" (linear probe)" if probing else ""))
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < steps:
+                    if context.is_main:  # the best validated weights, and what resume needs to go on from this step
+                        save(epoch, {**train_state(epoch_rng), "step": step, "seen": seen, "sums": sums,
+                                     "resume_weights": None if selection.state is None else _cpu_state(model)},
+                             stopped_early=False)
+                    distributed.barrier()
         except RuntimeError as exc:
             if not (context.enabled and _lost_a_peer(exc)):
                 raise
@@ -479,22 +504,10 @@ def train(
         history.append(record)
         stop = validate and tc.patience is not None and epoch + 1 - selection.epoch >= tc.patience
         if context.is_main:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "train_config": tc.to_dict(),
-                "loss_weights": weights.to_dict(),
-                "world_size": context.world_size,
-                "batch_norm": batch_norm,
-                "schedule": {"epochs": epochs, "steps_per_epoch": steps},
-                # the last epoch's weights, where the file's own are an earlier, better epoch's: what resume continues
-                "resume_weights": None if selection.is_current else _cpu_state(model),
-            }
-            checkpoint = save_checkpoint(out, model, hierarchy, epoch=epoch + 1, metrics=selection.metrics,
-                                         history=history, train_state=state, state_dict=selection.state,
-                                         selection=selection.summary(history, stopped_early=bool(stop)))
+            # the last epoch's weights, where the file's own are an earlier, better epoch's: what resume continues
+            checkpoint = save(epoch + 1, {**train_state(rng.bit_generator.state), "step": 0,
+                                          "resume_weights": None if selection.is_current else _cpu_state(model)},
+                              stopped_early=bool(stop))
         distributed.barrier()  # no rank runs ahead of the checkpoint it could be resumed from
         if distributed.broadcast_from_main(float(stop), device):
             log(f"stopping early after epoch {epoch + 1}: no better validation score since epoch {selection.epoch} "
@@ -636,10 +649,15 @@ def _check_inputs(images: torch.Tensor, labels: np.ndarray, hierarchy: Hierarchy
         )
 
 
-def _restore(path, model, optimizer, scheduler, config, hierarchy,
-             tc) -> tuple[int, list, np.random.Generator, dict | None]:
-    """Load a checkpoint to resume from: (epoch, history, batch RNG, the last epoch's weights when the
-    file's own weights are an earlier, better epoch's)."""
+# What a resumed run may set anew: when to stop and how often to save, not what is learnt.
+RESUME_MAY_CHANGE = ("epochs", "patience", "checkpoint_every", "log_every", "val_max")
+
+
+def _restore(path, model, optimizer, scheduler, scaler, config, hierarchy,
+             tc) -> tuple[int, list, np.random.Generator, dict]:
+    """Load a checkpoint to resume from: (completed epochs, history, batch RNG, its train state: the
+    weights to go on from where the file's own are an earlier, better epoch's, and the step reached
+    in the epoch after those completed)."""
     checkpoint = load_checkpoint(path)
     if checkpoint.config != config or checkpoint.hierarchy != hierarchy:
         raise CheckpointError(f"cannot resume {path}: it was trained with another model config or hierarchy")
@@ -647,7 +665,8 @@ def _restore(path, model, optimizer, scheduler, config, hierarchy,
         raise CheckpointError(f"cannot resume {path}: it holds no optimizer state")
     # fields added since the checkpoint was written count at their defaults
     saved_tc = TrainConfig().to_dict() | checkpoint.train_state["train_config"]
-    if saved_tc != tc.to_dict() | {"epochs": saved_tc["epochs"]}:
+    free = {key: saved_tc[key] for key in RESUME_MAY_CHANGE}
+    if saved_tc != tc.to_dict() | free:
         raise CheckpointError(f"cannot resume {path}: it was trained with another TrainConfig ({saved_tc})")
     restore_weights(model, checkpoint, path)
     try:
@@ -656,8 +675,10 @@ def _restore(path, model, optimizer, scheduler, config, hierarchy,
         raise CheckpointError(f"cannot resume {path}: its optimizer state does not fit this version's "
                               f"({exc}); train it again without --resume") from exc
     scheduler.load_state_dict(checkpoint.train_state["scheduler"])
+    if checkpoint.train_state.get("scaler"):
+        scaler.load_state_dict(checkpoint.train_state["scaler"])
     torch.set_rng_state(checkpoint.train_state["torch_rng"])
     rng = np.random.default_rng()
     rng.bit_generator.state = checkpoint.train_state["rng"]
-    return checkpoint.epoch, list(checkpoint.history), rng, checkpoint.train_state.get("resume_weights")
+    return checkpoint.epoch, list(checkpoint.history), rng, checkpoint.train_state
 

@@ -30,6 +30,11 @@ def write_files(images, folder):
     return paths
 
 
+def last_weights(checkpoint):
+    """The weights training ended at: the file's own, or those kept to resume when the file holds a better epoch."""
+    return checkpoint.train_state.get("resume_weights") or checkpoint.state_dict
+
+
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -152,3 +157,41 @@ def test_default_workers_share_the_cores_among_a_machines_processes(monkeypatch)
     assert default_workers() == 8 and default_workers(4) == 3 and default_workers(16) == 1
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert default_workers() == 1 and default_workers(2) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_stopped_mid_epoch_resumes_at_its_step_and_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch,
+                                                                                              workers):
+    images, labels, hierarchy = tiny_data()
+    files = ImageFiles(write_files(images, tmp_path / "files"), 32)
+    config = tiny_config(hierarchy)
+    tc = replace(TC, epochs=2, steps_per_epoch=5, checkpoint_every=2)
+    whole = train(files, labels, hierarchy, config, tc, out=tmp_path / "whole.pt", workers=workers).checkpoint
+
+    out = tmp_path / "killed.pt"
+    original, calls = training.HierarchicalLoss.forward, []
+
+    def dies_at_step_8(self, *args):
+        calls.append(1)
+        if len(calls) == 8:  # epoch 2, step 3: after the checkpoint of its step 2
+            raise KeyboardInterrupt("killed")
+        return original(self, *args)
+
+    monkeypatch.setattr(training.HierarchicalLoss, "forward", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(files, labels, hierarchy, config, tc, out=out, workers=workers)
+    monkeypatch.setattr(training.HierarchicalLoss, "forward", original)
+    stopped = load_checkpoint(out)
+    assert stopped.epoch == 1 and stopped.train_state["step"] == 2
+
+    lines = []
+    resumed = train(files, labels, hierarchy, config, tc, out=out, workers=workers, resume=True, log=lines.append)
+    assert lines[0] == f"resuming {out} after epoch 1, step 2"
+    assert "resuming epoch 2 at step 3/5" in lines
+    assert not any(line.startswith("epoch 2/2 step 2/5") for line in lines)  # done before the stop, not again
+    final = resumed.checkpoint
+    assert final.epoch == 2 and [h["epoch"] for h in final.history] == [0, 1, 2]
+    assert same_weights(final.state_dict, whole.state_dict)  # the best epoch's
+    assert same_weights(last_weights(final), last_weights(whole))  # and where training ended
+    assert not same_weights(last_weights(final), last_weights(stopped))
+    assert final.history[-1]["loss"] == pytest.approx(whole.history[-1]["loss"], rel=1e-6)
