@@ -24,8 +24,8 @@ MAX_TOPK = 16384  # Milvus's limit on the hits of one search; `HierStore.search_
 LEAF_SOFTMAX_MIN_IMAGES = 20
 
 # Fine-tuning defaults (embedder.training explains and measures them; the CLI shows them).
-BACKBONE_LR_SCALE = 0.1  # the backbone's learning rate, as a share of the new layers'
-PROBE_EPOCHS = 1  # epochs of linear probe (backbone frozen) before fine-tuning
+BACKBONE_LR_SCALE = 1.0  # the backbone's learning rate, as a share of the new layers'
+PROBE_EPOCHS = 0  # epochs of linear probe (backbone frozen) before fine-tuning
 PATIENCE = 3  # epochs without a better validation score before training stops
 IMAGE_SIZE_RANGE = (64, 224)
 VAL_MAX = 2000  # validation embeds at most this many held-out images (a seeded sample)  # the default input size is read from the data, within these bounds
