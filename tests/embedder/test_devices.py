@@ -137,7 +137,7 @@ def test_training_on_an_explicit_device_with_mixed_precision(tmp_path):
     result = train(images, labels, hierarchy, tiny_config(hierarchy), TINY_TRAIN, out=tmp_path / "m.pt",
                    device="cpu", amp=True, log=lines.append)
     assert "device cpu, bfloat16 autocast" in lines
-    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert all(np.isfinite(h["loss"]) for h in result.history if h["epoch"] > 0)  # epoch 0 only validates
     saved = load_checkpoint(tmp_path / "m.pt")
     assert all(t.dtype in (torch.float32, torch.int64) for t in saved.state_dict.values())
     assert all(t.device.type == "cpu" for t in saved.state_dict.values())
