@@ -187,7 +187,7 @@ def stages(args: argparse.Namespace) -> str:
              f"end to end (img/s) | bound by |", "|---|---|---|---|---|"]
     for row in rows:
         bound = "loader" if row["loader"] < row["step"] else "model step"
-        lines.append(f"| {row['size']} | {row['loader']:.0f} | {row['step']:.0f} | {row['end_to_end']:.0f} | {bound} |")
+        lines.append(f"| {row['size']} | {row['loader']:.1f} | {row['step']:.1f} | {row['end_to_end']:.1f} | {bound} |")
     return "\n".join(lines)
 
 

@@ -597,10 +597,11 @@ class BestEpoch:
         """One plain line: which epoch the checkpoint holds, and whether training beat its start."""
         start = next((r for r in history if r["epoch"] == 0), None)
         if self.epoch == 0:
-            return (f"no epoch beat the pretrained start (validation score {self.score:.4f} at epoch 0): "
+            line = (f"no epoch beat the pretrained start (validation score {self.score:.4f} at epoch 0): "
                     f"the checkpoint holds the start's weights")
-        line = f"the checkpoint holds epoch {self.epoch} (validation score {self.score:.4f}"
-        line += f"; the pretrained start scored {start['val/score']:.4f})" if start else ")"
+        else:
+            line = f"the checkpoint holds epoch {self.epoch} (validation score {self.score:.4f}"
+            line += f"; the pretrained start scored {start['val/score']:.4f})" if start else ")"
         backbone = (start or {}).get("backbone/score")
         if backbone is not None and backbone >= self.score:
             line += (f"; the untrained backbone scores {backbone:.4f} here, as well or better: check your catalogue "

@@ -227,8 +227,8 @@ def test_train_scale_stages_and_memory_smoke(capsys):
 
     assert train_scale.main(["--smoke", "--stages", "--memory", "40,120", "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    stage = re.findall(r"^\| 32 \| (\d+) \| (\d+) \| (\d+) \| (loader|model step) \|$", out, re.M)
-    assert len(stage) == 1 and all(int(rate) > 0 for rate in stage[0][:3])
+    stage = re.findall(r"^\| 32 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (loader|model step) \|$", out, re.M)
+    assert len(stage) == 1 and all(float(rate) > 0 for rate in stage[0][:3])
     memory = re.findall(r"^\| (\d+) \| (\d+) \| ([-\d.]+) \| (\d+) \|$", out, re.M)
     assert [int(row[0]) for row in memory] == [40, 120] and memory[0][2] == "-"
     assert all(int(row[1]) > 100 for row in memory)  # MiB: a torch process

@@ -95,6 +95,20 @@ def test_when_no_epoch_beats_the_start_the_checkpoint_holds_the_start_and_says_s
             "start's weights") in lines
 
 
+def test_a_backbone_that_scores_as_well_as_the_trained_model_is_named_in_the_last_line(tmp_path, monkeypatch,
+                                                                                       random_resnet18):
+    images, labels, hierarchy = tiny_data()
+    monkeypatch.setattr(training, "evaluate", ScriptedValidation([0.40, 0.30]))
+    monkeypatch.setattr(training, "backbone_score", lambda *args: 0.45)
+    lines = []
+    train(images, labels, hierarchy, tiny_config(hierarchy), replace(TC, epochs=1), out=tmp_path / "m.pt",
+          log=lines.append, backbone_weights=random_resnet18)
+    assert ("no epoch beat the pretrained start (validation score 0.4000 at epoch 0): the checkpoint holds the "
+            "start's weights; the untrained backbone scores 0.4500 here, as well or better: check your catalogue "
+            "with `hiervec eval DATA --baseline imagenet` before you ingest") in lines
+    assert load_checkpoint(tmp_path / "m.pt").selection["backbone_score"] == 0.45
+
+
 def test_epoch_0_is_validated_and_logged_with_the_untrained_backbones_score(tmp_path, random_resnet18):
     images, labels, hierarchy = tiny_data()
     lines = []
