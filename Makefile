@@ -19,7 +19,7 @@ Q_SHIRT := $(DEMO)/test/clothing/tops/shirt/test-00004.png
 Q_SANDAL := $(DEMO)/test/footwear/sandals-sneakers/sandal/test-00008.png
 Q_TROUSER := $(DEMO)/test/clothing/bottoms/trouser/test-00002.png
 
-.PHONY: test demo venv data test-system clean lock
+.PHONY: test demo venv data bench-data test-system clean lock
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,12 @@ NEED_BROWSER = $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /us
 
 data:
 	$(call apt_install,$(NEED_DATA))
+
+# Real RGB images in a real category tree for `bench/quality.py --benchmark openclipart`
+# (131 MB; the tests do not need it).
+NEED_OPENCLIPART = $(if $(wildcard /usr/share/openclipart/png),,openclipart-png)
+bench-data:
+	$(call apt_install,$(NEED_DATA) $(NEED_OPENCLIPART))
 
 test-system:
 	$(call apt_install,$(NEED_DATA) $(NEED_BROWSER))
