@@ -77,12 +77,12 @@ BATCH_NORM_CHOICES = ("auto", "batch", "sync", "frozen")
 # default; BENCHMARKS.md ("Learning from real catalogues") has the runs. Early stopping:
 # `PATIENCE` epochs without a better validation score. The three values live in
 # hiervec_core.names, where the CLI reads them without importing torch.
+
 # An epoch is one pass over the training images, but at least this many steps: a small
 # catalogue (a few hundred images: ten steps a pass) gets enough updates between two validations.
 MIN_STEPS_PER_EPOCH = 50
 # The default number of epochs gives at least this many steps in all (3 to 20 epochs).
 MIN_TOTAL_STEPS = 500
-
 DEFAULT_EPOCHS = (3, 20)
 
 
@@ -104,8 +104,8 @@ class TrainConfig:
     leaf labels only. Classifiers without a softmax weight still learn, on detached
     vectors, for prediction. BENCHMARKS.md has the search that chose these defaults."""
 
-    epochs: int | None = None  # default: `default_epochs` of the steps per epoch
-    steps_per_epoch: int | None = None  # default: `default_steps_per_epoch` (one pass, at least MIN_STEPS_PER_EPOCH)
+    epochs: int | None = None  # default: from the data (`schedule`)
+    steps_per_epoch: int | None = None  # default: one pass, at least MIN_STEPS_PER_EPOCH (`schedule`)
     classes_per_batch: int = 8
     per_class: int = 4
     lr: float = 1e-3
