@@ -24,8 +24,9 @@ from dataclasses import replace
 import click
 
 from hiervec_core.names import (
-    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, IMAGE_SIZE_RANGE, PATIENCE, PROBE_EPOCHS, VAL_MAX, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS, LEAF_SOFTMAX_MIN_IMAGES,
-    MAX_TOPK, PREDICTED_CHOICES, RUNTIMES, SERVER_INDEXES,
+    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS,
+    IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PATIENCE, PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES,
+    SERVER_INDEXES, VAL_MAX,
 )
 
 
@@ -273,9 +274,9 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
     from embedder import openclipart
 
     started = time.perf_counter()
-    with progress_bar(0, "export", True, rate="img/s") as advance:
-        report = openclipart.export(out, source=source or openclipart.DEBIAN_DIR, min_per_leaf=min_per_leaf,
-                                    max_per_leaf=max_per_leaf, max_side=max_side, progress=advance)
+    note(as_json, f"exporting {source or openclipart.DEBIAN_DIR} to {out} ...")
+    report = openclipart.export(out, source=source or openclipart.DEBIAN_DIR, min_per_leaf=min_per_leaf,
+                                max_per_leaf=max_per_leaf, max_side=max_side)
     for where, reason in report.failures[:5]:
         note(as_json, f"skipped {where}: {reason}")
     departments = sorted({leaf.split("/")[0] for leaf in report.categories})
