@@ -128,9 +128,13 @@ def openclipart_split(args, split: str) -> Split:
     listing = read_source(args.data / split)
     items = sorted(listing.items, key=lambda item: (item.category, item.path.name))
     if split == "train" and args.per_leaf:
-        kept: dict[str, int] = {}
-        items = [i for i in items if kept.setdefault(i.category, 0) < args.per_leaf and not kept.update(
-            {i.category: kept[i.category] + 1})]
+        taken: dict[str, int] = {}
+        few = []
+        for item in items:
+            if taken.get(item.category, 0) < args.per_leaf:
+                taken[item.category] = taken.get(item.category, 0) + 1
+                few.append(item)
+        items = few
     images, indices, failures = load_images([i.path for i in items], args.image_size)
     if failures:
         raise SystemExit(f"{len(failures)} images of {args.data / split} failed to decode, e.g. {failures[0]}")

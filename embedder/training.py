@@ -370,6 +370,8 @@ def train(
     failures: list[Failure] = []
     if validation is None:
         train_idx, val_idx = split_validation(labels[:, -1], tc.val_fraction, tc.seed)
+        if not context.is_main:  # rank 0 alone validates: the others decode nothing for it
+            val_idx = val_idx[:0]
         val_images, val_labels = _validation_sample(images, labels, val_idx, tc, failures)
     else:
         train_idx, (val_images, val_labels) = np.arange(len(images)), validation
