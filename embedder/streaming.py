@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .devices import available_cpus
 from .data import Failure, balanced_batches, decode_image, image_to_tensor, load_images
 from .errors import ImageDecodeError
 
@@ -165,5 +166,5 @@ def _one_thread(_worker: int) -> None:
 def default_workers(local_world_size: int = 1) -> int:
     """Loader processes per training process: this machine's cores shared among its processes, one core
     each left to the training step (at least 1, at most 8)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cpus()
     return max(1, min(8, cores // max(1, local_world_size) - 1))
