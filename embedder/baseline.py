@@ -30,8 +30,9 @@ from .hierarchy import validate_level_names
 
 
 def pooled_features(body: nn.Module, stage: str, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                    batch_size: int = 128) -> np.ndarray:
-    """``(n, C)`` float32 unit vectors: `body`'s map `stage` of uint8 `images`, average-pooled, in eval mode."""
+                    batch_size: int = 128, *, normalize: bool = True) -> np.ndarray:
+    """``(n, C)`` float32 vectors: `body`'s map `stage` of uint8 `images`, average-pooled, in eval mode;
+    unit length unless `normalize` is False."""
     was_training = body.training
     body.eval()
     device = mean.device
@@ -40,7 +41,7 @@ def pooled_features(body: nn.Module, stage: str, images: torch.Tensor, mean: tor
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device).float().div_(255)
             pooled = body((x - mean) / std)[stage].float().mean((2, 3))
-            out.append(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy())
+            out.append((torch.nn.functional.normalize(pooled, dim=1) if normalize else pooled).cpu().numpy())
     body.train(was_training)
     channels = 0 if not out else out[0].shape[1]
     return np.concatenate(out) if out else np.empty((0, channels), dtype=np.float32)

@@ -168,3 +168,60 @@ class PyramidEmbedder(nn.Module):
     def forward(self, images: torch.Tensor) -> PyramidOutput:
         levels, concat = self.vectors(images)
         return PyramidOutput(levels, concat, self.classify(levels, concat))
+
+    @torch.no_grad()
+    def start_from_backbone(self, pooled: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+        """Set the new layers so that the model starts as its backbone: every level vector is the
+        backbone's average-pooled deepest map projected on its top singular directions (the
+        principal components about the origin: uncentred, as the backbone's cosine is), and each
+        classifier's class weights are the mean vector of the class (weight imprinting, Qi et al.,
+        CVPR 2018). Training then starts from the untrained backbone's search, not from random
+        projections of it. `pooled`: ``(n, C)`` pooled deepest features of training images (the
+        body in eval mode, not normalised); `labels`: their ``(n, depth)`` label rows, or None.
+
+        Pyramid: the deepest lateral 1x1 convolution holds the components, the other laterals
+        are zero (each finer map starts as the upsampled deepest map, their own features are
+        learnt), the 3x3 convolutions are identities and each head keeps its first components.
+        Exact for average pooling; GeM pooling has no linear start (`ConfigError`).
+        Returns the number of components taken from the data.
+        """
+        if self.config.pooling != "avg":
+            raise ConfigError(f"the backbone start needs average pooling (got {self.config.pooling!r}): "
+                              f"GeM does not commute with the linear layers")
+        channels = self.stage_channels[-1]
+        if pooled.ndim != 2 or pooled.shape[1] != channels or len(pooled) < 2:
+            raise ConfigError(f"expected (n >= 2, {channels}) pooled features, got {tuple(pooled.shape)}")
+        pooled = pooled.double()
+        width = self.config.fpn_channels if self.config.mode == "pyramid" else self.config.dim
+        _, _, vh = torch.linalg.svd(pooled, full_matrices=False)
+        taken = min(width, vh.shape[0])
+        components = torch.zeros(width, channels, dtype=torch.float64)
+        components[:taken] = vh[:taken]
+        shift = torch.zeros(width, dtype=torch.float64)
+        if self.config.mode == "flat":
+            _set(self.heads[IMAGE], components, shift)
+        else:
+            inner = [block[0] for block in self.fpn.inner_blocks]
+            for conv in inner[:-1]:
+                _set(conv, torch.zeros_like(conv.weight), torch.zeros_like(conv.bias))
+            _set(inner[-1], components.view(width, channels, 1, 1), shift)
+            for block in self.fpn.layer_blocks:
+                identity = torch.zeros_like(block[0].weight)
+                identity[:, :, 1, 1] = torch.eye(width)
+                _set(block[0], identity, torch.zeros_like(block[0].bias))
+            for head in self.heads.values():
+                _set(head, torch.eye(head.out_features, width), torch.zeros(head.out_features))
+        if labels is not None:
+            coords = (pooled @ components.T).float()
+            for name, classifier in self.classifiers.items():
+                column = self.config.level_names.index(name)
+                vectors = F.normalize(coords if self.config.mode == "flat" else self.heads[name](coords), dim=1)
+                for label in torch.unique(labels[:, column]).tolist():
+                    if 0 <= label < classifier.weight.shape[0]:
+                        classifier.weight[label] = F.normalize(vectors[labels[:, column] == label].mean(0), dim=0)
+        return taken
+
+
+def _set(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    layer.weight.copy_(weight.to(layer.weight))
+    layer.bias.copy_(bias.to(layer.bias))

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-from hiervec_core.names import BACKBONE_LR_SCALE, LEAF_SOFTMAX_MIN_IMAGES, PATIENCE, PROBE_EPOCHS, VAL_MAX
+from hiervec_core.names import (BACKBONE_LR_SCALE, HEAD_INIT, HEAD_INIT_SAMPLE, HEAD_INITS, LEAF_SOFTMAX_MIN_IMAGES,
+                                PATIENCE, PROBE_EPOCHS, VAL_MAX)
 
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, restore_weights, save_checkpoint
@@ -111,6 +112,7 @@ class TrainConfig:
     lr: float = 1e-3
     backbone_lr_scale: float = BACKBONE_LR_SCALE
     probe_epochs: int = PROBE_EPOCHS
+    head_init: str = HEAD_INIT
     patience: int | None = PATIENCE
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
@@ -148,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"lr and margin must be positive, got {self.lr} and {self.margin}")
         if self.leaf_softmax is not None and not (math.isfinite(self.leaf_softmax) and self.leaf_softmax >= 0):
             raise ConfigError(f"leaf_softmax must be a finite weight >= 0, got {self.leaf_softmax}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.batch_norm not in BATCH_NORM_CHOICES:
             raise ConfigError(f"batch_norm must be one of {', '.join(BATCH_NORM_CHOICES)}, got {self.batch_norm!r}")
 
@@ -276,6 +280,23 @@ def backbone_score(model: PyramidEmbedder, images: torch.Tensor, labels: np.ndar
     return selection_score(_leave_one_out(vectors, labels, model.config.level_names), model.config.level_names)
 
 
+def start_from_backbone(model: PyramidEmbedder, images, labels: np.ndarray, seed: int) -> int:
+    """`PyramidEmbedder.start_from_backbone` on a seeded sample of at most `HEAD_INIT_SAMPLE` of the
+    training `images` (a tensor or an `ImageFiles` listing, decoded here): the model then starts
+    as its backbone searches. Returns the number of images it read (files that fail to decode are
+    left out here and reported by the training loop, which meets them too)."""
+    chosen = np.arange(len(labels))
+    if len(chosen) > HEAD_INIT_SAMPLE:
+        chosen = np.sort(np.random.default_rng([seed, 1]).choice(chosen, HEAD_INIT_SAMPLE, replace=False))
+    sample, sample_labels = images[chosen], labels[chosen]
+    if not isinstance(sample, torch.Tensor):
+        sample, kept, _ = sample.decode()
+        sample_labels = sample_labels[kept]
+    raw = pooled_features(model.body, model.stages[-1], sample, model.mean, model.std, normalize=False)
+    model.start_from_backbone(torch.from_numpy(raw), torch.from_numpy(sample_labels))
+    return len(sample_labels)
+
+
 def _validation_sample(images, labels: np.ndarray, val_idx: np.ndarray, tc: TrainConfig,
                        failures: list[Failure]) -> tuple[torch.Tensor, np.ndarray]:
     """The held-out images to validate on, decoded: a seeded sample of at most `tc.val_max` of them."""
@@ -381,7 +402,8 @@ def train(
     pretrained = backbone_weights is not None
     backbone_lr_scale = tc.backbone_lr_scale if pretrained else 1.0
     probe_epochs = min(tc.probe_epochs, epochs) if pretrained else 0
-    model = PyramidEmbedder(config, backbone_weights=None if resume else backbone_weights)
+    restoring = resume and Path(out).is_file()  # else a fresh run: --resume before the first checkpoint
+    model = PyramidEmbedder(config, backbone_weights=None if restoring else backbone_weights)
     if batch_norm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -397,7 +419,7 @@ def train(
     ])
     scaler = precision.grad_scaler()
     start_epoch, history, resume_state, partial = 0, [], None, None
-    if resume and Path(out).is_file():
+    if restoring:
         start_epoch, history, rng, saved = _restore(Path(out), model, optimizer, scheduler, scaler, config, hierarchy,
                                                     tc)
         resume_state = saved.get("resume_weights")
@@ -421,6 +443,13 @@ def train(
 
     augment = _augmenter(config.image_size) if tc.augment else None
     train_images, train_labels = images[train_idx], labels[train_idx]
+    if pretrained and not restoring and tc.head_init == "backbone" and context.is_main:  # DDP hands rank 0's weights on
+        if config.pooling != "avg":
+            log(f"the new layers start random: the backbone start needs average pooling, not {config.pooling}")
+        else:
+            read = start_from_backbone(model, train_images, train_labels, tc.seed)
+            log(f"the new layers start as the backbone: its principal components on {read} training images, "
+                f"classifiers at their classes' mean vectors")
     if workers:
         log(f"loader: {workers} worker processes decode and augment the batches")
     validate = context.is_main and len(val_labels) > 1

@@ -26,9 +26,12 @@ LEAF_SOFTMAX_MIN_IMAGES = 20
 # Fine-tuning defaults (embedder.training explains and measures them; the CLI shows them).
 BACKBONE_LR_SCALE = 1.0  # the backbone's learning rate, as a share of the new layers'
 PROBE_EPOCHS = 0  # epochs of linear probe (backbone frozen) before fine-tuning
+HEAD_INITS = ("backbone", "random")  # how the new layers start: as the backbone's principal components, or random
+HEAD_INIT = "backbone"
+HEAD_INIT_SAMPLE = 2000  # training images whose pooled features set the backbone start (a seeded sample)
 PATIENCE = 3  # epochs without a better validation score before training stops
-IMAGE_SIZE_RANGE = (64, 224)
-VAL_MAX = 2000  # validation embeds at most this many held-out images (a seeded sample)  # the default input size is read from the data, within these bounds
+IMAGE_SIZE_RANGE = (64, 224)  # the default input size is read from the data, within these bounds
+VAL_MAX = 2000  # validation embeds at most this many held-out images (a seeded sample)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # what runs the model's vector part (embedder.runtimes)
 EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`

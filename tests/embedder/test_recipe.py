@@ -246,3 +246,90 @@ def test_the_default_image_size_is_read_from_the_data(tmp_path):
     broken.write_bytes(b"not an image")
     assert default_image_size([broken, *medium])[0] == 128  # what cannot be opened is left out
     assert default_image_size([broken])[0] == 64
+
+
+def principal_vectors(pooled: torch.Tensor, dims: list[int], weights: list[float]) -> torch.Tensor:
+    """The reference for the backbone start: each level the pooled features projected on their top
+    `dims[i]` singular directions (uncentred), unit length, concatenated with the level weights."""
+    pooled = pooled.double()
+    _, _, vh = torch.linalg.svd(pooled, full_matrices=False)
+    parts = [w * torch.nn.functional.normalize(pooled @ vh[:d].T, dim=1) for d, w in zip(dims, weights)]
+    return torch.cat(parts, dim=1).float()
+
+
+@pytest.mark.parametrize("mode", ["pyramid", "flat"])
+def test_the_backbone_start_searches_with_the_backbones_principal_components(mode, random_resnet18):
+    images, labels, hierarchy = tiny_data()
+    model = PyramidEmbedder(tiny_config(hierarchy, mode=mode), backbone_weights=random_resnet18).eval()
+    x = images.float() / 255
+    with torch.no_grad():
+        pooled = model.body((x - model.mean) / model.std)[model.stages[-1]].mean((2, 3))
+    taken = model.start_from_backbone(pooled, torch.from_numpy(labels))
+    with torch.no_grad():
+        levels, concat = model.vectors(x)
+        logits = model.classify(levels, concat)
+    if mode == "pyramid":
+        assert taken == 16  # the pyramid's width (fpn_channels), below the 24 images
+        expected = principal_vectors(pooled, [8, 8, 8], list(model.level_weights))
+    else:
+        assert taken == 24  # the flat head's width (3 levels x 8)
+        expected = principal_vectors(pooled, [24], [1.0])
+    assert torch.allclose(concat @ concat.T, expected @ expected.T, atol=1e-5)
+    # every classifier starts at its classes' mean vectors: the level vectors then pick their own class
+    for name, level_logits in logits.items():
+        column = LEVELS.index(name)
+        vectors = concat if mode == "flat" else levels[name]
+        for label in np.unique(labels[:, column]):
+            mean = torch.nn.functional.normalize(vectors[labels[:, column] == label].mean(0), dim=0)
+            weight = model.classifiers[name].weight[label]
+            assert torch.allclose(torch.nn.functional.normalize(weight, dim=0), mean, atol=1e-5)
+        assert level_logits.shape == (len(images), hierarchy.num_classes[column])
+
+
+def test_the_backbone_start_needs_average_pooling_and_features_of_the_deepest_map(random_resnet18):
+    images, labels, hierarchy = tiny_data()
+    gem = PyramidEmbedder(tiny_config(hierarchy, pooling="gem"))
+    with pytest.raises(ConfigError, match="the backbone start needs average pooling"):
+        gem.start_from_backbone(torch.rand(10, 512))
+    with pytest.raises(ConfigError, match=r"expected \(n >= 2, 512\) pooled features, got \(10, 256\)"):
+        PyramidEmbedder(tiny_config(hierarchy)).start_from_backbone(torch.rand(10, 256))
+
+
+def test_training_starts_from_the_backbone_unless_asked_for_random_new_layers(tmp_path, random_resnet18):
+    images, labels, hierarchy = tiny_data()
+    config = tiny_config(hierarchy)
+    starts = {}
+    for head_init in ("backbone", "random"):
+        lines = []
+        result = train(images, labels, hierarchy, config, replace(TC, epochs=1, head_init=head_init),
+                       out=tmp_path / f"{head_init}.pt", log=lines.append, backbone_weights=random_resnet18)
+        starts[head_init] = result.history[0]
+        said = [line for line in lines if line.startswith("the new layers start as the backbone")]
+        assert len(said) == (head_init == "backbone")
+        assert load_checkpoint(tmp_path / f"{head_init}.pt").train_state["train_config"]["head_init"] == head_init
+    assert said == [] and starts["backbone"]["val/score"] != starts["random"]["val/score"]
+
+    # the validation of epoch 0 is that of the principal components of the training images' pooled features
+    train_idx, val_idx = training.split_validation(labels[:, -1], TC.val_fraction, TC.seed)
+    model = PyramidEmbedder(config, backbone_weights=random_resnet18)
+    training.start_from_backbone(model, images[train_idx], labels[train_idx], TC.seed)
+    assert training.evaluate(model, images[val_idx], labels[val_idx])["recall@1"] == starts["backbone"]["val/recall@1"]
+
+
+def test_the_backbone_start_reads_a_listing_as_it_reads_decoded_images(tmp_path, random_resnet18, monkeypatch):
+    from embedder.streaming import ImageFiles
+
+    from .test_streaming import write_files
+
+    images, labels, hierarchy = tiny_data()
+    files = ImageFiles(write_files(images, tmp_path / "files"), 32)
+    monkeypatch.setattr(training, "HEAD_INIT_SAMPLE", 10)  # a seeded sample of the training images
+    models = [PyramidEmbedder(tiny_config(hierarchy), backbone_weights=random_resnet18) for _ in range(2)]
+    assert training.start_from_backbone(models[0], images, labels, seed=3) == 10
+    assert training.start_from_backbone(models[1], files, labels, seed=3) == 10
+    assert same_weights(models[0].state_dict(), models[1].state_dict())
+
+
+def test_head_init_is_one_of_the_named_starts():
+    with pytest.raises(ConfigError, match="head_init must be one of backbone, random, got 'pca'"):
+        TrainConfig(head_init="pca")
