@@ -25,7 +25,7 @@ import click
 
 from hiervec_core.names import (
     BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS,
-    IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PATIENCE, PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES,
+    HEAD_INIT, HEAD_INITS, IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PATIENCE, PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES,
     SERVER_INDEXES, VAL_MAX,
 )
 
@@ -316,6 +316,10 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @click.option("--probe-epochs", type=click.IntRange(min=0), default=PROBE_EPOCHS, show_default=True,
               help="First epochs with the backbone frozen: the new layers learn on its features (linear probe), "
                    "then everything is fine-tuned.")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=HEAD_INIT, show_default=True,
+              help="How the new layers start on a pretrained backbone: 'backbone' (the backbone's principal "
+                   "components, classifiers at their classes' mean vectors: training starts from the untrained "
+                   "backbone's search) or 'random'.")
 @click.option("--patience", type=click.IntRange(min=0), default=PATIENCE, show_default=True,
               help="Stop after this many epochs without a better validation score (0: never stop early). "
                    "The checkpoint always holds the best epoch, the pretrained start (epoch 0) included.")
@@ -353,7 +357,7 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @compute_options
 @json_option
 def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, image_size, dim, mode, lr,
-          backbone_lr_scale, probe_epochs, patience, leaf_softmax, classes_per_batch, per_class, augment, seed,
+          backbone_lr_scale, probe_epochs, head_init, patience, leaf_softmax, classes_per_batch, per_class, augment, seed,
           val_fraction, val_max, workers, resume, checkpoint_every, batch_norm, dist_timeout, device, amp, as_json):
     """Train a pyramid (or flat baseline) model on a labelled folder tree or manifest.
 
@@ -375,6 +379,7 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     quiet = as_json or not context.is_main
     train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
                                backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs,
+                               head_init=head_init,
                                patience=patience or None,
                                classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
                                seed=seed, val_fraction=val_fraction, val_max=val_max, batch_norm=batch_norm,
@@ -501,7 +506,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
            bulk_endpoint, bulk_bucket, writers, optimize, runtime, device, amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
-    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, IngestItem, StoreError, path_uri, printable
+    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, IngestItem, StoreError, printable
 
     check_writable(report_path, "--report")
     if bulk and ConnectionSettings.resolve(uri).is_local:
@@ -517,7 +522,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
             raise click.ClickException(str(exc)) from None
     listing = read_source(source)
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
-    items = [IngestItem(item.path, item.category, item.id, item.meta, path_uri(item.path.resolve()), item.origin)
+    items = [IngestItem(item.path, item.category, item.id, item.meta, _stored_uri(item.path), item.origin)
              for item in listing.items]
     layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
     with ImageIndex.open(embedder, uri, collection, index=index, token=token, num_partitions=num_partitions,
@@ -584,6 +589,13 @@ def _bulk_import(store, files, as_json) -> dict:
 
         return import_files(store, batch_files, progress=imported, expected_rows=files.rows) | {
             "files": len(batch_files)}
+
+
+def _stored_uri(path) -> str:
+    """What a listed image's ``uri`` field holds: its absolute path, or its URL as listed."""
+    from milvus_store import path_uri
+
+    return path_uri(path if isinstance(path, str) else path.resolve())
 
 
 def _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,
@@ -734,14 +746,14 @@ def eval_(source, model_path, baseline, backbone, image_size, uri, collection, t
     import tempfile
 
     from embedder import read_source
-    from milvus_store import ImageIndex, IngestItem, path_uri
+    from milvus_store import ImageIndex, IngestItem
 
     from .evaluation import evaluate_collection
 
     if (model_path is None) == (baseline is None):
         raise click.UsageError("give either --model or --baseline")
     listing = read_source(source)
-    items = [IngestItem(i.path, i.category, i.id, i.meta, path_uri(i.path.resolve())) for i in listing.items if i.category]
+    items = [IngestItem(i.path, i.category, i.id, i.meta, _stored_uri(i.path)) for i in listing.items if i.category]
     if not items:
         raise click.ClickException(f"no labelled images in {source}")
     if baseline is not None:

@@ -5,7 +5,8 @@ reported with its reason and skipped; it never stops the others.
 
 Folder tree: ``root/<level 1>/<level 2>/.../<image>``; the folders below the root are
 the category path. Manifest: CSV with a header or JSON Lines, columns ``path`` (relative
-to the manifest's folder or absolute), ``category`` (a path such as ``clothing/tops/shirt``,
+to the manifest's folder or absolute, or a URL that fsspec opens: ``s3://``, ``gs://``,
+``https://``, ``file://``; see `hiervec_core.files`), ``category`` (a path such as ``clothing/tops/shirt``,
 optional for unlabelled images), optional ``id`` and (JSONL) ``meta``.
 """
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from hiervec_core.files import is_url, local_path, missing_filesystem, open_file, read_file, scheme, why_unreadable
+
 from .errors import DataError, HierarchyError, ImageDecodeError
 from .hierarchy import join_path, split_path
 
@@ -36,7 +39,7 @@ MANIFEST_EXTENSIONS = frozenset({".csv", ".jsonl", ".ndjson"})
 
 @dataclass(frozen=True)
 class SourceItem:
-    path: Path
+    path: Path | str  # a local path, or a URL string that fsspec opens (a manifest's s3://, https://, ... rows)
     category: str | None  # leaf category path, None when unlabelled
     id: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
@@ -129,6 +132,7 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
     items: list[SourceItem] = []
     failures: list[Failure] = []
     seen_ids: dict[str, int] = {}
+    missing: dict[str, str | None] = {}  # URL scheme -> why fsspec cannot open it here (None: it can)
     for line, row in rows:
         where = f"{manifest}:{line}"
         if not isinstance(row, dict):
@@ -144,9 +148,23 @@ def read_manifest(manifest: str | os.PathLike) -> SourceListing:
         if "\0" in raw_path:
             failures.append(Failure(where, f"path {raw_path!r:.200} holds a NUL byte, which no file name can"))
             continue
-        path = Path(raw_path) if Path(raw_path).is_absolute() else manifest.parent / raw_path
+        if is_url(raw_path) and scheme(raw_path) != "file":
+            protocol = scheme(raw_path)
+            if protocol not in missing:
+                missing[protocol] = missing_filesystem(protocol)
+            if missing[protocol] is not None:
+                failures.append(Failure(where, f"cannot open {raw_path!r:.200}: {missing[protocol]}"))
+                continue
+            path = raw_path  # opened when read (a missing or denied object is reported then, per file)
+        else:
+            try:
+                path = local_path(raw_path) if is_url(raw_path) else Path(raw_path)
+            except ValueError as exc:
+                failures.append(Failure(where, str(exc)))
+                continue
+            path = path if path.is_absolute() else manifest.parent / path
         try:
-            is_file = path.is_file()
+            is_file = isinstance(path, str) or path.is_file()
         except OSError as exc:  # e.g. a name longer than the filesystem allows
             failures.append(Failure(where, f"file {str(path)!r:.200} cannot be looked up: {exc.strerror or exc}"))
             continue
@@ -241,20 +259,6 @@ def _not_a_file(path: Path) -> str:
 
 
 # -- decoding ----------------------------------------------------------------------------
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file; a FIFO, socket or device is refused unopened (reading could block forever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except OSError as exc:  # a looping link, a name too long, ...
-        raise ImageDecodeError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageDecodeError(str(path), "is not a regular file (a FIFO, socket or device)")
-        return fh.read()
-
-
 def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None) -> Image.Image:
     """An RGB image with its EXIF orientation applied; `ImageDecodeError` says why not.
 
@@ -269,7 +273,7 @@ def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str |
             if isinstance(source, Image.Image):
                 image = source
             else:
-                image = Image.open(io.BytesIO(source if isinstance(source, bytes) else read_regular_file(source)))
+                image = Image.open(io.BytesIO(source if isinstance(source, bytes) else _read(source, label)))
         limit = Image.MAX_IMAGE_PIXELS
         if limit and image.width * image.height > limit:
             raise ImageDecodeError(label, f"refused as a decompression bomb: {image.width}x{image.height} "
@@ -291,6 +295,16 @@ def decode_image(source: str | os.PathLike | bytes | Image.Image, *, name: str |
         raise ImageDecodeError(label, "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(label, f"cannot decode: {exc}") from None
+
+
+def _read(location: str | os.PathLike, label: str) -> bytes:
+    """The file's bytes (a local path or a URL: `hiervec_core.files`), or `ImageDecodeError` saying why not."""
+    try:
+        return read_file(location)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise ImageDecodeError(label, why_unreadable(exc).replace("does not exist", "file does not exist")) from None
+    except OSError as exc:
+        raise ImageDecodeError(label, f"cannot read: {why_unreadable(exc)}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -357,7 +371,7 @@ def default_image_size(paths: Sequence[str | os.PathLike], *, sample: int = 200,
     sides = []
     for path in list(paths)[::step][:sample]:
         try:
-            with Image.open(path) as image:
+            with open_file(path) as fh, Image.open(fh) as image:
                 sides.append(min(image.size))
         except (OSError, ValueError, Image.DecompressionBombError):
             continue

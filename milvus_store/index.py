@@ -8,15 +8,14 @@ imports torch.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from hiervec_core.files import read_file, why_unreadable
 from hiervec_core.names import DEFAULT_COLLECTION
 from hiervec_core.vectors import LevelVectors
 
@@ -438,9 +437,9 @@ class ImageIndex:
 def read_item(item: IngestItem, can_predict: bool) -> tuple[IngestItem, str, bytes] | FailedItem:
     """An item's bytes and id (the caller's, else the content hash), or why it cannot be stored."""
     try:
-        data = item.source if isinstance(item.source, bytes) else _read(item.source)
-    except OSError as exc:
-        return FailedItem(item.name, f"cannot read: {exc.strerror or exc}", "read")
+        data = item.source if isinstance(item.source, bytes) else read_file(item.source)
+    except OSError as exc:  # a local path or a URL alike (hiervec_core.files)
+        return FailedItem(item.name, f"cannot read: {why_unreadable(exc)}", "read")
     if item.category is None and not can_predict:
         return FailedItem(item.name, "has no category path (and the model cannot predict one)", "invalid", item.id)
     rid = item.id if item.id is not None else content_id(data)
@@ -513,20 +512,6 @@ def embed_rows(embedder: ImageEmbedder, prepared: list[_Prepared], spec: Collect
         ))
     rows, problems = validate_records(records, spec)
     return rows, [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
-
-
-def _read(path: str | os.PathLike) -> bytes:
-    """The file's bytes; a FIFO, socket or device is refused before opening (reading one could block forever)."""
-    with open(path, "rb", opener=_regular_file_opener) as fh:
-        return fh.read()
-
-
-def _regular_file_opener(path: str, flags: int) -> int:
-    fd = os.open(path, flags | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file")
-    return fd
 
 
 def _batches(items: Iterable[IngestItem], size: int) -> Iterator[list[IngestItem]]:

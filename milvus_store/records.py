@@ -12,6 +12,8 @@ from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 
+from hiervec_core.files import is_url
+
 from .errors import RecordError
 from .spec import (CATEGORY_MAX_LENGTH, ID_MAX_LENGTH, META_MAX_BYTES, META_MAX_DEPTH, SEPARATOR, URI_MAX_LENGTH,
                    CollectionSpec)
@@ -27,7 +29,10 @@ def printable(text: str) -> str:
 
 
 def path_uri(path: str | os.PathLike) -> str:
-    """The absolute path as stored in ``uri``; a path that is not valid UTF-8 becomes a lossless file:// URL."""
+    """The absolute path as stored in ``uri``; a path that is not valid UTF-8 becomes a lossless file:// URL;
+    a URL (``s3://...``) is stored as it is."""
+    if is_url(path):
+        return path
     absolute = os.path.abspath(os.fspath(path))
     try:
         absolute.encode("utf-8")

@@ -153,3 +153,69 @@ def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90
                 last_error = exc
         time.sleep(0.5)
     raise RuntimeError(f"{what} on port {port} did not serve within {seconds}s: {last_error}")
+
+
+class S3StandIn:
+    """moto's S3 (and IAM) in server mode on a free loopback port, holding `objects` in `bucket`.
+
+    Reads use the credentials of an IAM user that may read everything but the `denied` keys:
+    moto authorises requests only after its first ``INITIAL_NO_AUTH_ACTION_COUNT`` actions,
+    which are exactly the setup's (bucket, objects, user, policy, key). `environment` holds
+    what a client needs, the way s3fs documents it (``AWS_*`` variables).
+    """
+
+    def __init__(self, bucket: str, objects: dict[str, bytes], denied: tuple[str, ...] = ()):
+        self.bucket, self.objects, self.denied = bucket, dict(objects), tuple(denied)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.environment: dict[str, str] = {}
+
+    def __enter__(self) -> S3StandIn:
+        import json
+
+        import boto3
+
+        setup_actions = 1 + len(self.objects) + 3
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": str(setup_actions)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto's server exited with {self.process.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto's server did not listen within 60 s")
+            time.sleep(0.1)
+        admin = dict(endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                     aws_secret_access_key="setup")
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        s3.create_bucket(Bucket=self.bucket)
+        for key, data in self.objects.items():
+            s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        iam.create_user(UserName="reader")
+        statements = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]
+        if self.denied:
+            statements.append({"Effect": "Deny", "Action": "s3:Get*",
+                               "Resource": [f"arn:aws:s3:::{self.bucket}/{key}" for key in self.denied]})
+        iam.put_user_policy(UserName="reader", PolicyName="read-but-denied",
+                            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        self.environment = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                            "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        return self
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

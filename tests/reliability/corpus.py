@@ -122,7 +122,7 @@ def build_tree(root: Path) -> list[Case]:
     os.mkfifo(fifo)
     cases.append(Case("a FIFO named .png (reading it would block forever)", fifo, False, "not a regular file"))
     unreadable = add("unreadable.png", encoded(photo(6), "PNG"), "a file without read permission", False,
-                     "Permission denied")
+                     "permission denied")
     unreadable.chmod(0)
 
     odd_folder = Path(os.fsdecode(os.fsencode(root / "clothing/tops") + b"/sh\xefrt"))

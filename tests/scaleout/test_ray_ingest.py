@@ -184,3 +184,25 @@ def test_a_two_node_ray_cluster_runs_the_same_ingest(tree, tiny_model, single, t
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
+
+
+def test_the_ray_engine_reads_a_manifest_of_s3_urls_and_reports_the_missing_and_the_denied_object(
+        s3_environment, tiny_model, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()  # Ray's workers take their environment (here the S3 reader's credentials) when Ray starts
+    try:
+        result = CliRunner().invoke(cli, ["ingest", str(s3_environment.manifest), "--model", str(tiny_model), "--uri",
+                                          str(tmp_path / "s3.db"), "--collection", "images", "--engine", "ray",
+                                          "--actors", "1", "--runtime", "torch", "--batch-size", "4", "--json"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, (result.output, result.exception)
+    import json
+
+    summary = json.loads(result.stdout)
+    assert summary["stored"] == len(s3_environment.rows) - 2
+    failures = {f["source"].rsplit(" (", 1)[-1].rstrip(")"): (f["stage"], f["reason"]) for f in summary["failures"]}
+    assert failures == {s3_environment.missing: ("read", "cannot read: does not exist"),
+                        s3_environment.denied: ("read", "cannot read: permission denied")}
+    uris = {row["uri"] for row in stored(str(tmp_path / "s3.db")).values()}
+    assert {url for url, _ in s3_environment.rows[:12]} <= uris and str(s3_environment.local) in uris
