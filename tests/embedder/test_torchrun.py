@@ -191,3 +191,42 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tree, tmp_p
     assert launcher.returncode != 0
     assert "Error: rank 0: another of the 2 processes died or stopped answering" in stderr, stderr[-3000:]
     assert "--resume" in stderr
+
+
+def mid_epoch_step(path: Path) -> int:
+    """The step inside an epoch that the checkpoint at `path` was saved at (0: none yet, or an epoch's end)."""
+    if not path.is_file():
+        return 0
+    return load_checkpoint(path).train_state.get("step") or 0  # written atomically: never read half-written
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through Linux's /proc")
+def test_a_rank_killed_mid_epoch_resumes_at_its_step_and_ends_with_the_uninterrupted_weights(tree, tmp_path):
+    # no validation: the checkpoints hold the weights training reached, to compare with the uninterrupted run's
+    common = [tree, *TINY, "--epochs", "1", "--steps-per-epoch", "40", "--classes-per-batch", "2",
+              "--checkpoint-every", "3", "--val-fraction", "0", "--workers", "0", "--dist-timeout", "60"]
+    run(torchrun(2, *common, "--out", tmp_path / "whole.pt"), tmp_path)
+    out = tmp_path / "killed.pt"
+    launcher = subprocess.Popen(torchrun(2, *common, "--out", out), cwd=Path(__file__).resolve().parents[2],
+                                env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: mid_epoch_step(out), "a checkpoint inside the first epoch")
+        os.kill(wait_for(lambda: rank_pids(launcher).get(1), "torchrun's rank 1"), signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=JOB_DEADLINE_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode != 0, "the job ended before the kill: give it more steps"
+    killed_at = load_checkpoint(out)
+    step = killed_at.train_state["step"]
+    assert killed_at.epoch == 0 and 3 <= step < 40 and step % 3 == 0  # inside the epoch
+
+    again = run(torchrun(2, *common, "--out", out, "--resume"), tmp_path)
+    assert f"resuming epoch 1 at step {step + 1}/40" in again.stderr
+    whole, resumed = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(out)
+    assert resumed.epoch == whole.epoch == 1
+    assert whole.state_dict.keys() == resumed.state_dict.keys()
+    worst = max(float((whole.state_dict[k].float() - resumed.state_dict[k].float()).abs().max())
+                for k in whole.state_dict)
+    assert worst <= 1e-6, worst
