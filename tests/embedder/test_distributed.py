@@ -45,7 +45,9 @@ def _loss_on_rank(rank: int, world_size: int, port: int, results) -> None:
         local = POINTS[mine].clone().requires_grad_(True)
         value = GlobalBatchLoss(ContrastiveLoss(margin=4.0))(local, LABELS[mine])
         value.backward()
-        results.put((rank, float(value.detach()), local.grad.clone()))
+        # plain lists, not tensors: a tensor crosses the queue as a shared-memory handle, which is
+        # gone when this process exits before the parent has read it (seen on a loaded machine)
+        results.put((rank, float(value.detach()), local.grad.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -90,6 +92,7 @@ def test_contrastive_loss_on_one_process_matches_the_hand_computed_values():
 def test_global_batch_loss_on_two_ranks_is_the_loss_on_the_union():
     found = run_ranks(_loss_on_rank)
     for rank, value, grad in found:
+        grad = torch.tensor(grad)
         # the whole batch's loss on every rank, as one process would log it
         assert value == pytest.approx(LOSS)
         # each rank's gradient is world_size x its rows of the union's gradient, so DDP's
