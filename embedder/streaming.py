@@ -20,7 +20,9 @@ not on the number of images: `bench/train_scale.py --memory` measures it.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -154,9 +156,21 @@ def training_loader(images, sampler: BalancedBatchSampler, augment, *, workers: 
     generator = torch.Generator().manual_seed(sampler.seed)  # the loader's own draws leave the global RNG alone
     loader = DataLoader(_TrainingImages(images, augment), batch_sampler=Recorded(), num_workers=workers,
                         collate_fn=_collate, generator=generator, worker_init_fn=_one_thread if workers else None,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+                        persistent_workers=False, prefetch_factor=2 if workers else None,
+                        multiprocessing_context=worker_start_method() if workers else None)
     for step, batch in enumerate(loader):
         yield indices[step], (_pin(batch) if pin_memory and len(batch.images) else batch)
+
+
+def worker_start_method() -> str | None:
+    """How loader workers start: None (the platform's default: fork on Linux, fast) unless this
+    process has loaded gRPC (a Milvus client, whose channels may be live): gRPC does not support
+    fork without exec once it runs, and a fork then can crash the parent. Such a process starts
+    its workers from a fork server, a clean process of its own that has imported torch."""
+    if "grpc" not in sys.modules or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "embedder.streaming"])
+    return "forkserver"
 
 
 def _one_thread(_worker: int) -> None:

@@ -69,6 +69,23 @@ def test_loader_workers_give_the_same_batches_and_reproducible_weights(tmp_path)
     assert same_weights(first.state_dict, again.state_dict)
 
 
+def test_a_process_holding_grpc_starts_its_workers_from_a_fork_server_with_the_same_batches(tmp_path, monkeypatch):
+    import grpc  # a Milvus client's transport: fork without exec is unsupported once it runs
+
+    from embedder.streaming import worker_start_method
+
+    images, labels, _ = tiny_data()
+    files = ImageFiles(write_files(images, tmp_path / "files"), 32)
+    assert worker_start_method() == "forkserver" and grpc is not None
+    drawn = [[(idx, batch.images) for idx, batch in training_loader(
+        files, BalancedBatchSampler(labels[:, -1], 2, 2, 3, np.random.default_rng(5)), None, workers=workers)]
+        for workers in (0, 1)]
+    assert [idx for idx, _ in drawn[0]] == [idx for idx, _ in drawn[1]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*drawn))
+    monkeypatch.delitem(__import__("sys").modules, "grpc")
+    assert worker_start_method() is None  # no gRPC: the platform's default (fork on Linux)
+
+
 def test_a_broken_file_is_reported_and_replaced_by_a_classmate_without_stopping_the_epoch(tmp_path, monkeypatch):
     images, labels, hierarchy = tiny_data()
     paths = write_files(images, tmp_path / "files")
