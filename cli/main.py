@@ -340,7 +340,8 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
               help="Validate on at most this many of the held-out images (a seeded sample).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Loader processes that decode and augment the training images (0: in the training process). "
-                   "[default: this machine's cores shared among its training processes, one left to each]")
+                   "[default: on GPUs this machine's cores shared among its training processes, one left to each; "
+                   "on CPUs 0, the step uses every core]")
 @click.option("--resume", is_flag=True,
               help="Continue the run whose checkpoint is at --out (on any number of processes), from the step "
                    "it was saved at.")
@@ -398,11 +399,12 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     images = ImageFiles([item.path for item in labelled], image_size)  # decoded batch by batch, in the loader
     labels = hierarchy.encode_many([item.category for item in labelled], pad=pad)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
-    workers = default_workers(context.local_world_size) if workers is None else workers
     note(quiet, f"training {mode} {backbone} on {len(labelled)} images at {image_size} px, levels "
                 f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
     started = time.perf_counter()
     with process_group(context, device, timeout_s=dist_timeout) as process_device:
+        if workers is None:
+            workers = default_workers(context.local_world_size, process_device.type)
         result = train_model(images, labels, hierarchy, config, train_config, out=out,
                              backbone_weights=None if weights == "none" else weights, resume=resume,
                              device=process_device, amp=amp, workers=workers,

@@ -177,8 +177,13 @@ def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # workers share the machine's cores with the training process
 
 
-def default_workers(local_world_size: int = 1) -> int:
-    """Loader processes per training process: this machine's cores shared among its processes, one core
-    each left to the training step (at least 1, at most 8)."""
+def default_workers(local_world_size: int = 1, device_type: str | None = None) -> int:
+    """Loader processes per training process. On an accelerator (`device_type` cuda, mps, or None):
+    this machine's cores shared among its processes, one core each left to the training step (at
+    least 1, at most 8). On CPUs, 0: the training step itself uses every core, and decoding in
+    its thread between steps costs less than loader processes competing with it for the cores
+    (BENCHMARKS.md, "Training on catalogues bigger than memory")."""
+    if device_type == "cpu":
+        return 0
     cores = available_cpus()
     return max(1, min(8, cores // max(1, local_world_size) - 1))

@@ -174,6 +174,7 @@ def test_default_workers_share_the_cores_among_a_machines_processes(monkeypatch)
     assert default_workers() == 8 and default_workers(4) == 3 and default_workers(16) == 1
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert default_workers() == 1 and default_workers(2) == 1
+    assert default_workers(device_type="cuda") == 1 and default_workers(1, "cpu") == 0  # the step has the CPUs
 
 
 @pytest.mark.parametrize("workers", [0, 2])
