@@ -3,13 +3,24 @@
 object per file, and lose nothing else."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from embedder import load_checkpoint, read_source
 
 from ..conftest import LEAVES, LEVELS
-from .conftest import run
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own: s3fs's event-loop thread then never lives in the test process,
+    which forks later (loader workers, servers)."""
+    result = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 pytestmark = pytest.mark.lite
 
