@@ -301,8 +301,8 @@ def _read(location: str | os.PathLike, label: str) -> bytes:
     """The file's bytes (a local path or a URL: `hiervec_core.files`), or `ImageDecodeError` saying why not."""
     try:
         return read_file(location)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        raise ImageDecodeError(label, why_unreadable(exc).replace("does not exist", "file does not exist")) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # `decode_image` names these
     except OSError as exc:
         raise ImageDecodeError(label, f"cannot read: {why_unreadable(exc)}") from None
 
