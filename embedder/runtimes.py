@@ -17,6 +17,7 @@ ONNX Runtime and OpenVINO are optional extras (`pip install hiervec[onnx]`,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -175,9 +176,7 @@ def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
             outputs = session.run(None, {INPUT: images.contiguous().numpy()})
             return _split(outputs, names)
     else:
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+        compiled = _openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                              "INFERENCE_NUM_THREADS": threads})
         request = compiled.create_infer_request()
 
@@ -186,6 +185,23 @@ def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
             return _split([result[output] for output in compiled.outputs], names)
 
     return run
+
+
+@functools.cache
+def _openvino_core():
+    """The process's one OpenVINO `Core`, kept until the process ends.
+
+    OpenVINO's CPU plugin gives the thread that creates it an alternate signal stack of its
+    own and unmaps it when the plugin is destroyed, restoring the stack it replaced only if
+    its own is still the current one. With a `Core` per model, two models freed in another
+    order than they were made leave the thread's alternate stack on unmapped memory, and the
+    process dies silently (SIGSEGV) at the next signal a Python handler catches (SIGCHLD for
+    a DataLoader, SIGTERM for the service): the test suite died this way three times. One
+    `Core`, hence one CPU plugin, never restores anything out of order.
+    """
+    import openvino as ov
+
+    return ov.Core()
 
 
 def _split(outputs, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

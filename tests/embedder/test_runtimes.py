@@ -1,6 +1,11 @@
 """ONNX Runtime and OpenVINO run the model's vector part with eager torch's vectors (within 1e-4)."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,9 +102,8 @@ def test_export_writes_the_graph_and_its_contract(checkpoint, tmp_path, fmt):
         names = [o.name for o in session.get_outputs()]
         outputs = dict(zip(names, session.run(None, {manifest["input"]["name"]: batch})))
     else:
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(summary["graph"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        # the process's one Core, as hiervec's own runner uses (see the next test)
+        compiled = runtimes._openvino_core().compile_model(summary["graph"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled({manifest["input"]["name"]: batch})
         outputs = {o.get_any_name(): result[o] for o in compiled.outputs}
     assert list(outputs) == list(manifest["outputs"])
@@ -112,3 +116,32 @@ def test_export_writes_the_graph_and_its_contract(checkpoint, tmp_path, fmt):
 def test_export_of_a_missing_model_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "none.pt"), "--format", "onnx", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+OUT_OF_ORDER = """
+import gc, os, signal
+from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder
+from embedder.runtimes import runner_for
+hierarchy = Hierarchy.from_paths(["a/x/1", "a/y/2", "b/z/3"], ("dept", "cat", "item"))
+config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+model = PyramidEmbedder(config).eval()
+first, second = runner_for("openvino", model), runner_for("openvino", model)
+del first; gc.collect()  # freed in another order than they were made
+del second; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive", flush=True)
+"""
+
+
+def test_openvino_models_freed_in_any_order_leave_signal_handling_intact(tmp_path):
+    """Each OpenVINO CPU plugin swaps the creating thread's alternate signal stack and unmaps
+    its own when destroyed: with one plugin per model, freeing two models out of order left
+    the main thread on unmapped memory and the next handled signal killed the process
+    silently (SIGSEGV, the suite died this way). hiervec keeps one Core per process."""
+    need("openvino")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(OUT_OF_ORDER)], cwd=root, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HIERVEC_CACHE": str(tmp_path)})
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["handled", "alive"]
