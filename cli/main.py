@@ -808,12 +808,15 @@ def info(uri, collection, token, as_json):
     with _open_store(uri, collection, token) as store:
         spec = store.spec
         per_level = {level: dict(sorted(counts.items())) for level, counts in store.category_counts().items()}
-        data = {"uri": store.settings.display_uri, "collection": collection, "count": store.count(),
+        aliases = store.aliases()
+        data = {"uri": store.settings.display_uri, "collection": store.target, "count": store.count(),
+                "alias": collection if store.target != collection else None, "aliases": aliases,
                 "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
                 "metric": spec.metric, "index": spec.index, "level_vectors": list(spec.kept_vector_levels),
                 "partition_key": spec.partition_key or None, "num_partitions": spec.num_partitions,
                 "fingerprint": store.fingerprint, "categories": per_level}
-    lines = [f"{key:<14} {data[key]}" for key in ("uri", "collection", "count", "levels", "dim", "level_dims",
+    lines = [f"{key:<14} {data[key]}" for key in ("uri", "collection", "alias", "aliases", "count", "levels", "dim",
+                                                    "level_dims",
                                                     "metric", "index", "level_vectors", "partition_key",
                                                     "num_partitions", "fingerprint")]
     for level, counts in per_level.items():
@@ -843,6 +846,81 @@ def delete(ids, uri, collection, token, where, under, as_json):
             deleted = store.delete(where=build_filter(where, under, known))
         remaining = store.count()
     emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
+
+
+# -- aliases ------------------------------------------------------------------------------
+@cli.group()
+def alias():
+    """Aliases: the address of a catalogue. Searches, ingests, deletes and `hiervec serve` take an
+    alias wherever they take a collection; `alias set` moves it to another collection in one step
+    (a new model's collection, built beside the live one by `hiervec reindex`), and back for a rollback."""
+
+
+def alias_options(func):
+    for option in reversed((
+        click.option("--uri", default=None, metavar="URI",
+                     help="Milvus Lite file (*.db) or http(s)://host:port. [default: $HIERVEC_MILVUS_URI, else ./hiervec.db]"),
+        click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True,
+                     help="Token for a Milvus server (user:password or an API key)."),
+        json_option,
+    )):
+        func = option(func)
+    return uses_milvus(func)
+
+
+@alias.command("set")
+@click.argument("name")
+@click.argument("collection")
+@alias_options
+def alias_set(name, collection, uri, token, as_json):
+    """Point alias NAME at COLLECTION (created, or moved in one step); the collection it left is kept."""
+    from milvus_store import Aliases
+
+    with Aliases(uri, token=token) as aliases:
+        change = aliases.set(name, collection)
+    text = (f"alias {name!r} -> {collection!r} (was {change.previous!r}; kept)" if change.previous not in (None, collection)
+            else f"alias {name!r} -> {collection!r}" + (" (unchanged)" if change.previous else " (new)"))
+    emit(as_json, change.to_dict(), text)
+
+
+@alias.command("show")
+@click.argument("name")
+@alias_options
+def alias_show(name, uri, token, as_json):
+    """The collection alias NAME points at, with its count and model fingerprint."""
+    from milvus_store import Aliases, HierStore
+
+    with Aliases(uri, token=token) as aliases:
+        collection = aliases.get(name)
+    if collection is None:
+        raise click.ClickException(f"no alias {name!r} at {uri or 'the default store'}")
+    with HierStore(uri, collection, token=token, create=False) as store:
+        data = {"alias": name, "collection": collection, "count": store.count(), "fingerprint": store.fingerprint,
+                "model": store.model_location}
+    emit(as_json, data, "\n".join(f"{key:<12} {value}" for key, value in data.items()))
+
+
+@alias.command("list")
+@alias_options
+def alias_list(uri, token, as_json):
+    """Every alias and the collection it points at."""
+    from milvus_store import Aliases
+
+    with Aliases(uri, token=token) as aliases:
+        found = aliases.all()
+    emit(as_json, found, "\n".join(f"{name} -> {collection}" for name, collection in found.items()) or "no aliases")
+
+
+@alias.command("remove")
+@click.argument("name")
+@alias_options
+def alias_remove(name, uri, token, as_json):
+    """Drop alias NAME (its collection stays)."""
+    from milvus_store import Aliases
+
+    with Aliases(uri, token=token) as aliases:
+        collection = aliases.remove(name)
+    emit(as_json, {"alias": name, "collection": collection}, f"alias {name!r} removed ({collection!r} stays)")
 
 
 # -- copy --------------------------------------------------------------------------------

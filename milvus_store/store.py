@@ -108,6 +108,28 @@ def _locked_by_another_process(lite_path: str) -> bool:
     return False
 
 
+def connect(settings: ConnectionSettings, timeout: float | None) -> tuple[MilvusClient, str | None, str]:
+    """A client of the deployment `settings` name, the Lite file it holds (`LITE_SERVERS`, let go
+    by the caller on close) and the server's version; a clear `StoreConnectionError` otherwise."""
+    kwargs = settings.client_kwargs()
+    lite_key = LITE_SERVERS.hold(kwargs["uri"]) if settings.is_local else None
+    client = None
+    try:
+        client = MilvusClient(**kwargs, timeout=timeout)
+        return client, lite_key, client.get_server_version(timeout=timeout)
+    except Exception as exc:  # grpc, OSError, MilvusException
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        if lite_key is not None:
+            LITE_SERVERS.let_go(lite_key)
+        message = exc.message if isinstance(exc, MilvusException) else str(exc)
+        reason = settings.redact(message or exc.__class__.__name__)
+        if settings.is_local and _locked_by_another_process(settings.uri):
+            reason = "another process has it open (a Milvus Lite file is used by one process at a time)"
+        raise StoreConnectionError(f"cannot open Milvus at {settings.display_uri!r}: {reason}") from None
+
+
 class HierStore:
     """A hierarchy-aware collection. Open an existing one, or create it when `spec` is given.
 
@@ -130,18 +152,9 @@ class HierStore:
     ):
         self.settings = ConnectionSettings.resolve(uri, token=token, user=user, password=password)
         self.collection = collection
+        self.target = collection  # the collection itself when `collection` is an alias (set on opening)
         self.timeout = timeout
-        kwargs = self.settings.client_kwargs()
-        self._lite_key = LITE_SERVERS.hold(kwargs["uri"]) if self.settings.is_local else None
-        try:
-            self._client = MilvusClient(**kwargs, timeout=timeout)
-            version = self._client.get_server_version(timeout=timeout)
-        except Exception as exc:  # grpc, OSError, MilvusException
-            self.close()
-            reason = self._clean(exc)
-            if self.settings.is_local and _locked_by_another_process(self.settings.uri):
-                reason = "another process has it open (a Milvus Lite file is used by one process at a time)"
-            raise StoreConnectionError(f"cannot open Milvus at {self.settings.display_uri!r}: {reason}") from None
+        self._client, self._lite_key, version = connect(self.settings, timeout)
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.model_location: str | None = None  # where the filling model lives, when recorded (`record_model`)
         self.features = Features.of(version, local=self.settings.is_local)
@@ -263,7 +276,9 @@ class HierStore:
     # -- schema --------------------------------------------------------------------------
     def _open_existing(self, spec: CollectionSpec | None, fingerprint: str | None):
         with self._calls("describe collection"):
-            properties = self._client.describe_collection(self.collection, timeout=self.timeout).get("properties", {})
+            description = self._client.describe_collection(self.collection, timeout=self.timeout)
+        self.target = description.get("collection_name") or self.collection  # through an alias: the collection
+        properties = description.get("properties", {})
         if PROPERTY_SPEC not in properties:
             raise SchemaMismatchError(self.collection, "hiervec spec", "a hiervec collection", "none recorded")
         stored = CollectionSpec.from_json(properties[PROPERTY_SPEC])
@@ -335,8 +350,23 @@ class HierStore:
                 progress[field] = (int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0)))
         return progress
 
+    def aliases(self, *, timeout: float | None = None) -> list[str]:
+        """The aliases that point at this collection (`milvus_store.aliases`)."""
+        with self._calls("list aliases"):
+            found = self._client.list_aliases(self.target, timeout=self._timeout(timeout))
+        return sorted(found.get("aliases", []) if isinstance(found, dict) else found)
+
     def drop(self, *, timeout: float | None = None) -> None:
-        """Delete the whole collection and everything in it."""
+        """Delete the whole collection and everything in it. Refused through an alias, and for a
+        collection an alias points at (Milvus Lite would drop it and leave the alias dangling):
+        move or drop the alias first."""
+        if self.target != self.collection:
+            raise StoreError(f"{self.collection!r} is an alias of {self.target!r}: drop the collection by its "
+                             f"own name; nothing was dropped")
+        aliases = self.aliases(timeout=timeout)
+        if aliases:
+            raise StoreError(f"collection {self.collection!r} is the one alias {', '.join(map(repr, aliases))} "
+                             f"points at: point it elsewhere first (hiervec alias set); nothing was dropped")
         with self._calls("drop collection"):
             self._client.drop_collection(self.collection, timeout=self._timeout(timeout))
 

@@ -1,0 +1,136 @@
+"""Aliases: the address of a catalogue that outlives its collections.
+
+Every search, ingest and delete can go to an alias; Milvus resolves it on each call. A new
+collection is built beside the live one (a new model: `hiervec reindex`), then the alias is
+moved in one step (`set_alias`), and the old collection is kept for a rollback (`set_alias`
+back). `HierStore` opens an alias like a collection (`HierStore.target` names the
+collection behind it) and refuses to drop a collection an alias points at.
+
+    >>> with Aliases("catalogue.db") as aliases:                      # doctest: +SKIP
+    ...     aliases.set("shop", "images_v2")
+    AliasChange(alias='shop', collection='images_v2', previous='images_v1')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+
+from pymilvus import MilvusException
+
+from .connection import LITE_SERVERS, ConnectionSettings
+from .errors import CollectionNotFoundError, StoreConnectionError, StoreError
+from .spec import PROPERTY_FINGERPRINT, PROPERTY_SPEC
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    alias: str
+    collection: str
+    previous: str | None  # the collection it pointed at before; None when it is new
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Aliases:
+    """The aliases of one Milvus deployment (a Lite file or a server)."""
+
+    def __init__(self, uri: str | os.PathLike | None = None, *, token: str | None = None,
+                 timeout: float | None = None):
+        from .store import connect
+
+        self.settings = ConnectionSettings.resolve(uri, token=token)
+        self.timeout = timeout
+        self._client, self._lite_key, _ = connect(self.settings, timeout)
+
+    def __enter__(self) -> Aliases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+        key, self._lite_key = self._lite_key, None
+        if key is not None:
+            LITE_SERVERS.let_go(key)
+
+    @contextlib.contextmanager
+    def _calls(self, action: str):
+        try:
+            yield
+        except MilvusException as exc:
+            raise StoreError(f"{action} at {self.settings.display_uri!r} failed: "
+                             f"{self.settings.redact(exc.message or str(exc))}") from None
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
+                                       f"{self.settings.redact(str(exc))}") from None
+
+    def collections(self) -> list[str]:
+        with self._calls("list collections"):
+            return sorted(self._client.list_collections(timeout=self.timeout))
+
+    def all(self) -> dict[str, str]:
+        """Every alias of the deployment and the collection it points at, by alias."""
+        found = {}
+        for collection in self.collections():
+            with self._calls(f"list the aliases of {collection!r}"):
+                listed = self._client.list_aliases(collection, timeout=self.timeout)
+            for alias in listed.get("aliases", []) if isinstance(listed, dict) else listed:
+                found[alias] = collection
+        return dict(sorted(found.items()))
+
+    def get(self, alias: str) -> str | None:
+        """The collection `alias` points at; None when no alias has that name."""
+        return self.all().get(alias)
+
+    def set(self, alias: str, collection: str) -> AliasChange:
+        """Point `alias` at `collection` (a hiervec collection of this deployment), creating the
+        alias or moving it in one step, once the collection is loaded. Refused, with nothing changed, when `alias` is the name
+        of a collection or `collection` is an alias, missing, or not a hiervec collection."""
+        collections = self.collections()
+        if alias in collections:
+            raise StoreError(f"{alias!r} is a collection at {self.settings.display_uri!r}, not an alias: an alias "
+                             f"needs a name of its own; nothing was changed")
+        aliases = self.all()
+        if collection in aliases:
+            raise StoreError(f"{collection!r} is an alias (of {aliases[collection]!r}): point {alias!r} at a "
+                             f"collection; nothing was changed")
+        if collection not in collections:
+            raise CollectionNotFoundError(f"collection {collection!r} does not exist at "
+                                          f"{self.settings.display_uri!r}; nothing was changed")
+        with self._calls(f"describe {collection!r}"):
+            properties = self._client.describe_collection(collection, timeout=self.timeout).get("properties", {})
+        if PROPERTY_SPEC not in properties:
+            raise StoreError(f"collection {collection!r} is not a hiervec collection (no recorded spec); "
+                             f"nothing was changed")
+        previous = aliases.get(alias)
+        if previous == collection:
+            return AliasChange(alias, collection, previous)
+        with self._calls(f"load {collection!r}"):
+            # loaded before the alias moves: the first search through it is served at once
+            self._client.load_collection(collection, timeout=self.timeout)
+        with self._calls(f"point alias {alias!r} at {collection!r}"):
+            if previous is None:
+                self._client.create_alias(collection, alias, timeout=self.timeout)
+            else:
+                self._client.alter_alias(collection, alias, timeout=self.timeout)
+        return AliasChange(alias, collection, previous)
+
+    def remove(self, alias: str) -> str:
+        """Drop the alias (never a collection); returns the collection it pointed at."""
+        collection = self.get(alias)
+        if collection is None:
+            raise CollectionNotFoundError(f"no alias {alias!r} at {self.settings.display_uri!r}")
+        with self._calls(f"drop alias {alias!r}"):
+            self._client.drop_alias(alias, timeout=self.timeout)
+        return collection
+
+    def fingerprint(self, collection: str) -> str | None:
+        """The model fingerprint `collection` (or an alias) records."""
+        with self._calls(f"describe {collection!r}"):
+            properties = self._client.describe_collection(collection, timeout=self.timeout).get("properties", {})
+        return properties.get(PROPERTY_FINGERPRINT) or None
