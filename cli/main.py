@@ -848,6 +848,29 @@ def delete(ids, uri, collection, token, where, under, as_json):
     emit(as_json, {"deleted": deleted, "count": remaining}, f"deleted {deleted}; {remaining} remain")
 
 
+@cli.command()
+@click.option("--from", "source", required=True, metavar="PATH", help="The category to move, e.g. clothing/tops.")
+@click.option("--to", "target", required=True, metavar="PATH",
+              help="Its new path, as many levels deep, e.g. clothing/upper-body.")
+@click.option("--merge", is_flag=True, help="Allow a new path that already holds images: the two become one.")
+@store_options
+@json_option
+@uses_milvus
+def move(source, target, merge, uri, collection, token, as_json):
+    """Move or rename a category in place: every image under --from takes the path --to, at that level
+    and every level below it (and above it for a new parent). Nothing is embedded again; an interrupted
+    move is completed by running it again."""
+    from milvus_store import move_category
+
+    with _open_store(uri, collection, token) as store:
+        with progress_bar(store.count(), "moving", as_json, rate="img/s") as advance:
+            report = move_category(store, source, target, merge=merge, progress=advance)
+    text = (f"moved {report.moved} images from {source!r} to {target!r} (level {report.level!r}"
+            + (f"; merged with {report.already_there} already there" if merge and report.already_there else "")
+            + ("; completed an interrupted move" if report.resumed else "") + f"); {report.count} in the collection")
+    emit(as_json, report.to_dict(), text)
+
+
 # -- aliases ------------------------------------------------------------------------------
 @cli.group()
 def alias():

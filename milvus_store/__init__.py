@@ -29,11 +29,12 @@ from .search import Route, SearchRequest, SearchResult
 from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
 from .store import HierStore
 from .aliases import AliasChange, Aliases
+from .moves import MoveReport, move_category
 from .copy import CopyReport, copy_collection, open_copy_target
 from .lite_process import LiteProcess
 
 __all__ = [
-    "AliasChange", "Aliases", "And", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "CopyReport", "copy_collection", "open_copy_target", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
+    "AliasChange", "Aliases", "And", "MoveReport", "move_category", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "CopyReport", "copy_collection", "open_copy_target", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "LiteProcess", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
     "SERVER_INDEXES", "SchemaMismatchError", "LevelVectorMissingError", "VectorFieldLimitError", "Features", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",

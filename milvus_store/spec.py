@@ -34,6 +34,7 @@ META_MAX_DEPTH = 32  # objects and lists inside one another; deeper is refused, 
 SEPARATOR = "/"
 PROPERTY_SPEC = "hiervec.spec"
 PROPERTY_FINGERPRINT = "hiervec.fingerprint"
+PROPERTY_MOVE = "hiervec.move"  # a category move under way (`milvus_store.moves`): {"from", "to"}, "" when none
 PROPERTY_MODEL = "hiervec.model"  # where the model that fills the collection lives (written at ingest)
 LAYOUT = 2  # 1: before predicted paths (no predicted / conf_<level> fields)
 MAX_VECTOR_FIELDS = 10  # the most any Milvus server can be configured to take (proxy.maxVectorFieldNum)
