@@ -498,6 +498,11 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @click.option("--writers", type=click.IntRange(1, 64), default=None,
               help="Writer actors for a Milvus server with --engine ray. [default: 2; a Milvus Lite file is "
                    "written by this process]")
+@click.option("--sync", is_flag=True,
+              help="Also remove the collection's images that SOURCE no longer lists: those stored from under the "
+                   "folder SOURCE, or the whole collection for a manifest. Never when the listing had errors.")
+@click.option("--dry-run", is_flag=True,
+              help="With --sync: write nothing; print how many images (and which) the sync would remove.")
 @optimize_option
 @runtime_option
 @compute_options
@@ -505,12 +510,16 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @uses_milvus
 def ingest(source, model_path, uri, collection, token, batch_size, index, level_vectors, partition_key, num_partitions,
            report_path, strict, engine, ray_address, actors, cpus_per_actor, threads_per_actor, gpus_per_actor, bulk,
-           bulk_endpoint, bulk_bucket, writers, optimize, runtime, device, amp, as_json):
+           bulk_endpoint, bulk_bucket, writers, sync, dry_run, optimize, runtime, device, amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
     from milvus_store import ConnectionSettings, FailedItem, ImageIndex, IngestItem, StoreError, printable
 
     check_writable(report_path, "--report")
+    if dry_run and not sync:
+        raise click.UsageError("--dry-run goes with --sync (it shows what a sync would remove)")
+    if dry_run:
+        return _sync_dry_run(source, uri, collection, token, as_json)
     if bulk and ConnectionSettings.resolve(uri).is_local:
         raise click.UsageError("--bulk: Milvus Lite has no bulk import; ingest into a .db without --bulk, or give "
                                "--uri http://host:19530 (a Milvus server)")
@@ -542,12 +551,15 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
         report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
                          for f in listing.failures] + report.failed
         report.seen += len(listing.failures)
+        synced = _sync(image_index.store, source, listing, report) if sync else None
         count = image_index.store.count()
         try:  # so `hiervec search` finds the model; a server that cannot record it still has the images
             image_index.store.record_model(str(model_path.resolve()))
         except StoreError as exc:
             note(as_json, f"warning: the collection does not record its model ({exc}); searches need --model")
     result = report.to_dict() | {"collection": collection, "count": count}
+    if synced is not None:
+        result["sync"] = synced
     if imported is not None:
         result["bulk_import"] = imported
     if report_path is not None:  # its folder was made (or refused) by check_writable before the work
@@ -566,8 +578,77 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
         for duplicate in report.duplicates[:10]:
             click.echo(f"  not stored {duplicate.source}: the same image as {duplicate.same_as}, stored with its "
                        f"category", err=True)
+    if synced is not None and not as_json:
+        click.echo(_sync_line(synced), err=True)
     if strict and report.failed:
         sys.exit(1)
+
+
+def _sync_scope(source, listing):
+    """(the uri prefix a sync may remove under: None for the whole collection; the uris to keep whatever
+    their ids; why the sync cannot run, or None)."""
+    from milvus_store import path_uri
+
+    folder = Path(source).is_dir()
+    unlisted = [f for f in listing.failures if f.reason.startswith("cannot list")]
+    if unlisted or (listing.failures and not folder):
+        first = (unlisted or listing.failures)[0]
+        return None, set(), (f"the listing of {str(source)!r} had {len(listing.failures)} error(s) (first: "
+                             f"{first.source}: {first.reason}): nothing was removed")
+    # a folder's files that were not listed as images (wrong depth, odd names) keep what is stored of them
+    kept = {path_uri(form) for f in listing.failures for form in (Path(f.source).absolute(), Path(f.source).resolve())}
+    return (_stored_uri(Path(source)) if folder else None), kept, None
+
+
+def _sync(store, source, listing, report) -> dict:
+    """Remove what `source` no longer lists (`milvus_store.sync`): an image stays when this ingest
+    stored or found its id, or could not read (or store) what its uri holds now."""
+    from milvus_store.sync import apply_sync, plan_sync
+
+    under, kept, refused = _sync_scope(source, listing)
+    if refused:
+        return {"removed": 0, "refused": refused}
+    plan = plan_sync(store, report.ids, kept | {f.uri for f in report.failed if f.uri}, under_uri=under)
+    return plan.to_dict() | {"removed": apply_sync(store, plan)}
+
+
+def _sync_dry_run(source, uri, collection, token, as_json) -> None:
+    """What `--sync` would remove, reading every listed file for its id; nothing is written."""
+    from embedder import read_source
+    from milvus_store import FailedItem, IngestItem
+    from milvus_store.index import read_item
+    from milvus_store.sync import plan_sync
+
+    listing = read_source(source)
+    under, kept, refused = _sync_scope(source, listing)
+    if refused:
+        result = {"removed": 0, "refused": refused}
+    else:
+        ids = []
+        for item in listing.items:
+            read = read_item(IngestItem(item.path, item.category, item.id, uri=_stored_uri(item.path)), True)
+            if isinstance(read, FailedItem):
+                kept.add(read.uri)
+            else:
+                ids.append(read[1])
+        with _open_store(uri, collection, token) as store:
+            result = plan_sync(store, ids, kept, under_uri=under).to_dict()
+        result["removed"] = 0
+    result["dry_run"] = True
+    emit(as_json, {"collection": collection, "sync": result}, _sync_line(result))
+
+
+def _sync_line(synced: dict) -> str:
+    if synced.get("refused"):
+        return f"sync: {synced['refused']}"
+    dry = synced.get("dry_run")
+    count = synced["stale"] if dry else synced["removed"]
+    lines = [f"sync: {'would remove' if dry else 'removed'} {count} of {synced['examined']} images in "
+             f"{synced['scope']} that the source no longer lists"]
+    lines += [f"  {uri}" for uri in synced["stale_uris"]]
+    if synced["stale"] > len(synced["stale_uris"]):
+        lines.append(f"  ... {synced['stale'] - len(synced['stale_uris'])} more")
+    return "\n".join(lines)
 
 
 def _bulk_files(store, collection, endpoint, bucket):

@@ -81,6 +81,7 @@ class FailedItem:
     reason: str
     stage: str = "invalid"  # "listing", "read" (cannot read the file), "decode" (not an image), "invalid" (rejected record)
     id: str | None = None
+    uri: str | None = None  # the item's uri, when it has one (a sync keeps what is stored under it)
 
 
 @dataclass(frozen=True)
@@ -439,14 +440,15 @@ def read_item(item: IngestItem, can_predict: bool) -> tuple[IngestItem, str, byt
     try:
         data = item.source if isinstance(item.source, bytes) else read_file(item.source)
     except OSError as exc:  # a local path or a URL alike (hiervec_core.files)
-        return FailedItem(item.name, f"cannot read: {why_unreadable(exc)}", "read")
+        return FailedItem(item.name, f"cannot read: {why_unreadable(exc)}", "read", uri=item.uri)
     if item.category is None and not can_predict:
-        return FailedItem(item.name, "has no category path (and the model cannot predict one)", "invalid", item.id)
+        return FailedItem(item.name, "has no category path (and the model cannot predict one)", "invalid", item.id,
+                          uri=item.uri)
     rid = item.id if item.id is not None else content_id(data)
     try:
         check_id(rid)  # before the id reaches a query: one odd id must not fail the batch
     except RecordError as exc:
-        return FailedItem(item.name, str(exc), "invalid", printable(rid))
+        return FailedItem(item.name, str(exc), "invalid", printable(rid), uri=item.uri)
     return item, rid, data
 
 
@@ -485,7 +487,7 @@ def decode_item(embedder: ImageEmbedder, entry: tuple) -> _Prepared | FailedItem
         return _Prepared(item, rid, embedder.prepare(data))
     except Exception as exc:
         reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
-        return FailedItem(item.name, reason, "decode", rid)
+        return FailedItem(item.name, reason, "decode", rid, uri=item.uri)
 
 
 def embed_rows(embedder: ImageEmbedder, prepared: list[_Prepared], spec: CollectionSpec) -> tuple[list[dict], list]:
@@ -511,7 +513,8 @@ def embed_rows(embedder: ImageEmbedder, prepared: list[_Prepared], spec: Collect
             confidence=None if guess is None else guess.probabilities,
         ))
     rows, problems = validate_records(records, spec)
-    return rows, [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id) for i, reason in problems]
+    return rows, [FailedItem(prepared[i].item.name, reason, "invalid", prepared[i].id, prepared[i].item.uri)
+                  for i, reason in problems]
 
 
 def _batches(items: Iterable[IngestItem], size: int) -> Iterator[list[IngestItem]]:

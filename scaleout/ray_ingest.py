@@ -140,7 +140,7 @@ class _Embed:
             got = read_item(item, self.can_predict)
             if not isinstance(got, FailedItem) and got[1] != rid:
                 got = FailedItem(item.name, "the file changed while it was ingested (its bytes differ from when it "
-                                 "was listed); ingest again", "read", rid)
+                                 "was listed); ingest again", "read", rid, item.uri)
             if not isinstance(got, FailedItem):
                 got = decode_item(self.embedder, got)
             if isinstance(got, FailedItem):
@@ -297,5 +297,5 @@ def _settle_waiting(items, seq: int, row, failure, waiting: dict[str, list[int]]
         if row is not None:
             duplicates[other] = DuplicateItem(items[other].name, items[seq].name, rid)
         else:
-            failed[other] = FailedItem(items[other].name, failure.reason, failure.stage, rid)
+            failed[other] = FailedItem(items[other].name, failure.reason, failure.stage, rid, items[other].uri)
     return len(later)
