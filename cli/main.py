@@ -118,6 +118,31 @@ def progress_bar(length: int, label: str, as_json: bool, *, rate: str):
         yield advance
 
 
+def engine_options(func):
+    """--engine and its Ray engine's options (ingest, reindex)."""
+    for option in reversed((
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this process (threads overlap reading, embedding and writing); ray: Ray Data, "
+                          "on this machine or a cluster (needs: pip install 'hiervec[ray]')."),
+        click.option("--ray-address", default=None, metavar="ADDR",
+                     help="A running Ray cluster (ray://host:10001 or host:6379) for --engine ray. [default: a local "
+                          "Ray started for this ingest]"),
+        click.option("--actors", type=click.IntRange(1, 1024), default=1, show_default=True,
+                     help="Embedding actors of --engine ray, each holding the model."),
+        click.option("--cpus-per-actor", type=click.FloatRange(0.05, 256), default=0.5, show_default=True,
+                     help="CPUs Ray reserves per embedding actor (fractions let a 2-core node run two beside the readers)."),
+        click.option("--threads-per-actor", type=click.IntRange(1, 256), default=1, show_default=True,
+                     help="Torch threads of each embedding actor (actors on one node must not oversubscribe its cores)."),
+        click.option("--gpus-per-actor", type=click.FloatRange(0, 16), default=0.0, show_default=True,
+                     help="GPUs per embedding actor (e.g. 1, or 0.5 for two actors per GPU)."),
+        click.option("--writers", type=click.IntRange(1, 64), default=None,
+                     help="Writer actors for a Milvus server with --engine ray. [default: 2; a Milvus Lite file is "
+                          "written by this process]"),
+    )):
+        func = option(func)
+    return func
+
+
 def optimize_option(func):
     return click.option("--optimize", is_flag=True,
                         help="Embed through the traced, frozen model: about twice as fast on CPUs, "
@@ -474,20 +499,7 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every file's failure reason and the counts here (JSON).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process (threads overlap reading, embedding and writing); ray: Ray Data, "
-                   "on this machine or a cluster (needs: pip install 'hiervec[ray]').")
-@click.option("--ray-address", default=None, metavar="ADDR",
-              help="A running Ray cluster (ray://host:10001 or host:6379) for --engine ray. [default: a local "
-                   "Ray started for this ingest]")
-@click.option("--actors", type=click.IntRange(1, 1024), default=1, show_default=True,
-              help="Embedding actors of --engine ray, each holding the model.")
-@click.option("--cpus-per-actor", type=click.FloatRange(0.05, 256), default=0.5, show_default=True,
-              help="CPUs Ray reserves per embedding actor (fractions let a 2-core node run two beside the readers).")
-@click.option("--threads-per-actor", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Torch threads of each embedding actor (actors on one node must not oversubscribe its cores).")
-@click.option("--gpus-per-actor", type=click.FloatRange(0, 16), default=0.0, show_default=True,
-              help="GPUs per embedding actor (e.g. 1, or 0.5 for two actors per GPU).")
+@engine_options
 @click.option("--bulk", is_flag=True,
               help="Milvus servers: write the rows as Parquet files to the bucket the server reads, then bulk-import "
                    "them in one job (large backfills). Ids already stored are still skipped first.")
@@ -495,9 +507,6 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
               help="S3/MinIO endpoint of the server's bucket for --bulk (docker-compose.yml's MinIO); keys from "
                    "$HIERVEC_S3_ACCESS_KEY and $HIERVEC_S3_SECRET_KEY [default: minioadmin].")
 @click.option("--bulk-bucket", default="a-bucket", show_default=True, help="The server's bucket for --bulk.")
-@click.option("--writers", type=click.IntRange(1, 64), default=None,
-              help="Writer actors for a Milvus server with --engine ray. [default: 2; a Milvus Lite file is "
-                   "written by this process]")
 @click.option("--sync", is_flag=True,
               help="Also remove the collection's images that SOURCE no longer lists: those stored from under the "
                    "folder SOURCE, or the whole collection for a manifest. Never when the listing had errors.")
@@ -523,14 +532,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
     if bulk and ConnectionSettings.resolve(uri).is_local:
         raise click.UsageError("--bulk: Milvus Lite has no bulk import; ingest into a .db without --bulk, or give "
                                "--uri http://host:19530 (a Milvus server)")
-    if engine == "ray":  # before anything is read or created
-        from scaleout import EngineMissingError
-        from scaleout.ray_ingest import import_ray
-
-        try:
-            import_ray()
-        except EngineMissingError as exc:
-            raise click.ClickException(str(exc)) from None
+    _check_engine(engine)  # before anything is read or created
     listing = read_source(source)
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
     items = [IngestItem(item.path, item.category, item.id, item.meta, _stored_uri(item.path), item.origin)
@@ -649,6 +651,116 @@ def _sync_line(synced: dict) -> str:
     if synced["stale"] > len(synced["stale_uris"]):
         lines.append(f"  ... {synced['stale'] - len(synced['stale_uris'])} more")
     return "\n".join(lines)
+
+
+def _check_engine(engine: str) -> None:
+    """Ray is importable when --engine ray asks for it (the error says how to install it)."""
+    if engine != "ray":
+        return
+    from scaleout import EngineMissingError
+    from scaleout.ray_ingest import import_ray
+
+    try:
+        import_ray()
+    except EngineMissingError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@model_option
+@click.option("--to", "target", required=True, metavar="COLLECTION",
+              help="The new collection, created with the new model's layout beside the current one (a rerun "
+                   "resumes it: ids already there are skipped).")
+@store_options
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Read the images from this folder when they moved: each stored file is looked up at its path "
+                   "relative to --stored-root. [default: each image's stored uri]")
+@click.option("--stored-root", default=None, metavar="FOLDER",
+              help="The folder the stored paths are relative to, for --source. [default: the deepest folder holding "
+                   "every stored file]")
+@click.option("--switch", is_flag=True,
+              help="When --collection is an alias: point it at --to once every image is there (the counts agree); "
+                   "the old collection is kept for a rollback (hiervec alias set).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images read, decoded and written together (memory grows with it).")
+@click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
+              help="Vector index of the new collection. [default: the current collection's]")
+@click.option("--level-vectors", default=None, metavar="all|none|LEVEL,...",
+              help="Which levels keep a vector field in the new collection (as for ingest). [default: all]")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every file's failure reason and the counts here (JSON).")
+@engine_options
+@optimize_option
+@runtime_option
+@compute_options
+@json_option
+@uses_milvus
+def reindex(model_path, target, uri, collection, token, source, stored_root, switch, batch_size, index, level_vectors,
+            report_path, engine, ray_address, actors, cpus_per_actor, threads_per_actor, gpus_per_actor, writers,
+            optimize, runtime, device, amp, as_json):
+    """Embed every image of the collection again with a new model (--model) into a new collection (--to):
+    ids, given categories and meta kept, predicted categories predicted again by the new model. With
+    --switch, the alias --collection moves to the new collection when it is complete."""
+    from milvus_store import Aliases, HierStore, ImageIndex
+    from milvus_store.reindex import stored_items
+
+    check_writable(report_path, "--report")
+    _check_engine(engine)
+    with HierStore(uri, collection, token=token, create=False) as current:
+        if target in (current.target, collection):
+            raise click.UsageError(f"--to {target!r} is the collection being reindexed: name a new one")
+        if switch and current.target == collection:
+            raise click.UsageError(f"--switch moves an alias, and {collection!r} is a collection: make an alias "
+                                   f"first (hiervec alias set NAME {collection}) and reindex through it")
+        embedder = load_embedder(model_path, optimize, device, amp, runtime)
+        if len(embedder.level_names) != current.spec.depth:
+            raise click.ClickException(
+                f"the new model has {len(embedder.level_names)} levels ({', '.join(embedder.level_names)}) and "
+                f"{collection!r} {current.spec.depth} ({', '.join(current.spec.level_names)}): its categories "
+                f"cannot be kept; nothing was written")
+        layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, None)
+        kept = tuple(current.spec.kept_vector_levels)
+        if level_vectors is None and embedder.level_dims and set(kept) <= set(embedder.level_names):
+            layout["vector_levels"] = kept  # the current layout (a server may take no more vector fields)
+        total = current.count()
+        with ImageIndex.open(embedder, uri, target, index=index or current.spec.index, metric=current.spec.metric,
+                             token=token, **layout) as image_index:
+            if image_index.store.target != target:
+                raise click.UsageError(f"--to {target!r} is an alias: name a collection")
+            items = stored_items(current, source=source, root=stored_root)
+            with progress_bar(total, "reindex", as_json, rate="img/s") as advance:
+                if engine == "ray":
+                    report = _ray_ingest(image_index, list(items), model_path, batch_size, ray_address, actors,
+                                         cpus_per_actor, threads_per_actor, gpus_per_actor, writers, optimize,
+                                         runtime, device, amp, token, advance)
+                else:
+                    report = image_index.ingest(items, batch_size=batch_size, progress=advance)
+            image_index.store.record_model(str(model_path.resolve()))
+            count = image_index.store.count()
+        source_count = current.count()
+        previous = current.target
+    complete = count == source_count and not report.failed
+    switched = None
+    if switch and complete:
+        with Aliases(uri, token=token) as aliases:
+            switched = aliases.set(collection, target).to_dict()
+    result = report.to_dict() | {"from": previous, "to": target, "count": count, "source_count": source_count,
+                                 "complete": complete, "switched": switched}
+    if report_path is not None:
+        report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    text = (f"reindexed {previous!r} into {target!r}: stored {report.stored}, skipped {report.skipped_present} "
+            f"(already there), failed {len(report.failed)}; {count} of {source_count} images "
+            f"({result['images_per_s'] or 0} img/s)")
+    if switched:
+        text += f"\nalias {collection!r} -> {target!r} (was {previous!r}; kept for a rollback)"
+    elif switch:
+        text += f"\nalias {collection!r} not moved: {target!r} is not complete; rerun to resume"
+    emit(as_json, result, text)
+    if not as_json:
+        for failure in report.failed[:10]:
+            click.echo(f"  failed {failure.source}: {failure.reason}", err=True)
+    if switch and not switched:
+        sys.exit(1)
 
 
 def _bulk_files(store, collection, endpoint, bucket):

@@ -173,3 +173,61 @@ def test_server_gone_mid_ingest_is_a_clear_error_and_a_rerun_completes(tmp_path,
     finally:
         server.stop()
 
+
+
+def test_reindex_killed_and_rerun_ends_as_an_uninterrupted_reindex(tmp_path, tiny_model):
+    """`hiervec reindex` SIGKILLed while it writes (on a milvus-lite server, so the test can watch the
+    count grow), then run again: the same ids and vectors as a reindex that was never interrupted."""
+    import torch
+
+    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+    from milvus_store import CollectionNotFoundError
+
+    from ..conftest import LEVELS
+
+    expected = make_tree(tmp_path / "tree", per_leaf=60)
+    torch.manual_seed(1)  # the new model: another start than tiny_model's
+    config = EmbedderConfig.for_hierarchy(Hierarchy.from_paths(list(LEAVES), LEVELS), dim=8, backbone="resnet18",
+                                          image_size=32, fpn_channels=16, classifier_scale=1.0)
+    new_model = tmp_path / "new.pt"
+    save_checkpoint(new_model, PyramidEmbedder(config), Hierarchy.from_paths(list(LEAVES), LEVELS))
+
+    def reindex(uri: str, to: str) -> list[str]:
+        return [*HIERVEC, "reindex", "--model", str(new_model), "--uri", uri, "--to", to, "--batch-size", "4", "--json"]
+
+    def count(uri: str, name: str) -> int:
+        try:
+            with HierStore(uri, name, create=False) as store:
+                return store.count()
+        except CollectionNotFoundError:
+            return 0
+
+    with LiteServer(tmp_path / "server") as server:
+        assert subprocess.run(ingest(tmp_path / "tree", tiny_model, server.uri), capture_output=True,
+                              timeout=300).returncode == 0
+        whole = subprocess.run(reindex(server.uri, "whole"), capture_output=True, text=True, timeout=300)
+        assert whole.returncode == 0, whole.stderr
+        assert json.loads(whole.stdout)["count"] == len(expected)
+
+        for attempt in range(4):  # the kill must land while rows are being written
+            name = f"killed{attempt}"
+            process = subprocess.Popen(reindex(server.uri, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 240
+            while process.poll() is None and time.monotonic() < deadline and count(server.uri, name) < 8:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            at_kill = count(server.uri, name)
+            if 0 < at_kill < len(expected):
+                break
+        else:
+            pytest.fail("no kill landed mid-reindex in 4 attempts")
+        rerun = subprocess.run(reindex(server.uri, name), capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        report = json.loads(rerun.stdout)
+        assert report["skipped_present"] == at_kill and report["stored"] == len(expected) - at_kill
+        assert report["complete"] and report["count"] == len(expected)
+        with HierStore(server.uri, "whole", create=False) as a, HierStore(server.uri, name, create=False) as b:
+            ids = sorted(expected)
+            assert {h.id for h in b.iterate()} == set(ids)
+            np.testing.assert_allclose(a.embeddings(ids).concat, b.embeddings(ids).concat, atol=1e-5)

@@ -54,8 +54,8 @@ def items_of(tree):
             for i in listing.items]
 
 
-def stored(uri: str) -> dict:
-    with HierStore(uri, "images", create=False) as store:
+def stored(uri: str, collection: str = "images") -> dict:
+    with HierStore(uri, collection, create=False) as store:
         rows = {row["id"]: row for batch in store.row_batches(batch_size=100) for row in batch}
         return rows
 
@@ -94,8 +94,8 @@ def run_ray(tree, model, uri, options, **kwargs):
         return ray_ingest(index, items_of(tree), EmbedderRecipe(str(model), runtime="torch"), options, **kwargs)
 
 
-def assert_same_collection(uri: str, single_uri: str) -> None:
-    got, want = stored(uri), stored(single_uri)
+def assert_same_collection(uri: str, single_uri: str, collection: str = "images") -> None:
+    got, want = stored(uri, collection), stored(single_uri)
     assert sorted(got) == sorted(want)
     for rid, row in want.items():
         for name in ("uri", "meta", "department", "category", "item", "predicted"):
@@ -157,6 +157,14 @@ def test_the_cli_runs_the_ray_engine(tree, tiny_model, single, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     assert '"stored": 13' in result.output and '"failed": 3' in result.output
     assert_same_collection(uri, single[0])
+
+    # reindex on the same engine (here with the same model: the same rows, predictions made again)
+    result = CliRunner().invoke(cli, ["reindex", "--model", str(tiny_model), "--uri", uri, "--to", "again",
+                                      "--engine", "ray", "--actors", "2", "--runtime", "torch", "--batch-size", "4",
+                                      "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert '"stored": 13' in result.output and '"complete": true' in result.output
+    assert_same_collection(uri, single[0], "again")
 
 
 def test_a_two_node_ray_cluster_runs_the_same_ingest(tree, tiny_model, single, tmp_path):
