@@ -350,6 +350,14 @@ class HierStore:
                 progress[field] = (int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0)))
         return progress
 
+    def resolve(self, name: str | None = None, *, timeout: float | None = None) -> str:
+        """The collection `name` (default: the name this store was opened by) stands for now: itself,
+        or the one its alias points at (an alias can move while a store is open)."""
+        name = name or self.collection
+        with self._calls("describe collection"):
+            description = self._client.describe_collection(name, timeout=self._timeout(timeout))
+        return description.get("collection_name") or name
+
     def aliases(self, *, timeout: float | None = None) -> list[str]:
         """The aliases that point at this collection (`milvus_store.aliases`)."""
         with self._calls("list aliases"):

@@ -1,6 +1,13 @@
 """`Service`: the loaded model, the open collections and the micro-batchers behind the app.
 
-The model is loaded and the store opened once, by `Service.open`. Concurrent queries share
+The model is loaded and the store opened once, by `Service.open`. The served collection may
+be an alias: the service then serves the collection it points at, with the model that
+collection records, as one `Generation`, and checks the alias every
+`ServiceSettings.alias_check_s`. When the alias has moved (`hiervec alias set`, `hiervec
+reindex --switch`), the new collection's model is loaded beside the old one and the two are
+swapped in one step: a request is served by the generation that was current when it arrived
+(`Service.pin`), start to end, so no response mixes the old model with the new collection,
+and none fails. Concurrent queries share
 forward passes and Milvus calls through two micro-batchers (`service.batching`), off the
 event loop: one forward pass at a time, and two search calls that follow the forward
 passes. A search is a `milvus_store.SearchRequest`, and requests that ask the same (equal
@@ -19,6 +26,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -26,7 +35,9 @@ from PIL import Image, UnidentifiedImageError
 from embedder import Embedder, ImageDecodeError
 from embedder.devices import available_cpus, set_threads
 from hiervec_core.vectors import LevelVectors
-from milvus_store import ConnectionSettings, ImageIndex, LiteProcess, SearchRequest, SearchResult, content_id, uri_path
+from milvus_store import (
+    ConnectionSettings, HierStore, ImageIndex, LiteProcess, SearchRequest, SearchResult, content_id, uri_path,
+)
 
 from .batching import MicroBatcher
 from .errors import ApiError
@@ -37,6 +48,23 @@ FILE_CHECK_CACHE_S = 30.0  # how long hits remember whether their file is served
 FILE_CHECKS_KEPT = 100_000  # remembered file checks at most (about 20 MB); all are forgotten past it
 BODY_SLACK = 64 * 1024  # form fields and multipart framing around the largest file allowed
 UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what Pillow raises on bad headers
+RETIRED_KEPT = 2  # generations kept open after a switch for requests still in flight (closed at the next switches)
+logger = logging.getLogger("hiervec.service")
+
+
+@dataclass(eq=False)  # hashed by identity: a micro-batch key
+class Generation:
+    """The model and the collection it serves, swapped together when the served alias moves."""
+
+    embedder: Embedder
+    index: ImageIndex  # opened on the collection itself, never through the alias
+
+    @property
+    def collection(self) -> str:
+        return self.index.store.collection
+
+
+_PINNED: ContextVar[Generation | None] = ContextVar("hiervec_generation", default=None)
 
 
 class Service:
@@ -45,11 +73,13 @@ class Service:
     def __init__(self, settings: ServiceSettings, embedder: Embedder, index: ImageIndex,
                  lite: LiteProcess | None = None):
         self.settings = settings
-        self.embedder = embedder
+        self.generation = Generation(embedder, index)
+        self._retired: list[Generation] = []
         self.lite = lite  # the Lite process this service started and stops, if any
         self.store_uri = _store_uri(settings, lite)
         window = settings.batch_window_ms / 1000
-        self.embedding = MicroBatcher(lambda _, images: embedder.embed(images).split(),
+        # One forward pass per generation's model: a batch is keyed by the generation.
+        self.embedding = MicroBatcher(lambda generation, images: generation.embedder.embed(images).split(),
                                       max_batch=settings.max_batch, window_s=window, name="embed")
         # Searches follow the forward passes and run two calls at once (see `service.batching`).
         self.searching = MicroBatcher(self._search_batch, max_batch=settings.max_batch, window_s=window,
@@ -57,7 +87,7 @@ class Service:
         self.started = time.time()
         self._closed = False
         self.requests: Counter = Counter()
-        self._indexes = {settings.collection: index}
+        self._indexes: dict[tuple[str, str], ImageIndex] = {}  # (collection, model fingerprint) -> other collections
         self._categories: dict[str, tuple[float, dict[str, Counter]]] = {}
         self._file_checks: dict[str, tuple[float, bool]] = {}  # uri -> (when, shown)
         self._real_folders: dict[str, tuple[float, str]] = {}  # folder -> (when, its realpath)
@@ -72,6 +102,11 @@ class Service:
         if settings.media_dir is not None:
             roots.append(Path(settings.media_dir))
         self.image_roots = tuple(r.resolve() for r in roots)
+        self._stop = threading.Event()
+        self._watcher = None
+        if settings.alias_check_s > 0:
+            self._watcher = threading.Thread(target=self._follow_alias, name="hiervec-alias", daemon=True)
+            self._watcher.start()
 
     @classmethod
     def open(cls, settings: ServiceSettings) -> Service:
@@ -89,6 +124,11 @@ class Service:
         try:
             index = ImageIndex.open(embedder, _store_uri(settings, lite),
                                     settings.collection, token=settings.token)
+            if index.store.target != settings.collection:  # an alias: serve its collection, pinned
+                target = index.store.target
+                index.close()
+                index = ImageIndex.open(embedder, _store_uri(settings, lite), target, token=settings.token,
+                                        create=False)
         except BaseException:
             if lite is not None:
                 lite.stop()
@@ -100,24 +140,93 @@ class Service:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
         self.embedding.close()
         self.searching.close()
-        for index in self._indexes.values():
+        for index in [*self._indexes.values(), *(g.index for g in (*self._retired, self.generation))]:
             index.close()
         if self.lite is not None:
             self.lite.stop()
 
+    # -- the served generation -------------------------------------------------------------
+    def pin(self):
+        """Serve the calling request by the current generation, start to end (contextvars follow it into
+        threads); returns the token `unpin` takes."""
+        return _PINNED.set(self.generation)
+
+    @staticmethod
+    def unpin(token) -> None:
+        _PINNED.reset(token)
+
+    def current(self) -> Generation:
+        """The generation serving this request: the one it was pinned to, else the latest."""
+        return _PINNED.get() or self.generation
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.current().embedder
+
+    def _follow_alias(self) -> None:
+        while not self._stop.wait(self.settings.alias_check_s):
+            try:
+                self.follow_alias()
+            except Exception as exc:  # keep serving the current generation; try again next time
+                logger.error("following alias %r failed, still serving %r: %s", self.settings.collection,
+                             self.generation.collection, exc)
+
+    def follow_alias(self) -> bool:
+        """Switch to the collection the served alias points at now, with the model it records (loaded
+        beside the current one first). Returns whether it switched."""
+        current = self.generation
+        target = current.index.store.resolve(self.settings.collection)
+        if target == current.collection:
+            return False
+        with HierStore(self.store_uri, target, token=self.settings.token, create=False) as probe:
+            location, fingerprint = probe.model_location, probe.fingerprint
+        if fingerprint == current.embedder.fingerprint:
+            embedder = current.embedder
+        elif location is None:
+            raise ValueError(f"collection {target!r} records no model to load (ingest or reindex records it)")
+        else:
+            settings = self.settings
+            embedder = Embedder.from_checkpoint(location, optimize=settings.optimize, device=settings.device,
+                                                amp=settings.amp, runtime=settings.runtime)
+        index = ImageIndex.open(embedder, self.store_uri, target, token=self.settings.token, create=False)
+        with self._lock:
+            self.generation = Generation(embedder, index)
+            self._retired.append(current)
+            closing = self._retired[:-RETIRED_KEPT]
+            self._retired = self._retired[-RETIRED_KEPT:]
+        self._categories.clear()
+        for old in closing:
+            old.index.close()
+        logger.info("alias %r moved: now serving %r (model %s), was %r (model %s)", self.settings.collection,
+                    target, embedder.fingerprint, current.collection, current.embedder.fingerprint)
+        return True
+
     # -- search ------------------------------------------------------------------------------
     async def embed(self, prepared) -> LevelVectors:
         """One prepared image's vectors (a batch of one), in a forward pass shared with concurrent queries."""
-        return await self.embedding.submit(prepared)
+        return await self.embedding.submit(prepared, key=self.current())
 
     async def search(self, request: SearchRequest, collection: str | None = None) -> SearchResult:
         """One query's result; concurrent requests that ask the same share one `ImageIndex.search` call."""
-        return await self.searching.submit(request, key=(collection or self.settings.collection, request))
+        other = collection if collection not in (None, self.settings.collection) else None
+        return await self.searching.submit(request, key=(self.current(), other, request))
 
-    def _search_batch(self, key: tuple[str, SearchRequest], requests: list[SearchRequest]) -> list[SearchResult]:
-        collection, request = key
+    def _search_batch(self, key: tuple[Generation, str | None, SearchRequest],
+                      requests: list[SearchRequest]) -> list[SearchResult]:
+        generation, collection, request = key
+        token = _PINNED.set(generation)  # this thread serves the requests' generation
+        try:
+            return self._search_with(collection, request, requests)
+        finally:
+            _PINNED.reset(token)
+
+    def _search_with(self, collection: str | None, request: SearchRequest,
+                     requests: list[SearchRequest]) -> list[SearchResult]:
         index = self.index(collection)
         known = self.known_categories(collection) if request.needs_categories else None
         if request.vectors is None:  # by stored id: equal requests ask the same question
@@ -143,20 +252,25 @@ class Service:
         return tuple(self.embedder.level_names)
 
     def index(self, collection: str | None, *, create: bool = False) -> ImageIndex:
-        """The open collection `collection` (default: the served one), opened on first use."""
+        """The open collection `collection` (default: the served one, as this request's generation
+        serves it), opened with that generation's model on first use."""
+        generation = self.current()
         name = collection or self.settings.collection
+        if name in (self.settings.collection, generation.collection):
+            return generation.index
+        key = (name, generation.embedder.fingerprint)
         with self._lock:
-            if name not in self._indexes:
-                self._indexes[name] = ImageIndex.open(self.embedder, self.store_uri, name,
-                                                      token=self.settings.token, create=create)
-            return self._indexes[name]
+            if key not in self._indexes:
+                self._indexes[key] = ImageIndex.open(generation.embedder, self.store_uri, name,
+                                                     token=self.settings.token, create=create)
+            return self._indexes[key]
 
     def categories(self, collection: str | None) -> dict[str, Counter]:
         """Stored records per category path at each level (cached briefly; writes clear it).
 
         Counting reads every record, so concurrent callers wait for one count, not one each.
         """
-        name = collection or self.settings.collection
+        name = self.index(collection).store.collection
         with self._counting:
             cached = self._categories.get(name)
             if cached is not None and time.monotonic() - cached[0] < CATEGORY_CACHE_S:
@@ -166,7 +280,7 @@ class Service:
             return counts
 
     def changed(self, collection: str | None) -> None:
-        self._categories.pop(collection or self.settings.collection, None)
+        self._categories.pop(self.index(collection).store.collection, None)
         self._file_checks.clear()  # an upload's file was kept or deleted
         self._real_folders.clear()
 

@@ -50,7 +50,8 @@ class BodyLimit:
 
 
 class CountRequests:
-    """Count requests per route for GET /stats (`Service.requests`, keyed "METHOD /path").
+    """Count requests per route for GET /stats (`Service.requests`, keyed "METHOD /path"), and pin each
+    request to the generation (model and collection) current when it arrived (`Service.pin`).
 
     Plain ASGI: Starlette's `@app.middleware("http")` runs every request through a task group
     and memory streams, a few percent of the event loop's time under load. The router records
@@ -63,8 +64,10 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        token = self.service.pin()  # one generation serves this request, whatever switches meanwhile
         try:
             await self.app(scope, receive, send)
         finally:
+            self.service.unpin(token)
             route = scope.get("route")
             self.service.requests[f"{scope['method']} {route.path if route else 'other'}"] += 1

@@ -29,6 +29,9 @@ class SearchOut(BaseModel):
     routing: dict[str, Any] | None = Field(None, description="With `auto`: the query's predicted path and whether "
                                                               "the search was restricted to its category.")
     hits: list[HitOut]
+    collection: str | None = Field(None, description="The collection searched (the one the served alias pointed "
+                                                     "at when the request arrived).")
+    model: str | None = Field(None, description="The fingerprint of the model that embedded the query.")
 
 
 class ImageResult(BaseModel):
@@ -77,6 +80,7 @@ class HealthOut(BaseModel):
     model: str = Field(description="The served model's vector fingerprint.")
     store: str
     count: int | None = None
+    collection: str | None = Field(None, description="The served collection (where the served alias points).")
 
 
 class ErrorBody(BaseModel):

@@ -40,11 +40,15 @@ class ServiceSettings:
     # Lite's Python work does not share this process's interpreter lock with the service's.
     lite_process: bool = False
     store_uri: str | None = None  # where the store is reached when not at `uri` (workers: the parent's Lite process)
+    # How often the service checks where the alias it serves points (`service.core.Generation`); 0: never.
+    alias_check_s: float = 2.0
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_k", "max_files", "max_batch", "max_pixels", "max_requests"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.alias_check_s < 0:
+            raise SettingsError(f"alias_check_s must not be negative, got {self.alias_check_s}")
         if self.batch_window_ms < 0:
             raise SettingsError(f"batch_window_ms must not be negative, got {self.batch_window_ms}")
         if self.threads is not None and self.threads < 1:

@@ -24,7 +24,8 @@ async def healthz(request: Request, service: ServiceDep) -> JSONResponse:
     except StoreError as exc:
         return JSONResponse({"status": "unavailable", "model": service.embedder.fingerprint,
                              "store": service.redact(str(exc), request.headers)}, status_code=503)
-    return JSONResponse({"status": "ok", "model": service.embedder.fingerprint, "store": "reachable", "count": count})
+    return JSONResponse({"status": "ok", "model": service.embedder.fingerprint, "store": "reachable", "count": count,
+                         "collection": service.current().collection})
 
 
 @router.get("/stats", responses=responses(404, 409), summary="Collection, model and request statistics")

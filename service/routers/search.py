@@ -72,7 +72,9 @@ async def search(
         search_request, query = replace(search_request, ids=(id,)), {"id": id}
     result = await service.search(search_request, collection)
     described = search_request.describe()
-    return SearchOut(query=query, level=level, request=described,
+    searched = service.index(collection).store.collection
+    return SearchOut(query=query, level=level, request=described, collection=searched,
+                     model=service.embedder.fingerprint,
                      routing=result.route.to_dict() if result.route is not None else None,
                      hits=hits_out(service, request, result.hits),
                      filter={"where": described["where"], "under": under, "group_by": group_by})

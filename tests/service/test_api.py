@@ -570,7 +570,7 @@ def test_categories_tree_with_counts(filled):
 def test_health_and_stats(filled):
     service, client = filled
     assert client.get("/healthz").json() == {"status": "ok", "model": service.embedder.fingerprint,
-                                             "store": "reachable", "count": TOTAL}
+                                             "store": "reachable", "count": TOTAL, "collection": "images"}
     client.post("/search", files={"image": ("q.png", png_bytes((9, 90, 9), 10))})
     stats = client.get("/stats").json()
     assert stats["count"] == TOTAL and stats["levels"] == ["department", "category", "item"]
@@ -680,3 +680,53 @@ def test_unlabelled_uploads_are_predicted_and_auto_routes_the_query(empty):
     assert sorted(h["id"] for h in only) == sorted(r["id"] for r in guessed)
     assert "unknown level 'size' for auto" in error_of(
         client.post("/search", files=query, data={"auto": "size"}), 400, "unknown_level")
+
+
+def test_a_moved_alias_is_followed_and_a_request_keeps_the_generation_it_arrived_with(catalogue, tmp_path):
+    """The service serves an alias's collection with the model that collection records; after the alias
+    moves, `follow_alias` loads the new model beside the old one and swaps both at once, and a request
+    pinned before the swap still embeds and searches with the old pair."""
+    import torch
+
+    from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+    from milvus_store import Aliases, ImageIndex, IngestItem
+
+    from ..conftest import LEVELS
+
+    hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
+    torch.manual_seed(1)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16)
+    new_model = tmp_path / "new.pt"
+    save_checkpoint(new_model, PyramidEmbedder(config), hierarchy)
+    db = str(tmp_path / "api.db")
+    items = [IngestItem(path, leaf, uri=str(path)) for leaf, paths in catalogue.files.items() for path in paths]
+    for name, model in (("shop_v1", catalogue.model), ("shop_v2", new_model)):
+        with ImageIndex.open(Embedder.from_checkpoint(model), db, name) as index:
+            index.ingest(items)
+            index.store.record_model(str(model))
+    with Aliases(db) as aliases:
+        aliases.set("shop", "shop_v1")
+    service = open_service(catalogue, tmp_path, collection="shop", alias_check_s=0)
+    try:
+        old = service.generation
+        assert (old.collection, service.follow_alias()) == ("shop_v1", False)
+        query = catalogue.files["footwear/boots/boot"][0]
+        with TestClient(create_app(service)) as client:
+            before = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": 1}).json()
+            assert (before["collection"], before["model"]) == ("shop_v1", old.embedder.fingerprint)
+
+            pinned = service.pin()  # a request that arrived before the switch
+            with Aliases(db) as aliases:
+                aliases.set("shop", "shop_v2")
+            assert service.follow_alias() and service.generation.collection == "shop_v2"
+            assert service.current() is old and service.index(None).store.collection == "shop_v1"
+            service.unpin(pinned)
+            assert service.current().embedder.fingerprint != old.embedder.fingerprint
+
+            after = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": 1}).json()
+            assert (after["collection"], after["model"]) == ("shop_v2", service.generation.embedder.fingerprint)
+            assert after["hits"][0]["id"] == before["hits"][0]["id"] == sha(query)
+            assert after["hits"][0]["distance"] < 1e-5  # the new model's query in the new model's collection
+            assert client.get("/healthz").json()["collection"] == "shop_v2"
+    finally:
+        service.close()

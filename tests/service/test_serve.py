@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -244,3 +245,75 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.server
+def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_response(catalogue, tmp_path):
+    """`hiervec serve --collection shop` (an alias) while `hiervec reindex --switch` moves the alias to a
+    collection of another model: a client loop runs across the switch; every response is 200 and comes
+    whole from the old model and collection or from the new ones (its query, stored in both, is its own
+    nearest hit at distance 0, which a query of one model in the other's collection is not)."""
+    import torch
+
+    from embedder import EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
+
+    from ..conftest import LEVELS
+    from ..servers import LiteServer
+
+    hierarchy = Hierarchy.from_paths(list(LEAVES), LEVELS)
+    torch.manual_seed(1)
+    config = EmbedderConfig.for_hierarchy(hierarchy, dim=8, backbone="resnet18", image_size=32, fpn_channels=16,
+                                          classifier_scale=1.0)
+    new_model = tmp_path / "new.pt"
+    save_checkpoint(new_model, PyramidEmbedder(config), hierarchy)
+    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
+    with LiteServer(tmp_path / "milvus") as milvus:
+        uri = ["--uri", milvus.uri]
+        subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), *uri,
+                        "--collection", "shop_v1"], check=True, capture_output=True)
+        subprocess.run([*hiervec, "alias", "set", "shop", "shop_v1", *uri], check=True, capture_output=True)
+        port = free_port()
+        process = subprocess.Popen(
+            [*hiervec, "serve", "--model", str(catalogue.model), *uri, "--collection", "shop", "--port", str(port),
+             "--image-root", str(catalogue.tree)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            env=dict(os.environ, HIERVEC_API_KEY="alias-k3y"))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(f"{base}/healthz", process, seconds=120)
+            assert httpx.get(f"{base}/healthz").json()["collection"] == "shop_v1"
+            queries = [path for paths in catalogue.files.values() for path in paths[:2]]
+            seen, stop = [], time.monotonic() + 240
+
+            def client(n: int):
+                answers = []
+                while time.monotonic() < stop and not (seen and seen[-1] == "shop_v2" and len(answers) > 5):
+                    query = queries[(n + len(answers)) % len(queries)]
+                    answer = httpx.post(f"{base}/search", files={"image": ("q.png", query.read_bytes())},
+                                        data={"k": 1}, timeout=60)
+                    answers.append((query, answer))
+                    if answer.status_code == 200:
+                        seen.append(answer.json()["collection"])
+                return answers
+
+            with ThreadPoolExecutor(3) as pool:
+                loops = [pool.submit(client, n) for n in range(3)]
+                time.sleep(1.0)  # requests in flight before, during and after the switch
+                switch = subprocess.run([*hiervec, "reindex", "--model", str(new_model), *uri, "--collection", "shop",
+                                         "--to", "shop_v2", "--switch", "--json"], capture_output=True, text=True)
+                assert switch.returncode == 0, switch.stderr
+                answers = [a for loop in loops for a in loop.result()]
+            assert {a.status_code for _, a in answers} == {200}
+            by_collection = {}
+            for query, answer in answers:
+                body = answer.json()
+                hit = body["hits"][0]
+                by_collection.setdefault(body["collection"], set()).add(body["model"])
+                assert hit["distance"] < 1e-4 and hit["id"] == hashlib.sha256(query.read_bytes()).hexdigest(), body
+            assert set(by_collection) == {"shop_v1", "shop_v2"}  # both sides of the switch were served
+            assert len(by_collection["shop_v1"]) == len(by_collection["shop_v2"]) == 1
+            assert by_collection["shop_v1"] != by_collection["shop_v2"]  # two models
+            assert httpx.get(f"{base}/healthz").json()["collection"] == "shop_v2"
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
