@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse
 from .core import Service
 from .errors import add_error_handlers
 from .middleware import BodyLimit, CountRequests
-from .routers import admin, categories, images, search
+from .routers import admin, catalogue, categories, images, search
 from .settings import ServiceSettings
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -50,7 +50,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(BodyLimit, limit=service.settings.max_upload_bytes)
     app.add_middleware(CountRequests, service=service)
     add_error_handlers(app)
-    for router in (search.router, images.router, images.writes, categories.router, admin.router):
+    for router in (search.router, images.router, images.writes, categories.router, admin.router, catalogue.router):
         app.include_router(router)
 
     page_html = PAGE.read_text(encoding="utf-8")

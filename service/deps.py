@@ -21,3 +21,12 @@ def require_key(request: Request, service: ServiceDep) -> None:
     """Writes need the API key when one is set (routers that write declare this for every route)."""
     if service.settings.api_key and not service.has_key(request.headers):
         raise ApiError(401, "unauthorized", "this endpoint needs the API key in the X-API-Key header")
+
+
+def require_admin(request: Request, service: ServiceDep) -> None:
+    """Catalogue administration (aliases, moving categories, sync) needs the API key, and a key to be set."""
+    if not service.settings.api_key:
+        raise ApiError(403, "forbidden", "catalogue administration needs the service to have an API key "
+                                         "(hiervec serve --api-key, or $HIERVEC_API_KEY)")
+    if not service.has_key(request.headers):
+        raise ApiError(401, "unauthorized", "this endpoint needs the API key in the X-API-Key header")

@@ -59,6 +59,7 @@ LIBRARY_ERRORS: list[tuple[type[Exception], int, str]] = [
 DESCRIPTIONS = {
     400: "A filter, level or argument the collection cannot take (unknown level or category, ...).",
     401: "The API key is missing or wrong (X-API-Key, or Authorization: Bearer).",
+    403: "Catalogue administration on a service that has no API key.",
     404: "No such image, collection or endpoint.",
     405: "Method not allowed on this path.",
     409: "The served model and the collection do not match.",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
+
+from milvus_store.spec import ID_MAX_LENGTH
 
 
 class HitOut(BaseModel):
@@ -91,3 +93,40 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+class AliasesOut(BaseModel):
+    served: str = Field(description="The name the service serves (an alias or a collection).")
+    collection: str = Field(description="The collection it serves now.")
+    model: str = Field(description="The fingerprint of the model serving it.")
+    aliases: dict[str, str] = Field(description="Every alias of the store and the collection it points at.")
+
+
+class MoveOut(BaseModel):
+    source: str
+    target: str
+    level: str = Field(description="The level both paths name.")
+    moved: int = Field(description="Images whose category was rewritten.")
+    already_there: int = Field(description="Images at the new path before the move (merged with).")
+    resumed: bool = Field(description="This call completed a move that was interrupted.")
+    count: int
+
+
+MAX_SYNC_IDS = 1_000_000
+
+
+class SyncIn(BaseModel):
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH)]] = Field(
+        max_length=MAX_SYNC_IDS, description="Every id the catalogue holds now; the served collection's images "
+                                             "with other ids are removed.")
+    dry_run: bool = Field(False, description="Remove nothing; say what would be removed.")
+
+
+class SyncOut(BaseModel):
+    scope: str
+    examined: int = Field(description="Images in the collection.")
+    stale: int = Field(description="Images whose id the catalogue does not list.")
+    stale_uris: list[str] = Field(description="The first of their uris.")
+    removed: int
+    dry_run: bool
+    count: int

@@ -730,3 +730,44 @@ def test_a_moved_alias_is_followed_and_a_request_keeps_the_generation_it_arrived
             assert client.get("/healthz").json()["collection"] == "shop_v2"
     finally:
         service.close()
+
+
+def test_catalogue_administration_needs_the_key_and_moves_and_syncs_the_served_collection(catalogue, tmp_path):
+    service = open_service(catalogue, tmp_path, api_key="adm1n-k3y")
+    ids = ingest_catalogue(service, catalogue)
+    key = {"X-API-Key": "adm1n-k3y"}
+    try:
+        with TestClient(create_app(service)) as client:
+            assert error_of(client.get("/aliases"), 401, "unauthorized")
+            assert error_of(client.post("/sync", json={"ids": ids}), 401, "unauthorized")
+            assert client.get("/aliases", headers=key).json() == {
+                "served": "images", "collection": "images", "model": service.embedder.fingerprint, "aliases": {}}
+
+            moved = client.post("/categories/move", data={"from": "clothing/tops", "to": "clothing/upper"},
+                                headers=key).json()
+            assert (moved["moved"], moved["level"], moved["count"]) == (2 * PER_LEAF, "category", TOTAL)
+            counts, stack = {}, list(client.get("/categories").json()["tree"])
+            while stack:
+                node = stack.pop()
+                counts[node["path"]] = node["count"]
+                stack += node["children"]
+            assert (counts["clothing/upper"], counts["clothing/upper/shirt"]) == (2 * PER_LEAF, PER_LEAF)
+            assert counts.get("clothing/tops", 0) == 0  # the listing follows the move
+            refused = client.post("/categories/move", data={"from": "clothing/upper", "to": "footwear/boots"},
+                                  headers=key)
+            assert "already holds" in error_of(refused, 400, "store_error")
+
+            dry = client.post("/sync", json={"ids": ids[:5], "dry_run": True}, headers=key).json()
+            assert (dry["stale"], dry["removed"], dry["count"], dry["scope"]) == (TOTAL - 5, 0, TOTAL,
+                                                                                  "the collection")
+            done = client.post("/sync", json={"ids": ids[:5]}, headers=key).json()
+            assert (done["removed"], done["count"]) == (TOTAL - 5, 5)
+            assert error_of(client.post("/sync", json={"ids": []}, headers=key), 422, "bad_query")
+    finally:
+        service.close()
+    open_to_all = open_service(catalogue, tmp_path / "no-key")
+    try:
+        with TestClient(create_app(open_to_all)) as client:
+            assert "needs the service to have an API key" in error_of(client.get("/aliases"), 403, "forbidden")
+    finally:
+        open_to_all.close()
