@@ -315,3 +315,14 @@ def test_ingest_lite_process_refuses_a_server_pid_without_a_server(capsys):
     with pytest.raises(SystemExit) as exc:
         ingest_lite_process.main(["--store-pid", "1"])
     assert exc.value.code == 2 and "--store-pid" in capsys.readouterr().err
+
+
+@pytest.mark.lite
+def test_reindex_smoke(capsys, tmp_path):
+    from bench import reindex
+
+    assert reindex.main(["--smoke", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    rates = re.findall(r"^round 0: ingest ([\d.]+) img/s, reindex ([\d.]+) img/s, ratio ([\d.]+)$", out, re.M)
+    assert len(rates) == 1 and all(float(v) > 0 for v in rates[0])
+    assert "over 1 round(s), 16 images at 32 px (noise PNGs)" in out
