@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import asdict, dataclass
 
 from pymilvus import MilvusException
@@ -22,6 +23,9 @@ from pymilvus import MilvusException
 from .connection import LITE_SERVERS, ConnectionSettings
 from .errors import CollectionNotFoundError, StoreConnectionError, StoreError
 from .spec import PROPERTY_FINGERPRINT, PROPERTY_SPEC
+
+
+SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,20 @@ class Aliases:
                 self._client.create_alias(collection, alias, timeout=self.timeout)
             else:
                 self._client.alter_alias(collection, alias, timeout=self.timeout)
+            self._settle(alias, collection)
         return AliasChange(alias, collection, previous)
+
+    def _settle(self, alias: str, collection: str) -> None:
+        """Return once reads through `alias` reach `collection`: Milvus 2.3 answered the first query
+        after `alter_alias` from the collection it had left (0 rows here), then from the new one.
+        Waits at most `SETTLE_S` (a collection being written to may never show equal counts)."""
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            counts = [self._client.query(name, filter="", output_fields=["count(*)"], timeout=self.timeout,
+                                         consistency_level="Strong")[0]["count(*)"] for name in (collection, alias)]
+            if counts[0] == counts[1] or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
     def remove(self, alias: str) -> str:
         """Drop the alias (never a collection); returns the collection it pointed at."""
