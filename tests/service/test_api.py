@@ -593,7 +593,7 @@ def test_page_and_openapi_schema(filled):
     assert page.status_code == 200 and "<title>hiervec search</title>" in page.text
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {"/search", "/images", "/images/{image_id}", "/media/{image_id}",
-                                    "/categories", "/healthz", "/stats"}
+                                    "/categories", "/healthz", "/stats", "/aliases", "/categories/move", "/sync"}
     search = schema["paths"]["/search"]["post"]
     form = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
     fields = schema["components"]["schemas"][form]["properties"]
