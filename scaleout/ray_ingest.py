@@ -36,6 +36,7 @@ from milvus_store.index import CategoryPredictor, decode_item, embed_rows, read_
 from .errors import EngineMissingError, ScaleOutError
 
 RAY_EXTRA = "pip install 'hiervec[ray]'"
+LOCAL_GCS_WAIT_S = 120  # seconds a local Ray may take to start its GCS server
 IDENTIFY_BATCH = 256  # files read and hashed per Ray task
 
 
@@ -193,6 +194,11 @@ def ray_ingest(
     store = index.store
     owned = not ray.is_initialized()
     if owned:
+        if not options.address:
+            # A local Ray waits 30 s for its GCS server to write its port; on a loaded 2-core
+            # machine it took longer once (the suite failed "Timed out waiting for file
+            # .../gcs_server_port_..."). A user's own setting wins.
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
         init = {"address": options.address} if options.address else {
             "num_cpus": options.num_cpus or os.cpu_count(), "_node_ip_address": "127.0.0.1",
             "include_dashboard": False}

@@ -23,6 +23,7 @@ from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
 from ..conftest import LEAVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")  # a loaded machine starts Ray slowly (30 s by default)
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'hiervec[ray]' (CI installs it)")
 
 pytestmark = pytest.mark.lite
