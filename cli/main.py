@@ -522,7 +522,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
            bulk_endpoint, bulk_bucket, writers, sync, dry_run, optimize, runtime, device, amp, as_json):
     """Embed a folder tree or manifest into the collection; already stored images are skipped."""
     from embedder import read_source
-    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, IngestItem, StoreError, printable
+    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, StoreError, printable
 
     check_writable(report_path, "--report")
     if dry_run and not sync:
@@ -535,8 +535,7 @@ def ingest(source, model_path, uri, collection, token, batch_size, index, level_
     _check_engine(engine)  # before anything is read or created
     listing = read_source(source)
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
-    items = [IngestItem(item.path, item.category, item.id, item.meta, _stored_uri(item.path), item.origin)
-             for item in listing.items]
+    items = _listed_items(listing)
     layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
     with ImageIndex.open(embedder, uri, collection, index=index, token=token, num_partitions=num_partitions,
                          **layout) as image_index:
@@ -617,7 +616,7 @@ def _sync(store, source, listing, report) -> dict:
 def _sync_dry_run(source, uri, collection, token, as_json) -> None:
     """What `--sync` would remove, reading every listed file for its id; nothing is written."""
     from embedder import read_source
-    from milvus_store import FailedItem, IngestItem
+    from milvus_store import FailedItem
     from milvus_store.index import read_item
     from milvus_store.sync import plan_sync
 
@@ -627,8 +626,8 @@ def _sync_dry_run(source, uri, collection, token, as_json) -> None:
         result = {"removed": 0, "refused": refused}
     else:
         ids = []
-        for item in listing.items:
-            read = read_item(IngestItem(item.path, item.category, item.id, uri=_stored_uri(item.path)), True)
+        for item in _listed_items(listing):
+            read = read_item(item, True)
             if isinstance(read, FailedItem):
                 kept.add(read.uri)
             else:
@@ -784,6 +783,14 @@ def _bulk_import(store, files, as_json) -> dict:
 
         return import_files(store, batch_files, progress=imported, expected_rows=files.rows) | {
             "files": len(batch_files)}
+
+
+def _listed_items(listing) -> list:
+    """A source listing's items as ingest takes them (the uri each is stored under)."""
+    from milvus_store import IngestItem
+
+    return [IngestItem(item.path, item.category, item.id, item.meta, _stored_uri(item.path), item.origin)
+            for item in listing.items]
 
 
 def _stored_uri(path) -> str:

@@ -13,16 +13,14 @@ collection behind it) and refuses to drop a collection an alias points at.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
 
-from pymilvus import MilvusException
-
-from .connection import LITE_SERVERS, ConnectionSettings
-from .errors import CollectionNotFoundError, StoreConnectionError, StoreError
-from .spec import PROPERTY_FINGERPRINT, PROPERTY_SPEC
+from .connection import ConnectionSettings
+from .errors import CollectionNotFoundError, StoreError
+from .spec import PROPERTY_SPEC
+from .store import MilvusConnection
 
 
 SETTLE_S = 10.0
@@ -38,40 +36,15 @@ class AliasChange:
         return asdict(self)
 
 
-class Aliases:
+class Aliases(MilvusConnection):
     """The aliases of one Milvus deployment (a Lite file or a server)."""
 
     def __init__(self, uri: str | os.PathLike | None = None, *, token: str | None = None,
                  timeout: float | None = None):
-        from .store import connect
-
-        self.settings = ConnectionSettings.resolve(uri, token=token)
-        self.timeout = timeout
-        self._client, self._lite_key, _ = connect(self.settings, timeout)
+        self._open_connection(ConnectionSettings.resolve(uri, token=token), timeout)
 
     def __enter__(self) -> Aliases:
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.close()
-        key, self._lite_key = self._lite_key, None
-        if key is not None:
-            LITE_SERVERS.let_go(key)
-
-    @contextlib.contextmanager
-    def _calls(self, action: str):
-        try:
-            yield
-        except MilvusException as exc:
-            raise StoreError(f"{action} at {self.settings.display_uri!r} failed: "
-                             f"{self.settings.redact(exc.message or str(exc))}") from None
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
-                                       f"{self.settings.redact(str(exc))}") from None
 
     def collections(self) -> list[str]:
         with self._calls("list collections"):
@@ -79,8 +52,11 @@ class Aliases:
 
     def all(self) -> dict[str, str]:
         """Every alias of the deployment and the collection it points at, by alias."""
+        return self._aliases_of(self.collections())
+
+    def _aliases_of(self, collections: list[str]) -> dict[str, str]:
         found = {}
-        for collection in self.collections():
+        for collection in collections:
             with self._calls(f"list the aliases of {collection!r}"):
                 listed = self._client.list_aliases(collection, timeout=self.timeout)
             for alias in listed.get("aliases", []) if isinstance(listed, dict) else listed:
@@ -93,13 +69,14 @@ class Aliases:
 
     def set(self, alias: str, collection: str) -> AliasChange:
         """Point `alias` at `collection` (a hiervec collection of this deployment), creating the
-        alias or moving it in one step, once the collection is loaded. Refused, with nothing changed, when `alias` is the name
-        of a collection or `collection` is an alias, missing, or not a hiervec collection."""
+        alias or moving it in one step, once the collection is loaded. Refused, with nothing
+        changed, when `alias` is the name of a collection or `collection` is an alias, missing,
+        or not a hiervec collection."""
         collections = self.collections()
         if alias in collections:
             raise StoreError(f"{alias!r} is a collection at {self.settings.display_uri!r}, not an alias: an alias "
                              f"needs a name of its own; nothing was changed")
-        aliases = self.all()
+        aliases = self._aliases_of(collections)
         if collection in aliases:
             raise StoreError(f"{collection!r} is an alias (of {aliases[collection]!r}): point {alias!r} at a "
                              f"collection; nothing was changed")
@@ -145,9 +122,3 @@ class Aliases:
         with self._calls(f"drop alias {alias!r}"):
             self._client.drop_alias(alias, timeout=self.timeout)
         return collection
-
-    def fingerprint(self, collection: str) -> str | None:
-        """The model fingerprint `collection` (or an alias) records."""
-        with self._calls(f"describe {collection!r}"):
-            properties = self._client.describe_collection(collection, timeout=self.timeout).get("properties", {})
-        return properties.get(PROPERTY_FINGERPRINT) or None

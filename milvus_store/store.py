@@ -130,7 +130,52 @@ def connect(settings: ConnectionSettings, timeout: float | None) -> tuple[Milvus
         raise StoreConnectionError(f"cannot open Milvus at {settings.display_uri!r}: {reason}") from None
 
 
-class HierStore:
+class MilvusConnection:
+    """A client of one Milvus deployment (a Lite file or a server): opening it, closing it (the last
+    user of a Lite file in this process stops its server), and turning pymilvus's and the network's
+    failures into this package's errors. `HierStore` and `Aliases` are two."""
+
+    def _open_connection(self, settings: ConnectionSettings, timeout: float | None) -> str:
+        """Connect; returns the server's version."""
+        self.settings, self.timeout = settings, timeout
+        self._client, self._lite_key, version = connect(settings, timeout)
+        return version
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client; the last user of a Lite file in this process stops its server (and its lock)."""
+        with contextlib.suppress(Exception):
+            self._client.close()
+        key, self._lite_key = getattr(self, "_lite_key", None), None
+        if key is not None:
+            LITE_SERVERS.let_go(key)
+
+    def _clean(self, exc: BaseException) -> str:
+        message = exc.message if isinstance(exc, MilvusException) else str(exc)
+        return self.settings.redact(message or exc.__class__.__name__)
+
+    def _subject(self) -> str:
+        """What a failed call was about, between the action and the address (``" on 'images'"``)."""
+        return ""
+
+    @contextlib.contextmanager
+    def _calls(self, action: str):
+        try:
+            yield
+        except MilvusException as exc:
+            raise StoreError(f"{action}{self._subject()} at {self.settings.display_uri!r} failed: "
+                             f"{self._clean(exc)}") from None
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
+                                       f"{self._clean(exc)}") from None
+
+
+class HierStore(MilvusConnection):
     """A hierarchy-aware collection. Open an existing one, or create it when `spec` is given.
 
     Opening with a `spec` or `fingerprint` other than the recorded ones raises
@@ -150,11 +195,10 @@ class HierStore:
         timeout: float | None = None,
         create: bool = True,
     ):
-        self.settings = ConnectionSettings.resolve(uri, token=token, user=user, password=password)
         self.collection = collection
         self.target = collection  # the collection itself when `collection` is an alias (set on opening)
-        self.timeout = timeout
-        self._client, self._lite_key, version = connect(self.settings, timeout)
+        version = self._open_connection(ConnectionSettings.resolve(uri, token=token, user=user, password=password),
+                                        timeout)
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.model_location: str | None = None  # where the filling model lives, when recorded (`record_model`)
         self.features = Features.of(version, local=self.settings.is_local)
@@ -244,31 +288,8 @@ class HierStore:
     def __enter__(self) -> HierStore:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the client; the last store of a Lite file in this process stops its server (and its lock)."""
-        with contextlib.suppress(Exception):
-            self._client.close()
-        key, self._lite_key = getattr(self, "_lite_key", None), None
-        if key is not None:
-            LITE_SERVERS.let_go(key)
-
-    def _clean(self, exc: BaseException) -> str:
-        message = exc.message if isinstance(exc, MilvusException) else str(exc)
-        return self.settings.redact(message or exc.__class__.__name__)
-
-    @contextlib.contextmanager
-    def _calls(self, action: str):
-        try:
-            yield
-        except MilvusException as exc:
-            raise StoreError(f"{action} on {self.collection!r} at {self.settings.display_uri!r} failed: "
-                             f"{self._clean(exc)}") from None
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
-                                       f"{self._clean(exc)}") from None
+    def _subject(self) -> str:
+        return f" on {self.collection!r}"
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
