@@ -1275,7 +1275,7 @@ def export(model_path, fmt, out, as_json):
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes; more than one needs a Milvus server (a Lite file is locked by one process).")
 @click.option("--api-key", default=None, envvar="HIERVEC_API_KEY", show_envvar=True,
-              help="When set, POST /images and DELETE need it in the X-API-Key header.")
+              help="When set, writes (POST /images, DELETE) and catalogue administration need it: the X-API-Key header, or Authorization: Bearer KEY.")
 @click.option("--allow-anonymous-writes", is_flag=True,
               help="Serve on a non-loopback address without --api-key: anyone who reaches it can add and "
                    "delete images.")

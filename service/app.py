@@ -45,6 +45,8 @@ def create_app(service: Service) -> FastAPI:
         title="hiervec", version=_version(), lifespan=lifespan,
         description="Hierarchical-category image retrieval on Milvus: search by image or id inside parts of "
                     "the category tree, add and delete images, browse the hierarchy.",
+        # one short, stable operationId per route: its function's name (generated clients name their calls so)
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.service = service
     app.add_middleware(BodyLimit, limit=service.settings.max_upload_bytes)
@@ -61,7 +63,32 @@ def create_app(service: Service) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html, headers=page_headers)
 
+    fastapi_openapi = app.openapi  # FastAPI's, which builds the schema once and keeps it
+    app.openapi = lambda: binary_uploads(fastapi_openapi())
     return app
+
+
+def binary_uploads(schema: dict) -> dict:
+    """Uploads declared the way both OpenAPI 3.0 and 3.1 generators read as files.
+
+    FastAPI writes an `UploadFile` as OpenAPI 3.1's ``{"type": "string", "contentMediaType":
+    "application/octet-stream"}``, which client generators (openapi-python-client,
+    openapi-typescript) take for a plain string, so their uploads were sent as text (422
+    "Expected UploadFile"). ``"format": "binary"`` beside it is what they read as a file.
+    """
+
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("type") == "string" and node.get("contentMediaType") == "application/octet-stream":
+                node["format"] = "binary"
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)  # in place, and again each call: FastAPI keeps the schema it built
+    return schema
 
 
 def app_from_environment() -> FastAPI:

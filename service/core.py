@@ -307,6 +307,10 @@ class Service:
         auth = headers.get("authorization", "")
         if not given and auth.lower().startswith("bearer "):
             given = auth[7:].strip()
+        return self.key_matches(given)
+
+    def key_matches(self, given: str) -> bool:
+        """Whether `given` is the API key (compared in constant time)."""
         return hmac.compare_digest(given.encode(), (self.settings.api_key or "").encode())
 
     def is_admin(self, headers) -> bool:

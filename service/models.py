@@ -85,6 +85,43 @@ class HealthOut(BaseModel):
     collection: str | None = Field(None, description="The served collection (where the served alias points).")
 
 
+class ModelInfo(BaseModel):
+    fingerprint: str = Field(description="The served model's vector fingerprint (what the collection records).")
+    backbone: str
+    image_size: int = Field(description="The square side, in pixels, images are resized to.")
+    mode: str = Field(description="pyramid (one vector per level, concatenated) or flat.")
+
+
+class BatchingInfo(BaseModel):
+    max_batch: int = Field(description="The most queries that share one forward pass or Milvus call.")
+    window_ms: float = Field(description="How long a batch with room waits for more queries.")
+
+
+class BatcherStats(BaseModel):
+    batches: int = Field(description="Calls made since the service started.")
+    items: int = Field(description="Queries they served.")
+    mean_batch: float
+
+
+class StatsOut(BaseModel):
+    collection: str = Field(description="The collection read (where the served alias points).")
+    uri: str = Field(description="The Milvus address or Lite file (redacted for clients without the API key).")
+    count: int = Field(description="Images stored.")
+    levels: list[str]
+    dim: int = Field(description="The image vector's dimension (the level vectors', summed).")
+    level_dims: list[int]
+    metric: str
+    index: str
+    model: ModelInfo
+    uptime_s: float
+    requests: dict[str, int] = Field(description="Requests answered since the start, by route and status.")
+    batching: BatchingInfo
+    memory_budget_bytes: dict[str, int] = Field(description="The most memory the service's request handling "
+                                                            "holds at once, by part, and the total.")
+    embedding: BatcherStats
+    searching: BatcherStats
+
+
 class ErrorBody(BaseModel):
     status: int
     code: str

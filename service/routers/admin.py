@@ -12,7 +12,7 @@ from milvus_store import StoreError
 
 from ..deps import ServiceDep
 from ..errors import responses
-from ..models import HealthOut
+from ..models import HealthOut, StatsOut
 
 router = APIRouter(tags=["admin"])
 
@@ -28,7 +28,8 @@ async def healthz(request: Request, service: ServiceDep) -> JSONResponse:
                          "collection": service.current().collection})
 
 
-@router.get("/stats", responses=responses(404, 409), summary="Collection, model and request statistics")
+@router.get("/stats", response_model=StatsOut, responses=responses(404, 409),
+            summary="Collection, model and request statistics")
 async def stats(request: Request, service: ServiceDep, collection: str | None = None) -> dict:
     index = await run_in_threadpool(service.index, collection)
     spec = index.store.spec

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
@@ -57,7 +57,15 @@ async def get_image(request: Request, service: ServiceDep, image_id: str, collec
     return hit_out(service, request, await run_in_threadpool(_record, index, image_id))
 
 
-@router.get("/media/{image_id:anytext}", responses=responses(404),
+# The file's bytes, typed by what they are (PIL's name for the format), never JSON.
+MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff",
+               "application/octet-stream")
+MEDIA_RESPONSE = {200: {"description": "The image file, typed by its bytes (application/octet-stream when they "
+                                       "are not an image PIL reads).",
+                        "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in MEDIA_TYPES}}}
+
+
+@router.get("/media/{image_id:anytext}", response_class=Response, responses=MEDIA_RESPONSE | responses(404),
             summary="The stored image's file, when this service can read it")
 async def get_image_file(request: Request, service: ServiceDep, image_id: str,
                          collection: str | None = None) -> FileResponse:

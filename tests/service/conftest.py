@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +64,27 @@ def ingest_catalogue(service, catalogue: Catalogue) -> list[str]:
     report = service.index(None).ingest(items)
     assert report.ok and report.stored == len(items)
     return report.ids
+
+
+@contextlib.contextmanager
+def live_server(service):
+    """The app over `service` on a free loopback port, served by uvicorn on a thread: yields its base URL."""
+    import uvicorn
+
+    from service import create_app
+
+    from ..servers import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

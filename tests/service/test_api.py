@@ -604,6 +604,37 @@ def test_page_and_openapi_schema(filled):
         "id", "distance", "uri", "category", "categories", "meta", "predicted", "confidence", "image_url"}
 
 
+def test_the_openapi_document_is_one_client_generators_can_use(filled):
+    _, client = filled
+    schema = client.get("/openapi.json").json()
+    operations = {(method, path): operation for path, ops in schema["paths"].items() for method, operation in ops.items()}
+    assert {key: op["operationId"] for key, op in operations.items()} == {
+        ("post", "/search"): "search", ("get", "/images/{image_id}"): "get_image",
+        ("delete", "/images/{image_id}"): "delete_image", ("get", "/media/{image_id}"): "get_image_file",
+        ("post", "/images"): "add_images", ("get", "/categories"): "categories", ("get", "/healthz"): "healthz",
+        ("get", "/stats"): "stats", ("get", "/aliases"): "aliases", ("post", "/categories/move"): "move",
+        ("post", "/sync"): "sync"}
+    bodies = schema["components"]["schemas"]
+    image = bodies["Body_search"]["properties"]["image"]["anyOf"][0]
+    images = bodies["Body_add_images"]["properties"]["images"]["items"]
+    assert image["format"] == images["format"] == "binary" and image["type"] == images["type"] == "string"
+    media = operations[("get", "/media/{image_id}")]["responses"]["200"]["content"]
+    assert "application/json" not in media and {"image/png", "image/jpeg"} <= set(media)
+    assert all(kind["schema"] == {"type": "string", "format": "binary"} for kind in media.values())
+    assert schema["components"]["securitySchemes"] == {
+        "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                         "description": "The service's API key (`hiervec serve --api-key`, or $HIERVEC_API_KEY)."},
+        "BearerKey": {"type": "http", "scheme": "bearer",
+                      "description": "The same API key as a bearer token: `Authorization: Bearer KEY`."}}
+    either = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+    for key, operation in operations.items():
+        needs_key = key[0] in ("post", "delete") and key[1] != "/search" or key[1] == "/aliases"
+        assert operation.get("security") == (either if needs_key else None), key
+    assert operations[("get", "/stats")]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/StatsOut"}
+    assert client.get("/stats").json().keys() == bodies["StatsOut"]["properties"].keys()
+
+
 def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
     settings = ServiceSettings(model=str(catalogue.model), token="root:Milvus-s3cret", api_key="k3y-abc")
     assert "s3cret" not in repr(settings) and "k3y-abc" not in repr(settings)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ..servers import free_port
-from .conftest import ingest_catalogue
+from .conftest import ingest_catalogue, live_server
 
 pytestmark = pytest.mark.lite
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -28,9 +26,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 @pytest.fixture
 def page_server(catalogue, tmp_path):
-    import uvicorn
-
-    from service import Service, ServiceSettings, create_app
+    from service import Service, ServiceSettings
 
     model, uri = os.environ.get("HIERVEC_PAGE_MODEL"), os.environ.get("HIERVEC_PAGE_URI")
     settings = ServiceSettings(model=model or str(catalogue.model), uri=uri or str(tmp_path / "page.db"),
@@ -38,19 +34,8 @@ def page_server(catalogue, tmp_path):
     service = Service.open(settings)
     if not model:
         ingest_catalogue(service, catalogue)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/", service
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with live_server(service) as url:
+        yield f"{url}/", service
 
 
 @pytest.fixture
