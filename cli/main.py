@@ -25,8 +25,8 @@ import click
 
 from hiervec_core.names import (
     BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS,
-    HEAD_INIT, HEAD_INITS, IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, PATIENCE, PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES,
-    SERVER_INDEXES, VAL_MAX,
+    HEAD_INIT, HEAD_INITS, IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, MODEL_ROOT_ENV, PATIENCE,
+    PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES, SERVER_INDEXES, VAL_MAX,
 )
 
 
@@ -900,14 +900,17 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
     try:
         if model_path is None:
             with HierStore(uri, collection, token=token, create=False) as store:
-                recorded = store.model_location
+                recorded, relative, found = store.model_location, store.model_relative, store.model_file()
             if recorded is None:
                 raise click.UsageError(f"collection {collection!r} does not record the model that filled it "
                                        f"(ingested with an older hiervec, or through the library): pass --model")
-            model_path = Path(recorded)
-            if not model_path.is_file():
+            if found is None:
+                elsewhere = (f", nor at {relative!r} under ${MODEL_ROOT_ENV}" if relative else "")
                 raise click.ClickException(f"collection {collection!r} was filled by the model at {recorded!r}, "
-                                           f"which is gone; pass --model with that model (or a copy of it)")
+                                           f"which is not on this machine{elsewhere}; pass --model with that "
+                                           f"model (or a copy of it), or set ${MODEL_ROOT_ENV} to the folder "
+                                           f"that holds your models")
+            model_path = Path(found)
         embedder = load_embedder(model_path, optimize, device, amp, runtime)
         return ImageIndex.open(embedder, uri, collection, token=token, create=False)
     except CollectionNotFoundError as exc:

@@ -38,3 +38,7 @@ EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`
 
 FUSIONS = ("rrf", "weighted")  # how a hybrid search fuses the level vectors' rankings
 PREDICTED_CHOICES = ("include", "exclude", "only")  # stored images whose category the model predicted
+
+# A folder of models every machine names its own way: collections also record their model's path
+# relative to it (milvus_store.HierStore.record_model), and searches look for it there.
+MODEL_ROOT_ENV = "HIERVEC_MODEL_ROOT"

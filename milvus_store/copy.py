@@ -87,7 +87,7 @@ def open_copy_target(source: HierStore, uri: str, collection: str, *, token: str
         target = HierStore(uri, collection, spec=spec, fingerprint=source.fingerprint, token=token, timeout=timeout)
     try:
         if source.model_location:
-            target.record_model(source.model_location)
+            target.record_model(source.model_location, relative=source.model_relative)
     except BaseException:
         target.close()
         raise

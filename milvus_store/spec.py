@@ -36,6 +36,12 @@ PROPERTY_SPEC = "hiervec.spec"
 PROPERTY_FINGERPRINT = "hiervec.fingerprint"
 PROPERTY_MOVE = "hiervec.move"  # a category move under way (`milvus_store.moves`): {"from", "to"}, "" when none
 PROPERTY_MODEL = "hiervec.model"  # where the model that fills the collection lives (written at ingest)
+# The same model relative to $HIERVEC_MODEL_ROOT, when it lies under it: another machine with the models
+# under its own root finds it there.
+PROPERTY_MODEL_RELATIVE = "hiervec.model_relative"
+# What the collection and its fields hold, as JSON ({"collection": ..., "fields": {name: ...}}): the
+# descriptions again, for Milvus Lite, which drops collection and field descriptions.
+PROPERTY_ABOUT = "hiervec.about"
 LAYOUT = 2  # 1: before predicted paths (no predicted / conf_<level> fields)
 MAX_VECTOR_FIELDS = 10  # the most any Milvus server can be configured to take (proxy.maxVectorFieldNum)
 STOCK_VECTOR_FIELDS = 4  # what a Milvus 2.4/2.5 server takes unless configured

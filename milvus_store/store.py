@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pymilvus import AnnSearchRequest, DataType, MilvusClient, MilvusException, RRFRanker, WeightedRanker
 
-from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_INDEX, MAX_TOPK
+from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_INDEX, MAX_TOPK, MODEL_ROOT_ENV
 from hiervec_core.vectors import LevelVectors, levels_from_concat
 
 from .connection import LITE_SERVERS, ConnectionSettings
@@ -51,7 +51,9 @@ from .spec import (
     MAX_VECTOR_FIELDS,
     VECTOR_FIELD_SETTING,
     PROPERTY_FINGERPRINT,
+    PROPERTY_ABOUT,
     PROPERTY_MODEL,
+    PROPERTY_MODEL_RELATIVE,
     PROPERTY_SPEC,
     URI_MAX_LENGTH,
     CollectionSpec,
@@ -75,21 +77,70 @@ STRONG = {"consistency_level": "Strong"}
 
 
 def collection_schema(spec: CollectionSpec):
-    """The Milvus schema of a collection of `spec` (fields in the order `row_batches` reads them)."""
-    fields = spec.fields
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
-    schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH)
-    schema.add_field(fields.meta, DataType.JSON)
+    """The Milvus schema of a collection of `spec` (fields in the order `row_batches` reads them), with a
+    description on the collection and on every field for whoever opens it with plain pymilvus or Attu."""
+    fields, about = spec.fields, field_descriptions(spec)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                        description=collection_description(spec))
+    schema.add_field(fields.id, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH,
+                     description=about[fields.id])
+    schema.add_field(fields.uri, DataType.VARCHAR, max_length=URI_MAX_LENGTH, description=about[fields.uri])
+    schema.add_field(fields.meta, DataType.JSON, description=about[fields.meta])
     for level, field in fields.levels.items():
         schema.add_field(field, DataType.VARCHAR, max_length=CATEGORY_MAX_LENGTH,
-                         is_partition_key=level == spec.partition_key)
-    schema.add_field(fields.predicted, DataType.BOOL)
+                         is_partition_key=level == spec.partition_key, description=about[field])
+    schema.add_field(fields.predicted, DataType.BOOL, description=about[fields.predicted])
     for field in fields.confidence.values():
-        schema.add_field(field, DataType.FLOAT)
+        schema.add_field(field, DataType.FLOAT, description=about[field])
     for field, dim in spec.vector_dims().items():
-        schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim, description=about[field])
     return schema
+
+
+def collection_description(spec: CollectionSpec) -> str:
+    """What a hiervec collection is, in one paragraph (Milvus keeps it with the collection)."""
+    levels = " > ".join(spec.level_names)
+    return (f"hiervec: images with a category path at each level ({levels}), searched by image vector "
+            f"(field vec, {spec.metric}). Level fields hold the path from the root down to that level "
+            f"(filter with {spec.level_names[0]} == \"<name>\", or like \"<path>/%\" for a subtree). "
+            f"The collection's properties record the hiervec spec and the model's fingerprint and location.")[:1024]
+
+
+def field_descriptions(spec: CollectionSpec) -> dict[str, str]:
+    """Field name -> what it holds, for every field of a collection of `spec`."""
+    fields, names = spec.fields, spec.level_names
+    example = {name: "/".join(f"<{n}>" for n in names[:i + 1]) for i, name in enumerate(names)}
+    about = {
+        fields.id: "The image's id: the SHA-256 of its file's bytes (hex) unless the ingest gave one.",
+        fields.uri: "Where the image file lives: a path or URL as it was ingested.",
+        fields.meta: "The JSON object given with the image at ingest (price, colour, ...); {} when none.",
+        fields.predicted: "True when the category path was predicted by the model at ingest, not given.",
+        fields.vector: (f"The image vector ({spec.dim} floats, unit length): the level vectors, each unit length "
+                        f"and multiplied by the model's level weight, one after another ({' then '.join(names)}; "
+                        f"equal weights are 1/sqrt({len(names)}) each)." if spec.level_dims else
+                        f"The image vector ({spec.dim} floats, unit length) of a flat model."),
+    }
+    for i, (name, field) in enumerate(fields.levels.items()):
+        subtree = f", or {names[i + 1]} like \"{example[name]}/%\" for what lies under it" if i + 1 < len(names) else ""
+        about[field] = (f"Level {i + 1} of {len(names)}: the category path from the root down to '{name}', e.g. "
+                        f"'{example[name]}' (the full path, not the bare name: filter with {field} == "
+                        f"\"{example[name]}\"{subtree}).")
+    for name, field in fields.confidence.items():
+        about[field] = f"The probability of the '{name}' path: 1 for a given path, the model's for a predicted one."
+    for name, field in fields.level_vectors.items():
+        about[field] = (f"The '{name}' level vector ({spec.level_dim(name)} floats, unit length); in vec it is "
+                        f"multiplied by the model's weight for '{name}'.")
+    return about
+
+
+def model_relative_to(location: str, root: str | None) -> str | None:
+    """`location` relative to `root` (POSIX separators), or None when there is no root or it is not under it."""
+    if not root:
+        return None
+    try:
+        return Path(location).resolve().relative_to(Path(root).expanduser().resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def _locked_by_another_process(lite_path: str) -> bool:
@@ -201,6 +252,7 @@ class HierStore(MilvusConnection):
                                         timeout)
         self._shares: dict[tuple[str, str], tuple[float, float]] = {}
         self.model_location: str | None = None  # where the filling model lives, when recorded (`record_model`)
+        self.model_relative: str | None = None  # the same, relative to $HIERVEC_MODEL_ROOT, when it was under it
         self.features = Features.of(version, local=self.settings.is_local)
         self.lite = self.features.lite
         self.templates = self.features.templates  # Milvus Lite and servers before 2.5 reject templated filter_params
@@ -314,6 +366,7 @@ class HierStore(MilvusConnection):
                 if getattr(spec, name) is not None and getattr(spec, name) != getattr(stored, name):
                     raise SchemaMismatchError(self.collection, name, getattr(spec, name), getattr(stored, name))
         self.model_location = properties.get(PROPERTY_MODEL) or None
+        self.model_relative = properties.get(PROPERTY_MODEL_RELATIVE) or None
         recorded = properties.get(PROPERTY_FINGERPRINT) or None
         if fingerprint is not None and fingerprint != recorded:
             raise SchemaMismatchError(self.collection, "model fingerprint", fingerprint, recorded)
@@ -332,7 +385,9 @@ class HierStore(MilvusConnection):
         for field, dim in spec.vector_dims().items():
             index_params.add_index(field, index_type=spec.index, metric_type=spec.metric,
                                    params=index_build_params(spec.index, dim))
-        properties = {PROPERTY_SPEC: spec.to_json()}
+        properties = {PROPERTY_SPEC: spec.to_json(),
+                      PROPERTY_ABOUT: json.dumps({"collection": collection_description(spec),
+                                                  "fields": field_descriptions(spec)})}
         if self.fingerprint:
             properties[PROPERTY_FINGERPRINT] = self.fingerprint
         partitions = {"num_partitions": spec.num_partitions} if spec.partition_key else {}
@@ -351,15 +406,33 @@ class HierStore(MilvusConnection):
             self._client.create_index(self.collection, index_params, timeout=self.timeout, sync=False)
             self._client.load_collection(self.collection, timeout=self.timeout)
 
-    def record_model(self, location: str, *, timeout: float | None = None) -> None:
-        """Record where the model that fills this collection lives (a checkpoint path or URL), so
-        searches can load it without being told; its fingerprint is still checked when loaded."""
-        if location == self.model_location:
+    def record_model(self, location: str, *, root: str | None = None, relative: str | None = None,
+                     timeout: float | None = None) -> None:
+        """Record where the model that fills this collection lives (a checkpoint path), so searches can
+        load it without being told; its fingerprint is still checked when loaded.
+
+        Also recorded, when the file lies under `root` (default $HIERVEC_MODEL_ROOT): its path
+        relative to the root, which `model_file` finds under another machine's root.
+        """
+        if relative is None:  # `relative` given: recorded as it is (a copy keeps its source's)
+            relative = model_relative_to(location, root if root is not None else os.environ.get(MODEL_ROOT_ENV))
+        if location == self.model_location and relative == self.model_relative:
             return
+        properties = {PROPERTY_MODEL: location, PROPERTY_MODEL_RELATIVE: relative or ""}
         with self._calls("record the model"):
-            self._client.alter_collection_properties(self.collection, properties={PROPERTY_MODEL: location},
+            self._client.alter_collection_properties(self.collection, properties=properties,
                                                      timeout=self._timeout(timeout))
-        self.model_location = location
+        self.model_location, self.model_relative = location, relative
+
+    def model_file(self, root: str | None = None) -> str | None:
+        """The recorded model as a file on this machine: the recorded path if it exists, else the
+        recorded relative path under `root` (default $HIERVEC_MODEL_ROOT) if that exists; None when
+        neither does (or nothing is recorded)."""
+        candidates = [self.model_location]
+        root = root if root is not None else os.environ.get(MODEL_ROOT_ENV)
+        if root and self.model_relative:
+            candidates.append(str(Path(root).expanduser() / self.model_relative))
+        return next((c for c in candidates if c and Path(c).is_file()), None)
 
     def index_progress(self, *, timeout: float | None = None) -> dict[str, tuple[int, int]]:
         """Per vector field, (rows indexed, rows in all) as the server reports them: a server builds

@@ -184,11 +184,14 @@ class Service:
         if target == current.collection:
             return False
         with HierStore(self.store_uri, target, token=self.settings.token, create=False) as probe:
-            location, fingerprint = probe.model_location, probe.fingerprint
+            recorded, location, fingerprint = probe.model_location, probe.model_file(), probe.fingerprint
         if fingerprint == current.embedder.fingerprint:
             embedder = current.embedder
-        elif location is None:
+        elif recorded is None:
             raise ValueError(f"collection {target!r} records no model to load (ingest or reindex records it)")
+        elif location is None:
+            raise ValueError(f"collection {target!r} records the model {recorded!r}, which is not on this machine "
+                             f"(nor under $HIERVEC_MODEL_ROOT as {probe.model_relative!r})")
         else:
             settings = self.settings
             embedder = Embedder.from_checkpoint(location, optimize=settings.optimize, device=settings.device,

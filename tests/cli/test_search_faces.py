@@ -97,9 +97,31 @@ def test_search_loads_the_model_the_collection_records(ingested, tmp_path):
     run_json("ingest", tree, "--model", shutil.copy(model, moved), "--uri", copy / "h.db")
     moved.unlink()
     gone = run("search", query, "--uri", copy / "h.db", ok=False)
-    assert gone.exit_code == 1 and f"was filled by the model at '{moved}', which is gone" in gone.stderr
+    assert gone.exit_code == 1 and f"was filled by the model at '{moved}', which is not on this machine;" \
+        in gone.stderr and "$HIERVEC_MODEL_ROOT" in gone.stderr
     again = run_json("search", query, "--uri", copy / "h.db", "--model", model, "-k", "3")  # a copy of it works
     assert again["queries"] == told["queries"]
+
+
+def test_a_model_under_the_model_root_is_found_under_another_machines_root(ingested, tmp_path, monkeypatch):
+    from milvus_store import HierStore
+
+    tree, model, db = ingested
+    query = tree / "clothing/bottoms/trouser/1.png"
+    told = run_json("search", query, "--model", model, "--uri", db, "-k", "3")
+    here, there = tmp_path / "models-here", tmp_path / "models-there"
+    (here / "fashion").mkdir(parents=True)
+    copy = tmp_path / "h.db"
+    shutil.copytree(db, copy)
+    monkeypatch.setenv("HIERVEC_MODEL_ROOT", str(here))
+    run_json("ingest", tree, "--model", shutil.copy(model, here / "fashion" / "v1.pt"), "--uri", copy)
+    with HierStore(str(copy), create=False) as store:
+        assert store.model_location == str(here / "fashion" / "v1.pt") and store.model_relative == "fashion/v1.pt"
+    here.rename(there)  # the models now live under another folder (another machine's root)
+    gone = run("search", query, "--uri", copy, ok=False)
+    assert gone.exit_code == 1 and "nor at 'fashion/v1.pt' under $HIERVEC_MODEL_ROOT" in gone.stderr
+    monkeypatch.setenv("HIERVEC_MODEL_ROOT", str(there))
+    assert run_json("search", query, "--uri", copy, "-k", "3")["queries"] == told["queries"]
 
 
 def test_a_collection_without_a_recorded_model_asks_for_one(workspace, tmp_path):
