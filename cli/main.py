@@ -930,33 +930,45 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
 @click.option("--image-size", type=click.IntRange(min=32), default=None,
               help="With --baseline: input size in px. [default: as `hiervec train` reads it from the data]")
 @click.option("--uri", default=None, metavar="URI",
-              help="Evaluate in this Milvus (SOURCE is ingested there if missing). [default: a temporary Milvus Lite file]")
-@click.option("--collection", default="eval", show_default=True)
-@click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN")
+              help="Evaluate in this Milvus, in a collection of its own that is dropped afterwards. "
+                   "[default: $HIERVEC_MILVUS_URI, else a temporary Milvus Lite file]")
+@click.option("--collection", default=None,
+              help="Evaluate this collection: if it exists it must hold SOURCE's images and is only read; "
+                   "if not, it is created and dropped afterwards (unless --keep). [default: a temporary one]")
+@click.option("--keep", is_flag=True, help="Keep the collection eval creates (it needs --uri or $HIERVEC_MILVUS_URI).")
+@click.option("--token", default=None, envvar="HIERVEC_MILVUS_TOKEN", show_envvar=True)
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @optimize_option
 @runtime_option
 @compute_options
 @json_option
 @uses_milvus
-def eval_(source, model_path, baseline, backbone, image_size, uri, collection, token, k, optimize, runtime, device,
-          amp, as_json):
+def eval_(source, model_path, baseline, backbone, image_size, uri, collection, keep, token, k, optimize, runtime,
+          device, amp, as_json):
     """Leave-one-out retrieval over SOURCE through Milvus: R@1, R@K, MAP@R, consistency@K per level.
+
+    Nothing already stored changes: SOURCE is ingested into a collection eval creates (in a
+    temporary Lite file unless --uri is given) and drops at the end, or an existing
+    --collection that holds it is read.
 
     \b
     Compare a trained model with the backbone it started from, on the same images:
       hiervec eval data/test --model model.pt
       hiervec eval data/test --baseline imagenet
     """
+    import secrets
     import tempfile
 
     from embedder import read_source
-    from milvus_store import ImageIndex, IngestItem
-
-    from .evaluation import evaluate_collection
+    from milvus_store import IngestItem
+    from milvus_store.connection import URI_ENV
 
     if (model_path is None) == (baseline is None):
         raise click.UsageError("give either --model or --baseline")
+    uri = uri or os.environ.get(URI_ENV) or None
+    if keep and uri is None:
+        raise click.UsageError("--keep keeps the collection in the Milvus of --uri (or $HIERVEC_MILVUS_URI); "
+                               "without one eval works in a temporary file")
     listing = read_source(source)
     items = [IngestItem(i.path, i.category, i.id, i.meta, _stored_uri(i.path)) for i in listing.items if i.category]
     if not items:
@@ -966,20 +978,89 @@ def eval_(source, model_path, baseline, backbone, image_size, uri, collection, t
     else:
         embedder = load_embedder(model_path, optimize, device, amp, runtime)
     with tempfile.TemporaryDirectory(prefix="hiervec-eval-") as tmp:
-        target = uri or str(Path(tmp) / "eval.db")
-        with ImageIndex.open(embedder, target, collection, index="FLAT" if uri is None else None,
-                             token=token) as image_index:
-            started = time.perf_counter()
-            with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
-                report = image_index.ingest(items, progress=advance)
-            note(as_json, f"ingested {report.stored} images ({report.skipped_present} present, "
-                          f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s")
-            query_ids = list(dict.fromkeys(report.ids))
+        place = uri or str(Path(tmp) / "eval.db")
+        name = collection or f"hiervec_eval_{secrets.token_hex(4)}"
+        metrics = _evaluate(embedder, items, place, name, token, k, drop=not keep and uri is not None,
+                            flat_index=uri is None, as_json=as_json)
+    if keep:
+        metrics["kept"] = name
+    emit(as_json, metrics, render_metrics(metrics))
+
+
+def _evaluate(embedder, items, uri: str, collection: str, token, k: int, *, drop: bool, flat_index: bool,
+              as_json: bool) -> dict:
+    """Leave-one-out over `items` in `collection`: read if it exists (it must hold them all), else created,
+    filled and, with `drop`, dropped afterwards, whatever happens."""
+    from milvus_store import CollectionNotFoundError, ImageIndex
+
+    from .evaluation import evaluate_collection
+
+    started = time.perf_counter()
+    try:
+        image_index, created = ImageIndex.open(embedder, uri, collection, token=token, create=False), False
+    except CollectionNotFoundError:
+        image_index = ImageIndex.open(embedder, uri, collection, index="FLAT" if flat_index else None, token=token)
+        created = True
+    try:
+        with image_index:
+            if created:
+                with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
+                    report = image_index.ingest(items, progress=advance)
+                note(as_json, f"ingested {report.stored} images ({report.skipped_present} present, "
+                              f"{len(report.failed)} failed) in {time.perf_counter() - started:.1f}s")
+                query_ids = list(dict.fromkeys(report.ids))
+            else:
+                query_ids = _stored_ids_of(image_index.store, items, collection)
             with progress_bar(len(query_ids), "search", as_json, rate="queries/s") as advance:
                 metrics = evaluate_collection(image_index.store, query_ids, k, progress=advance)
+            if created and drop:
+                image_index.store.drop()
+    except BaseException:
+        if created and drop:
+            with contextlib.suppress(Exception), _open_store(uri, collection, token) as leftover:
+                leftover.drop()
+        raise
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    emit(as_json, metrics, "\n".join(f"{key:<32} {value:.4f}" if isinstance(value, float) else f"{key:<32} {value}"
-                                     for key, value in metrics.items()))
+    return metrics
+
+
+def _stored_ids_of(store, items, collection: str) -> list[str]:
+    """The ids of `items` (given, else their content hash), all of which `store` must hold: eval reads an
+    existing collection and never writes to it."""
+    from milvus_store.index import read_item
+
+    ids = []
+    for item in items:
+        read = read_item(item, can_predict=False)
+        if not isinstance(read, tuple):
+            raise click.ClickException(f"{read.source}: {read.reason}")
+        ids.append(read[1])
+    ids = list(dict.fromkeys(ids))
+    present = store.existing_ids(ids)
+    missing = [i for i in ids if i not in present]
+    if missing:
+        raise click.ClickException(f"collection {collection!r} exists but lacks {len(missing)} of SOURCE's "
+                                   f"{len(ids)} images (e.g. id {missing[0]!r}); eval only reads a collection it "
+                                   f"did not create: leave out --collection to evaluate in one of its own")
+    return ids
+
+
+def render_metrics(metrics: dict) -> str:
+    """The text form of `hiervec eval`'s figures, one per line."""
+    lines = [f"{'queries':<32} {metrics['queries']}"]
+    if metrics.get("left_out"):
+        lines.append(f"{'left out (no other image of their class)':<32} {metrics['left_out']}")
+    lines.append(f"{'collection':<32} {metrics['collection']}")
+    lines += [f"{'recall@' + str(entry['k']):<32} {entry['recall']:.4f}" for entry in metrics["recall@k"]]
+    lines.append(f"{'map@r':<32} {metrics['map@r']:.4f}" if metrics["map@r"] is not None
+                 else f"{'map@r':<32} - ({metrics['map@r_reason']})")
+    lines += [f"{'consistency@' + str(metrics['k']) + '/' + level:<32} {value:.4f}"
+              for level, value in metrics["consistency@k"].items()]
+    lines.append(f"{'hier_distance@' + str(metrics['k']):<32} {metrics['hier_distance@k']:.4f}")
+    lines.append(f"{'seconds':<32} {metrics['seconds']}")
+    if metrics.get("kept"):
+        lines.append(f"{'kept collection':<32} {metrics['kept']}")
+    return "\n".join(lines)
 
 
 def baseline_embedder(items, backbone: str, image_size: int | None, *, quiet: bool):
@@ -1017,11 +1098,17 @@ def info(uri, collection, token, as_json):
                 "levels": list(spec.level_names), "dim": spec.dim, "level_dims": list(spec.level_dims),
                 "metric": spec.metric, "index": spec.index, "level_vectors": list(spec.kept_vector_levels),
                 "partition_key": spec.partition_key or None, "num_partitions": spec.num_partitions,
-                "fingerprint": store.fingerprint, "categories": per_level}
+                "fingerprint": store.fingerprint,
+                "model": {"path": store.model_location, "relative": store.model_relative,
+                          "found": store.model_file()} if store.model_location else None,
+                "categories": per_level}
     lines = [f"{key:<14} {data[key]}" for key in ("uri", "collection", "alias", "aliases", "count", "levels", "dim",
-                                                    "level_dims",
-                                                    "metric", "index", "level_vectors", "partition_key",
+                                                    "level_dims", "metric", "index", "level_vectors", "partition_key",
                                                     "num_partitions", "fingerprint")]
+    model = data["model"]
+    lines.append(f"{'model':<14} " + ("none recorded" if model is None else model["path"]
+                                      + (f" (under $HIERVEC_MODEL_ROOT: {model['relative']})" if model["relative"] else "")
+                                      + ("" if model["found"] else ", not on this machine")))
     for level, counts in per_level.items():
         lines.append(f"{level}:")
         lines += [f"  {count:>8}  {path}" for path, count in counts.items()]
