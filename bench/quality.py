@@ -267,9 +267,11 @@ def evaluate(concat: np.ndarray, levels: dict[str, np.ndarray], split: Split, le
     started = time.perf_counter()
     neighbours, stored = milvus_neighbours(concat, levels, split.paths, level_names, depth, folder)
     search_s = time.perf_counter() - started
-    same = leaf_agreement(labels, neighbours, len(level_names))
+    # one query set for every figure: the queries with another image of their leaf category (as
+    # pytorch-metric-learning's AccuracyCalculator; none are left out on these splits)
+    same = leaf_agreement(labels, neighbours, len(level_names))[r > 0]
     report = {"recall@1": recall_at_k(same, 1), "recall@10": recall_at_k(same, 10),
-              "hier_distance@10": hierarchical_distance(same, 10)}
+              "hier_distance@10": hierarchical_distance(same, 10), "left_out": int((r == 0).sum())}
     for i, name in enumerate(level_names):
         for k in CONSISTENCY_KS:
             report[f"consistency@{k}/{name}"] = consistency_at_k(same, k, i)
@@ -279,8 +281,13 @@ def evaluate(concat: np.ndarray, levels: dict[str, np.ndarray], split: Split, le
     exact = exact_neighbours(stored, min(len(labels) - 1, max(depth, int(r.max()))))
     report["milvus_vs_exact@10"] = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
                                                   for a, b in zip(neighbours, exact)]))
-    report["map@r"] = map_at_r(leaf_agreement(labels, exact, len(level_names)), r)
-    report["h_ap"] = hierarchical_ap(stored, labels)
+    report["map@r"] = map_at_r(leaf_agreement(labels, exact, len(level_names))[r > 0], r[r > 0])
+    # H-AP as HAPPIER computes it (the query counted in the relevance sets), with its "map" and "pop"
+    # relevances; "h_ap" without the query, the convention of the tables published before
+    report["hap"] = hierarchical_ap(stored, labels)
+    if len(level_names) > 1:
+        report["hap_pop"] = hierarchical_ap(stored, labels, relevance="pop")
+    report["h_ap"] = hierarchical_ap(stored, labels, count_query=False)
     report["seconds_milvus"], report["seconds_exact"] = search_s, time.perf_counter() - started
     return report
 
@@ -327,11 +334,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 COLUMNS = [("recall@1", "leaf R@1", True), ("recall@10", "leaf R@10", True), ("map@r", "MAP@R", True),
-           ("h_ap", "H-AP", True)]
+           ("hap", "H-AP", True)]
+
+
+def h_ap_key(results: dict[str, list[dict]]) -> tuple[str, str]:
+    """The H-AP every result has: HAPPIER's ("hap"), or, when a result predates it, the one without
+    the query in the relevance sets ("h_ap"), titled so."""
+    if all("hap" in r["metrics"] for runs in results.values() for r in runs):
+        return "hap", "H-AP"
+    return "h_ap", "H-AP (query not counted)"
 
 
 def table(results: dict[str, list[dict]], level_names) -> tuple[str, list[str]]:
-    columns = COLUMNS + [(f"consistency@10/{n}", f"consistency@10 {n}", True) for n in level_names[:-1]]
+    columns = [c if c[0] != "hap" else (*h_ap_key(results), True) for c in COLUMNS]
+    columns += [(f"consistency@10/{n}", f"consistency@10 {n}", True) for n in level_names[:-1]]
     columns += [(f"consistency@10/{level_names[-1]}", f"consistency@10 {level_names[-1]}", True),
                 ("hier_distance@10", "hier. distance@10", False)]
     stats = {m: {key: mean_std([r["metrics"][key] for r in runs]) for key, _, _ in columns}
@@ -406,7 +422,7 @@ def plot(results: dict[str, list[dict]], level_names, path: Path, title: str) ->
 def summary(args, level_names) -> None:
     """One row per configuration (results folder) and method: the tuning record."""
     prefix = f"quality-{args.benchmark}-{args.split}"
-    print(f"| configuration | method | seeds | loss weights and knobs | leaf R@1 | MAP@R | H-AP | "
+    print(f"| configuration | method | seeds | loss weights and knobs | leaf R@1 | MAP@R | H-AP (query not counted) | "
           + " | ".join(f"consistency@10 {n}" for n in level_names[:-1]) + " | hier. distance@10 |")
     print("|---|---|---|---|---|---|---|" + "---|" * (len(level_names) - 1) + "---|")
     for folder in sorted(args.out.glob(f"{prefix}*"), key=lambda f: f.stat().st_mtime):
@@ -512,7 +528,7 @@ def main(argv=None) -> int:
                 path.write_text(json.dumps(result, indent=1))
                 results.setdefault(method, []).append(result)
                 m = result["metrics"]
-                print(f"   {method} seed {seed}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} H-AP {m['h_ap']:.4f} "
+                print(f"   {method} seed {seed}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} H-AP {m['hap']:.4f} "
                       f"hier {m['hier_distance@10']:.4f} ({result['train_s']:.0f}s training)", file=sys.stderr)
         if not results:
             raise SystemExit(f"no results in {folder} for methods {', '.join(methods)}")

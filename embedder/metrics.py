@@ -96,8 +96,12 @@ def shared_depth(query_labels: np.ndarray, hit_labels: np.ndarray) -> np.ndarray
     return np.cumprod(same, axis=-1).sum(-1)
 
 
+RELEVANCES = ("map", "pop")
+
+
 def hierarchical_ap(
-    vectors: np.ndarray, labels: np.ndarray, *, weights=None, chunk: int = 256
+    vectors: np.ndarray, labels: np.ndarray, *, weights=None, relevance: str = "map", alpha: float = 1.0,
+    count_query: bool = True, chunk: int = 256,
 ) -> float:
     """Mean hierarchical average precision (H-AP) of leave-one-out queries, exact full ranking.
 
@@ -109,15 +113,26 @@ def hierarchical_ap(
         H-AP = sum_{k in Omega+} H-rank(k) / rank(k)  /  sum_{k in Omega+} rel(k)
         H-rank(k) = rel(k) + sum_{j in Omega+, rank(j) < rank(k)} min(rel(k), rel(j))
 
-    The relevance is the paper's evaluation choice: an item sharing d levels has
-    ``rel = sum_{p<=d} w_p / |Omega(p)|``, where ``|Omega(p)|`` counts the items sharing at
-    least p levels, and every level weighs the same by default (`weights`, coarsest
-    first). With one level it is the usual average precision; a ranking ordered by shared
-    depth scores 1. Queries with no relative are skipped.
+    Relevance of an item sharing d levels with the query, as the paper's code (HAPPIER,
+    ``compute_relevance_on_the_fly.py``) computes it:
+
+    - ``"map"``: ``rel = sum_{p<=d} w_p / |Omega(p)|``, ``|Omega(p)|`` the items sharing at
+      least p levels, every level weighing the same by default (`weights`, coarsest first);
+    - ``"pop"``: ``rel = (d / (L - 1)) ** alpha / |{items sharing exactly d levels}|`` (L
+      levels; what HAPPIER's dataset configs evaluate with).
+
+    `count_query`: count the query itself in those sets, as HAPPIER does (the default; it
+    ranks the query's neighbours without the query but computes the relevances over the
+    whole dataset). With one level and ``"map"`` it is the usual average precision; a
+    ranking ordered by shared depth scores 1. Queries with no relative are skipped.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     labels = np.asarray(labels)
     n, depth = labels.shape
+    if relevance not in RELEVANCES:
+        raise ConfigError(f"relevance must be one of {RELEVANCES}, got {relevance!r}")
+    if relevance == "pop" and depth < 2:
+        raise ConfigError("the 'pop' relevance needs at least 2 levels (its weights are d / (L - 1))")
     w = np.ones(depth) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (depth,) or (w <= 0).any():
         raise ConfigError(f"weights must be {depth} positive numbers, got {weights}")
@@ -125,6 +140,8 @@ def hierarchical_ap(
         raise ConfigError(f"need at least 2 vectors with one label row each, got {len(vectors)} and {n}")
     norms = (vectors * vectors).sum(1)
     ranks = np.arange(1, n, dtype=np.float64)
+    itself = 1 if count_query else 0
+    pop_weights = (np.arange(depth + 1) / max(depth - 1, 1)) ** alpha
     scores: list[np.ndarray] = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -133,15 +150,21 @@ def hierarchical_ap(
         dist[np.arange(len(rows)), rows] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")[:, :-1]  # self (inf) last, dropped
         shared = shared_depth(labels[rows], labels[order])
-        at_least = np.stack([(shared >= p).sum(1) for p in range(1, depth + 1)], 1)
-        step = np.where(at_least > 0, w / np.maximum(at_least, 1), 0.0)
-        rel_of_depth = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(step, 1)], 1)  # (b, L+1)
+        if relevance == "map":
+            at_least = np.stack([(shared >= p).sum(1) for p in range(1, depth + 1)], 1) + itself
+            step = np.where(at_least > 0, w / np.maximum(at_least, 1), 0.0)
+            rel_of_depth = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(step, 1)], 1)  # (b, L+1)
+        else:
+            exactly = np.stack([(shared == d).sum(1) for d in range(depth + 1)], 1)
+            exactly[:, depth] += itself
+            rel_of_depth = np.where(exactly > 0, pop_weights / np.maximum(exactly, 1), 0.0)
+            rel_of_depth[:, 0] = 0.0
         rel = np.take_along_axis(rel_of_depth, shared, 1)
         h_rank = rel.copy()
         for m in range(1, depth + 1):
             at_m = shared == m
             before = np.cumsum(at_m, 1) - at_m
-            h_rank += before * np.take_along_axis(rel_of_depth, np.minimum(shared, m), 1)
+            h_rank += before * np.minimum(rel, rel_of_depth[:, m : m + 1])
         positive = shared > 0
         norm = (rel * positive).sum(1)
         keep = norm > 0
@@ -162,10 +185,21 @@ def retrieval_report(
     ks: Sequence[int] = (1, 10),
     consistency_k: int = 10,
     r: np.ndarray | None = None,
+    with_map: bool = True,
 ) -> dict[str, float]:
-    """Leaf R@k, MAP@R (when `r` is given), consistency@K per level, hierarchical distance@K."""
+    """Leaf R@k, MAP@R, consistency@K per level, hierarchical distance@K, over one query set.
+
+    With `r` (each query's number of other items in its leaf category), the queries alone in
+    their category (r = 0) are left out of every figure, as pytorch-metric-learning's
+    `AccuracyCalculator` leaves out its "lone" queries, and MAP@R is computed (`with_map`).
+    """
+    if r is not None:
+        r = np.asarray(r)
+        same, r = same[r > 0], r[r > 0]
+        if not len(r):
+            raise ConfigError("every query is alone in its category: nothing to retrieve")
     report = {f"recall@{k}": recall_at_k(same, k) for k in ks}
-    if r is not None and r.max() > 0:
+    if r is not None and with_map:
         report["map@r"] = map_at_r(same, r)
     for level, name in enumerate(level_names):
         report[f"consistency@{consistency_k}/{name}"] = consistency_at_k(same, consistency_k, level)

@@ -202,6 +202,16 @@ def test_quality_lists_every_method_the_pyramid_does_not_clearly_beat():
 
 
 @pytest.mark.unit
+def test_quality_tables_title_the_h_ap_they_show():
+    from bench import quality
+
+    new = {"metrics": {"hap": 0.7, "h_ap": 0.6}}
+    old = {"metrics": {"h_ap": 0.6}}  # a result written before HAPPIER's convention
+    assert quality.h_ap_key({"pyramid": [new, new]}) == ("hap", "H-AP")
+    assert quality.h_ap_key({"pyramid": [new], "flat": [old]}) == ("h_ap", "H-AP (query not counted)")
+
+
+@pytest.mark.unit
 def test_quality_report_only_needs_results(tmp_path):
     from bench import quality
 

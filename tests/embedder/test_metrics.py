@@ -26,9 +26,14 @@ def test_hand_computed_metrics():
     assert map_at_r(same, r) == 0.5
     # LCA heights in the top 1: 0->2: 1, 1->0: 0, 2->0: 1, 3->2: 2
     assert hierarchical_distance(same, 1) == 1.0
+    # the report reads one query set: items 2 and 3 (alone in their leaf) are left out of every figure
     report = retrieval_report(same, ("dept", "leaf"), ks=(1,), consistency_k=1, r=r)
-    assert report == {"recall@1": 0.25, "map@r": 0.5, "consistency@1/dept": 0.75, "consistency@1/leaf": 0.25,
-                      "hier_distance@1": 1.0}
+    assert report == {"recall@1": 0.5, "map@r": 0.5, "consistency@1/dept": 1.0, "consistency@1/leaf": 0.5,
+                      "hier_distance@1": 0.5}
+    assert retrieval_report(same, ("dept", "leaf"), ks=(1,), consistency_k=1) == {  # without r: every query
+        "recall@1": 0.25, "consistency@1/dept": 0.75, "consistency@1/leaf": 0.25, "hier_distance@1": 1.0}
+    with pytest.raises(ValueError, match="every query is alone in its category"):
+        retrieval_report(same, ("dept", "leaf"), r=np.zeros(4, dtype=int))
 
 
 def test_map_at_r_partial_precision():
@@ -57,9 +62,10 @@ def test_exact_neighbours_match_a_full_sort(rng):
         exact_neighbours(vectors, 50)
 
 
-def _h_ap_of_ranking(shared: list[int], depth: int) -> float:
-    """H-AP of one query's ranking of shared depths, by the paper's formula, loop by loop."""
-    at_least = [sum(s >= p for s in shared) for p in range(1, depth + 1)]
+def _h_ap_of_ranking(shared: list[int], depth: int, count_query: bool = False) -> float:
+    """H-AP of one query's ranking of shared depths, by the paper's formula, loop by loop (the query
+    itself counted in |Omega(p)| or not)."""
+    at_least = [sum(s >= p for s in shared) + count_query for p in range(1, depth + 1)]
     rel = [sum(1 / at_least[p - 1] for p in range(1, s + 1)) for s in shared]
     total = 0.0
     for k, s in enumerate(shared):
@@ -70,7 +76,7 @@ def _h_ap_of_ranking(shared: list[int], depth: int) -> float:
     return total / sum(rel)
 
 
-def _h_ap_reference(vectors: np.ndarray, labels: np.ndarray) -> float:
+def _h_ap_reference(vectors: np.ndarray, labels: np.ndarray, count_query: bool = False) -> float:
     scores = []
     for q in range(len(vectors)):
         dist = ((vectors - vectors[q]) ** 2).sum(1)
@@ -78,7 +84,7 @@ def _h_ap_reference(vectors: np.ndarray, labels: np.ndarray) -> float:
         order = np.argsort(dist, kind="stable")[:-1]
         shared = [int(np.cumprod(labels[j] == labels[q]).sum()) for j in order]
         if any(shared):
-            scores.append(_h_ap_of_ranking(shared, labels.shape[1]))
+            scores.append(_h_ap_of_ranking(shared, labels.shape[1], count_query))
     return float(np.mean(scores))
 
 
@@ -87,13 +93,23 @@ def test_h_ap_of_a_hand_worked_ranking():
     # |Omega(1)| = 2, |Omega(2)| = 1: rel = 0.5 and 1.5; H-rank = 0.5 and 1.5 + 0.5
     assert _h_ap_of_ranking([1, 2, 0], 2) == pytest.approx((0.5 / 1 + 2.0 / 2) / 2.0)
     assert _h_ap_of_ranking([2, 1, 0], 2) == pytest.approx(1.0)
+    # the query counted (HAPPIER's convention): |Omega(1)| = 3, |Omega(2)| = 2: rel = 1/3 and 5/6;
+    # H-rank = 1/3 and 5/6 + 1/3
+    assert _h_ap_of_ranking([1, 2, 0], 2, count_query=True) == pytest.approx((1 / 3 + 7 / 6 / 2) / (1 / 3 + 5 / 6))
+    labels = np.array([[0, 0], [0, 1], [0, 0], [1, 2]])  # query 0 ranks exactly that way: cousin, sibling, stranger
+    vectors = np.array([[0.0], [0.1], [0.2], [5.0]], np.float32)
+    assert hierarchical_ap(vectors[:, :], labels) == pytest.approx(np.mean([
+        _h_ap_of_ranking([1, 2, 0], 2, True), _h_ap_of_ranking([1, 1, 0], 2, True),
+        _h_ap_of_ranking([1, 2, 0], 2, True)]))
 
 
 def test_h_ap_matches_the_formula_on_random_data(rng):
     vectors = rng.normal(size=(60, 5)).astype(np.float32)
     coarse = rng.integers(0, 3, 60)
     labels = np.stack([coarse, coarse * 10 + rng.integers(0, 3, 60), rng.integers(0, 100, 60) % 7], 1)
-    assert hierarchical_ap(vectors, labels, chunk=7) == pytest.approx(_h_ap_reference(vectors, labels), rel=1e-9)
+    for count_query in (True, False):
+        assert hierarchical_ap(vectors, labels, chunk=7, count_query=count_query) == pytest.approx(
+            _h_ap_reference(vectors, labels, count_query), rel=1e-9)
 
 
 def test_h_ap_with_one_level_is_average_precision(rng):
