@@ -54,18 +54,22 @@ def check_values(target, s: HierStore, values: list[str], probe: str) -> None:
     assert s.templates is target.templates
     records = [Record(f"{v}/aisle", [float(i), 0.0], id=str(i), meta={"tag": v}) for i, v in enumerate(values)]
     s.upsert(records)
+    # Milvus 2.3's query iterator takes about a second a call: there it reads the first two filters of
+    # each value (the same rendered text as count and search take), elsewhere all five
+    iterated = 2 if not target.templates and not target.lite_engine else 5
     for candidate in [*values, probe]:
         same = {str(i) for i, v in enumerate(values) if v == candidate}
         others = {str(i) for i in range(len(values))} - same
-        for where, expected in [
+        for n, (where, expected) in enumerate([
             (Eq("shop", candidate), same),
             (~Eq("shop", candidate), others),
             (In("aisle", (f"{candidate}/aisle", "three/level/path")), same),  # a filler no aisle can equal
             (Meta("tag", "==", candidate), same),
             (Meta("tag", "!=", candidate), others),
-        ]:
+        ]):
             assert s.count(where) == len(expected), (where, values)
             hits = s.search([0.0, 0.0], k=len(values), where=where, output=["shop"])[0]
             assert {h.id for h in hits} == expected, (where, values)
             assert all(h.categories["shop"] in values for h in hits)
-            assert {h.id for h in s.iterate(where, output=[])} == expected
+            if n < iterated:
+                assert {h.id for h in s.iterate(where, output=[])} == expected
