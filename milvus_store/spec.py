@@ -222,6 +222,7 @@ def check_index(index: str, *, lite: bool) -> None:
 
 
 def index_build_params(index: str, dim: int) -> dict:
+    """The build parameters hiervec gives `index` on a `dim`-wide field (FLAT and DISKANN take none)."""
     if index == "HNSW":
         return {"M": 16, "efConstruction": 200}
     if index in ("IVF_FLAT", "IVF_SQ8"):
@@ -229,7 +230,9 @@ def index_build_params(index: str, dim: int) -> dict:
     if index == "IVF_PQ":
         m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
         return {"nlist": IVF_NLIST, "m": m, "nbits": 8}
-    return {}
+    if index in ("FLAT", "DISKANN"):
+        return {}
+    raise UnsupportedIndexError(f"index must be one of {SERVER_INDEXES}, got {index!r}")
 
 
 MAX_EF = 32768

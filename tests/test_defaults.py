@@ -23,8 +23,13 @@ def test_registries_cover_exactly_the_names(monkeypatch):
     assert sorted(BACKBONES) == sorted(names.BACKBONES) and names.DEFAULT_BACKBONE in names.BACKBONES
     assert EmbedderConfig(("a", "b"), (2, 2), (4, 4)).backbone == names.DEFAULT_BACKBONE
     assert set(names.LITE_INDEXES) <= set(names.SERVER_INDEXES) and names.DEFAULT_INDEX in names.LITE_INDEXES
-    for index in names.SERVER_INDEXES:
-        assert isinstance(index_build_params(index, 8), dict)
+    assert {index: index_build_params(index, 192) for index in names.SERVER_INDEXES} == {
+        "FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024},
+        "IVF_PQ": {"nlist": 1024, "m": 48, "nbits": 8},  # m: the largest divisor of dim up to dim / 4
+        "HNSW": {"M": 16, "efConstruction": 200}, "DISKANN": {}}
+    assert index_build_params("IVF_PQ", 100)["m"] == 25
+    with pytest.raises(ValueError, match="index must be one of .* got 'HNSWW'"):
+        index_build_params("HNSWW", 8)
     monkeypatch.delenv("HIERVEC_MILVUS_URI", raising=False)
     assert ConnectionSettings.resolve(None).uri == names.DEFAULT_URI
 
