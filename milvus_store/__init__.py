@@ -10,6 +10,7 @@ from .errors import (
     RecordNotFoundError,
     SchemaMismatchError,
     StoreConnectionError,
+    StoreUnavailableError,
     StoreError,
     UnknownLevelError,
     UnsupportedIndexError,
@@ -36,6 +37,6 @@ from .lite_process import LiteProcess
 __all__ = [
     "AliasChange", "Aliases", "And", "MoveReport", "move_category", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "CopyReport", "copy_collection", "open_copy_target", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
     "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "LiteProcess", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
-    "SERVER_INDEXES", "SchemaMismatchError", "LevelVectorMissingError", "VectorFieldLimitError", "Features", "StoreConnectionError", "StoreError", "Under", "UnsupportedIndexError",
+    "SERVER_INDEXES", "SchemaMismatchError", "LevelVectorMissingError", "VectorFieldLimitError", "Features", "StoreConnectionError", "StoreError", "StoreUnavailableError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

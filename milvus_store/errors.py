@@ -11,6 +11,11 @@ class StoreConnectionError(StoreError, ConnectionError):
     """Milvus cannot be reached (or a Lite file cannot be opened); the URI is named, secrets never."""
 
 
+class StoreUnavailableError(StoreConnectionError):
+    """Milvus did not answer a call: down, unreachable, not ready, or the call ran out of time. A fault
+    of the server or the network, not of the request: the same call may succeed later."""
+
+
 class CollectionNotFoundError(StoreError, LookupError):
     """The collection does not exist and no spec was given to create it."""
 

@@ -38,6 +38,7 @@ from .errors import (
     SchemaMismatchError,
     StoreConnectionError,
     StoreError,
+    StoreUnavailableError,
     VectorFieldLimitError,
 )
 from .features import Features
@@ -214,16 +215,55 @@ class MilvusConnection:
         """What a failed call was about, between the action and the address (``" on 'images'"``)."""
         return ""
 
+    def _reload(self) -> bool:
+        """Load again the collection a call found released; whether one was loaded (a connection
+        that is not about one collection has none)."""
+        return False
+
     @contextlib.contextmanager
     def _calls(self, action: str):
         try:
             yield
         except MilvusException as exc:
+            if unavailable(exc):
+                raise StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} "
+                                            f"did not answer: {self._clean(exc)}") from None
+            if _RELEASED.search(exc.message or "") and self._reload():
+                # a server that restarted (Milvus Lite's) holds the collection released: loaded again now,
+                # the same call works once the load is done
+                raise StoreUnavailableError(f"{action}{self._subject()}: the collection was not loaded at "
+                                            f"{self.settings.display_uri!r} (the server restarted?); it is "
+                                            f"loaded again: retry") from None
             raise StoreError(f"{action}{self._subject()} at {self.settings.display_uri!r} failed: "
                              f"{self._clean(exc)}") from None
         except (ConnectionError, OSError, TimeoutError) as exc:
-            raise StoreConnectionError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
-                                       f"{self._clean(exc)}") from None
+            raise StoreUnavailableError(f"{action}: Milvus at {self.settings.display_uri!r} is unreachable: "
+                                        f"{self._clean(exc)}") from None
+        except Exception as exc:  # grpc's own errors, when pymilvus lets one through
+            if type(exc).__module__.startswith("grpc") and unavailable(exc):
+                raise StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} "
+                                            f"did not answer: {self._clean(exc)}") from None
+            raise
+
+
+_RELEASED = re.compile(r"in state 'released'|collection not loaded|not loaded into memory", re.I)
+
+
+# What pymilvus and grpc say when the server, not the request, is at fault: it is down or
+# unreachable, not ready yet, or the call ran out of time.
+_UNAVAILABLE = re.compile(r"fail(ed)? connecting to server|server unavailable|\bunavailable\b|deadline exceeded|"
+                          r"deadline_exceeded|timed? ?out|connection (refused|reset|closed)|socket closed|"
+                          r"not ready|goaway|broken pipe|server is closed|channel closed", re.I)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (a MilvusException or a grpc error) says that Milvus did not answer."""
+    code = getattr(exc, "code", None)
+    name = getattr(code() if callable(code) else code, "name", "")
+    if name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return True
+    text = getattr(exc, "message", None) or getattr(exc, "details", lambda: None)() or str(exc)
+    return bool(_UNAVAILABLE.search(str(text)))
 
 
 class HierStore(MilvusConnection):
@@ -342,6 +382,15 @@ class HierStore(MilvusConnection):
 
     def _subject(self) -> str:
         return f" on {self.collection!r}"
+
+    def _reload(self) -> bool:
+        try:
+            self._client.load_collection(self.collection, timeout=self.timeout)
+        except Exception:  # the caller reports the call that failed
+            return False
+        logger.warning("collection %r was released at %s (the server restarted?): loaded it again",
+                       self.collection, self.settings.display_uri)
+        return True
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

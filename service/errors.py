@@ -41,7 +41,10 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-# The library's errors, most specific first: (class, status, code).
+RETRY_AFTER_S = 5  # what a 503 for an unreachable store asks clients to wait
+
+# The library's errors, most specific first: (class, status, code). A store that does not answer
+# (StoreUnavailableError, a StoreConnectionError) is 503 with Retry-After, whatever the route.
 LIBRARY_ERRORS: list[tuple[type[Exception], int, str]] = [
     (ImageDecodeError, 415, "not_an_image"),
     (CollectionNotFoundError, 404, "no_collection"),
@@ -67,7 +70,8 @@ DESCRIPTIONS = {
     415: "An upload that is not an image.",
     422: "A request that is malformed or out of bounds.",
     500: "A fault of the service (the server log has the traceback).",
-    503: "Milvus is unreachable, or too many requests are in progress.",
+    503: "Milvus is unreachable or did not answer in time (with Retry-After), or too many requests are in "
+         "progress.",
 }
 
 
@@ -109,7 +113,10 @@ def add_error_handlers(app: FastAPI) -> None:
             message = " ".join(str(exc).split()) or type(exc).__name__
             if isinstance(exc, SchemaMismatchError):
                 message += " (the served model and this collection do not match)"
-            return error_response(status, code, redact(request, message))
+            response = error_response(status, code, redact(request, message))
+            if status == 503:  # the store's fault, not the request's: the same request may succeed later
+                response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
 
         return handle
 

@@ -1,0 +1,59 @@
+"""A store that goes away is the store's fault: every route answers 503 `store_unavailable` with
+Retry-After (not 400), and the same service answers again once the store is back."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ..servers import LiteServer, free_port
+from .conftest import ingest_catalogue, png_bytes
+
+pytestmark = pytest.mark.server
+KEY = {"X-API-Key": "k3y"}
+
+
+def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recovers(catalogue, tmp_path):
+    from service import Service, ServiceSettings, create_app
+
+    port = free_port()
+    server = LiteServer(tmp_path / "milvus", port=port).start()
+    try:
+        service = Service.open(ServiceSettings(model=str(catalogue.model), uri=server.uri, api_key="k3y",
+                                               media_dir=str(tmp_path / "media"), image_roots=(str(catalogue.tree),)))
+        ids = ingest_catalogue(service, catalogue)
+        upload = png_bytes((220, 40, 40), seed=77)
+        with TestClient(create_app(service)) as client:
+            requests = {
+                "search by id": lambda: client.post("/search", data={"id": ids[0], "k": "3"}),
+                "search by image": lambda: client.post("/search", files={"image": ("q.png", upload, "image/png")}),
+                "get": lambda: client.get(f"/images/{ids[1]}"),
+                "categories": lambda: client.get("/categories"),
+                "stats": lambda: client.get("/stats"),
+                "upload": lambda: client.post("/images", headers=KEY, files={"images": ("u.png", upload, "image/png")},
+                                              data={"category": "clothing/tops/shirt"}),
+                "delete": lambda: client.delete(f"/images/{ids[2]}", headers=KEY),
+            }
+            assert client.post("/search", data={"id": ids[0], "k": "3"}).status_code == 200
+            server.stop(kill=True)  # the store goes away mid-service
+            for name, request in requests.items():
+                response = request()
+                assert response.status_code == 503, (name, response.text)
+                assert response.json()["error"]["code"] == "store_unavailable", name
+                assert response.headers["Retry-After"] == "5", name
+            assert client.get("/healthz").status_code == 503
+
+            server = LiteServer(tmp_path / "milvus", port=port).start()  # back, on the same address and data
+            # a restarted Milvus Lite server holds the collection released: the first call finds it so, loads it
+            # and answers 503 (retry); after that every route answers
+            retried = []
+            for name, request in requests.items():
+                response = request()
+                if response.status_code == 503:
+                    retried.append(name)
+                    response = request()
+                assert response.status_code == 200, (name, response.text)
+            assert len(retried) <= 1, retried
+            assert client.get("/healthz").json()["count"] == len(ids)  # the upload stored one, the delete removed one
+    finally:
+        server.stop()
