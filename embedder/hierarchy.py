@@ -15,19 +15,18 @@ the prefix of its path with ``i + 1`` names; codes index each level's sorted voc
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
 
+from hiervec_core.names import level_name_problem
+
 from .errors import HierarchyError
 
 SEPARATOR = "/"
 MIN_LEVELS, MAX_LEVELS = 2, 5
-# Level names become Milvus field names and Python identifiers in filters.
-_LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _RESERVED_LEVEL_NAMES = frozenset(dir(nn.ModuleDict))  # `keys`, `items`, `train`, ...: not a part's name
 
 PathLike = str | Sequence[str]
@@ -230,10 +229,9 @@ def validate_level_names(level_names: Sequence[str]) -> None:
     if not MIN_LEVELS <= len(names) <= MAX_LEVELS:
         raise HierarchyError(f"a hierarchy has {MIN_LEVELS} to {MAX_LEVELS} levels, got {len(names)}: {names}")
     for name in names:
-        if not isinstance(name, str) or not _LEVEL_NAME.match(name):
-            raise HierarchyError(
-                f"level name {name!r} must be an identifier (letters, digits, underscore; at most 63)"
-            )
+        problem = level_name_problem(name)  # the store's and the filter language's rule, checked before training
+        if problem:
+            raise HierarchyError(problem)
     if len(set(names)) != len(names):
         raise HierarchyError(f"level names must be distinct, got {names}")
     taken = [name for name in names if name in _RESERVED_LEVEL_NAMES]

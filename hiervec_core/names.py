@@ -42,3 +42,37 @@ PREDICTED_CHOICES = ("include", "exclude", "only")  # stored images whose catego
 # A folder of models every machine names its own way: collections also record their model's path
 # relative to it (milvus_store.HierStore.record_model), and searches look for it there.
 MODEL_ROOT_ENV = "HIERVEC_MODEL_ROOT"
+
+# -- level names -----------------------------------------------------------------------------
+# A level's name is a Milvus field name and a word in Milvus's filter language, so one rule,
+# applied wherever a hierarchy is made (training, ingest, the HTTP API): an identifier of at
+# most 63 characters that is neither a field hiervec writes itself nor a word of the filter
+# language (Milvus's Plan.g4 keywords, in any case: `category == "x" or ...` must parse).
+LEVEL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+RESERVED_FIELDS = ("id", "uri", "meta", "vec", "predicted")
+RESERVED_PREFIXES = ("vec_", "conf_")
+FILTER_KEYWORDS = (
+    "and", "or", "not", "in", "like", "exists", "is", "null", "true", "false",
+    "json_contains", "json_contains_all", "json_contains_any",
+    "array_contains", "array_contains_all", "array_contains_any", "array_length", "element_filter",
+    "text_match", "phrase_match", "random_sample", "match_all", "match_any", "match_least", "match_most",
+    "match_exact", "minimum_should_match", "threshold", "interval", "iso",
+    "st_equals", "st_touches", "st_overlaps", "st_crosses", "st_contains", "st_intersects", "st_within",
+    "st_dwithin", "st_isvalid",
+)
+
+
+def level_name_problem(name) -> str | None:
+    """Why `name` cannot name a level, or None when it can. The reasons list what is reserved."""
+    import re
+
+    if not isinstance(name, str) or not re.match(LEVEL_NAME_PATTERN, name):
+        return (f"level name {name!r} must be an identifier: a letter or underscore, then letters, digits or "
+                f"underscores, at most 63 in all")
+    if name in RESERVED_FIELDS or name.startswith(RESERVED_PREFIXES):
+        return (f"level name {name!r} is reserved: hiervec's own fields are {', '.join(RESERVED_FIELDS)} and "
+                f"the fields starting with {' or '.join(RESERVED_PREFIXES)}")
+    if name.lower() in FILTER_KEYWORDS:
+        return (f"level name {name!r} is a word of Milvus's filter language (in any case), so no filter could "
+                f"name the level; reserved: {', '.join(FILTER_KEYWORDS)}")
+    return None

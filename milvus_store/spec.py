@@ -17,11 +17,10 @@ numbers this layout; collections record theirs.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from hiervec_core.names import LITE_INDEXES, SERVER_INDEXES
+from hiervec_core.names import LITE_INDEXES, SERVER_INDEXES, level_name_problem
 
 from .errors import StoreError, UnsupportedIndexError
 
@@ -47,8 +46,6 @@ MAX_VECTOR_FIELDS = 10  # the most any Milvus server can be configured to take (
 STOCK_VECTOR_FIELDS = 4  # what a Milvus 2.4/2.5 server takes unless configured
 VECTOR_FIELD_SETTING = "proxy.maxVectorFieldNum"
 DEFAULT_NUM_PARTITIONS = 16  # Milvus's own default for a partition key
-_RESERVED = ("id", "uri", "meta", "vec", "predicted")
-_LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -120,12 +117,9 @@ class CollectionSpec:
         if not self.level_names:
             raise StoreError("a collection needs at least one category level")
         for name in self.level_names:
-            if (not isinstance(name, str) or not _LEVEL_NAME.match(name) or name in _RESERVED
-                    or name.startswith(("vec_", "conf_"))):
-                raise StoreError(
-                    f"level name {name!r} must be an identifier that is not one of {_RESERVED} "
-                    f"and does not start with 'vec_' or 'conf_'"
-                )
+            problem = level_name_problem(name)
+            if problem:
+                raise StoreError(problem)
         if len(set(self.level_names)) != len(self.level_names):
             raise StoreError(f"level names must be distinct, got {self.level_names}")
         if not isinstance(self.dim, int) or self.dim < 1:

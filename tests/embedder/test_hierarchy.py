@@ -84,9 +84,11 @@ def test_unknown_category_and_inconsistent_codes():
 @pytest.mark.parametrize(
     "names, message",
     [(("only",), "2 to 5 levels"), (tuple("abcdef"), "2 to 5 levels"), (("a", "1b"), "must be an identifier"),
-     (("a", "a"), "distinct")],
+     (("a", "a"), "distinct"), (("meta", "b"), "level name 'meta' is reserved"),
+     (("a", "conf_x"), "the fields starting with vec_ or conf_"), (("a", "LIKE"), "filter language"),
+     (("Not", "b"), "filter language"), (("a", "array_length"), "filter language")],
 )
-def test_level_names_are_validated(names, message):
+def test_level_names_are_validated(names, message):  # before training: the store's and the filter's rule
     paths = ["/".join(f"n{i}" for i in range(len(names)))]
     with pytest.raises(HierarchyError, match=message):
         Hierarchy.from_paths(paths, names)
