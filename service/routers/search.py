@@ -51,6 +51,11 @@ async def search(
 ) -> SearchOut:
     if (image is None) == (id is None):
         raise ApiError(422, "bad_query", "give exactly one of an uploaded `image` or a stored `id`")
+    form = await request.form()  # parsed once already (FastAPI caches it): read what it kept of the fields
+    for field in ("image", "id"):
+        if len(form.getlist(field)) > 1:  # FastAPI would keep the last and drop the others without a word
+            raise ApiError(422, "bad_query", f"one `{field}` per search, got {len(form.getlist(field))}; "
+                                             "search once per query image")
     max_k = service.settings.max_k
     if k > max_k:
         raise ApiError(422, "bad_query", f"k must be at most {max_k}, got {k}")

@@ -137,6 +137,15 @@ def test_search_errors_are_json_naming_the_problem(filled, data, files, status, 
     assert message in error_of(client.post("/search", data=data, files=files), status, code)
 
 
+def test_two_query_images_or_ids_in_one_search_are_refused_not_dropped(filled):
+    _, client = filled
+    two = [("image", ("a.png", png_bytes((1, 2, 3), 0), "image/png")),
+           ("image", ("b.png", png_bytes((3, 2, 1), 1), "image/png"))]
+    assert "one `image` per search, got 2" in error_of(client.post("/search", files=two), 422, "bad_query")
+    ids = client.post("/search", data={"id": ["x", "y"]})
+    assert "one `id` per search, got 2" in error_of(ids, 422, "bad_query")
+
+
 def test_a_collection_of_another_model_is_a_409_and_untouched(filled, tmp_path):
     service, client = filled
     other = CollectionSpec(("a", "b"), dim=4, level_dims=(2, 2), index="FLAT")
