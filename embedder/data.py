@@ -79,7 +79,9 @@ def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> So
     directly under `root` are unlabelled (category None: a model can predict theirs).
     Images at another depth, non-image files and folder names the hierarchy rejects are
     failures.
-    Symbolic links to folders are not followed (no loops); hidden entries are ignored.
+    Symbolic links to folders are followed, once per folder: a link back into a folder
+    already on its way down (a loop) is a failure naming it, as is a link that leads nowhere;
+    hidden entries are ignored.
     """
     root = Path(root)
     if not root.is_dir():
@@ -90,8 +92,8 @@ def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> So
     def on_error(exc: OSError) -> None:
         failures.append(Failure(str(exc.filename), f"cannot list folder: {exc.strerror or exc}"))
 
-    for folder, dirs, files in os.walk(root, onerror=on_error):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for folder, dirs, files in os.walk(root, onerror=on_error, followlinks=True):
+        dirs[:] = _unlooped(Path(folder), sorted(d for d in dirs if not d.startswith(".")), root, failures)
         rel = Path(folder).relative_to(root).parts
         undecodable = next((part for part in rel if not _is_utf8(part)), None)
         for name in sorted(files):
@@ -100,6 +102,8 @@ def read_folder_tree(root: str | os.PathLike, *, depth: int | None = None) -> So
             path = Path(folder) / name
             if undecodable is not None:
                 failures.append(Failure(str(path), f"category folder name '{_shown(undecodable)}' is not valid UTF-8"))
+            elif path.is_symlink() and not path.exists():  # a link to nothing: say so, whatever its name
+                failures.append(Failure(str(path), _not_a_file(path)))
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 failures.append(Failure(str(path), f"not an image file extension ({path.suffix or 'none'})"))
             elif not path.is_file():  # follows links: a broken or looping link, a FIFO, a socket
@@ -243,6 +247,21 @@ def _is_utf8(name: str) -> bool:
 
 def _shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _unlooped(folder: Path, names: list[str], root: Path, failures: list) -> list[str]:
+    """The subfolders of `folder` to walk into: a symbolic link to a folder that is already on the way
+    down from `root` (it would loop) is left out, as a failure."""
+    ancestors = {os.path.realpath(p) for p in (folder, *folder.parents) if p == root or root in p.parents}
+    kept = []
+    for name in names:
+        path = folder / name
+        if path.is_symlink() and os.path.realpath(path) in ancestors:
+            failures.append(Failure(str(path), f"is a symbolic link back to {os.path.realpath(path)!r}, a folder "
+                                               f"it lies in (a loop): not followed"))
+        else:
+            kept.append(name)
+    return kept
 
 
 def _not_a_file(path: Path) -> str:

@@ -34,10 +34,21 @@ def test_folder_tree_categories_and_failures(tmp_path):
     }
 
 
-def test_folder_tree_does_not_follow_symlink_loops(tmp_path):
-    png(tmp_path / "a/b/x.png")
-    (tmp_path / "a/b/loop").symlink_to(tmp_path / "a", target_is_directory=True)
-    assert [i.category for i in read_folder_tree(tmp_path).items] == ["a/b"]
+def test_folder_tree_follows_linked_folders_but_not_loops(tmp_path):
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    png(tree / "a/b/x.png")
+    png(elsewhere / "shoes/y.png")
+    png(elsewhere / "shoes/z.png")
+    (tree / "a/b/loop").symlink_to(tree / "a", target_is_directory=True)
+    (tree / "a/c").symlink_to(elsewhere / "shoes", target_is_directory=True)  # a category folder kept elsewhere
+    (tree / "a/d").symlink_to(elsewhere / "gone", target_is_directory=True)  # leads nowhere
+    listing = read_folder_tree(tree)
+    assert sorted((i.category, i.path.name) for i in listing.items) == [("a/b", "x.png"), ("a/c", "y.png"),
+                                                                          ("a/c", "z.png")]
+    reasons = {f.source.rsplit("/", 1)[-1]: f.reason for f in listing.failures}
+    assert reasons == {"loop": f"is a symbolic link back to {str(tree / 'a')!r}, a folder it lies in (a loop): "
+                               "not followed",
+                       "d": "is a symbolic link that leads nowhere (No such file or directory)"}
 
 
 def test_manifest_csv_and_jsonl(tmp_path):

@@ -117,7 +117,9 @@ def build_tree(root: Path) -> list[Case]:
     dangling = leaf / "dangling.png"
     dangling.symlink_to(leaf / "gone.png")
     cases.append(Case("a symbolic link to a missing file", dangling, False, "symbolic link that leads nowhere"))
-    (leaf / "folder-loop").symlink_to(root, target_is_directory=True)  # not followed: nothing to report
+    folder_loop = leaf / "folder-loop"
+    folder_loop.symlink_to(root, target_is_directory=True)  # followed links stop at a loop, and say so
+    cases.append(Case("a symbolic link to a folder above it (a loop)", folder_loop, False, "(a loop): not followed"))
     fifo = leaf / "fifo.png"
     os.mkfifo(fifo)
     cases.append(Case("a FIFO named .png (reading it would block forever)", fifo, False, "not a regular file"))
