@@ -49,7 +49,13 @@ class HiervecGroup(click.Group):
             if os.environ.get("HIERVEC_DEBUG"):
                 raise
             message = " ".join(str(exc).split()) or exc.__class__.__name__
+            for library, flag in LIBRARY_WORDS:  # the library names its arguments; the CLI user has flags
+                message = message.replace(library, flag)
             raise click.ClickException(message) from None
+
+
+# Library arguments a library message may name, and the flag a CLI user gives instead.
+LIBRARY_WORDS = (("pass pad=True", "pass --pad"),)
 
 
 def json_option(func):

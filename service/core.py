@@ -331,10 +331,23 @@ class Service:
                 found |= {str(place), str(Path(place).resolve())}
         return sorted((p for p in found if len(p) > 1), key=len, reverse=True)
 
+    @functools.cached_property
+    def store_addresses(self) -> list[str]:
+        """The Milvus addresses behind the service (a server's, its own Lite process's), as they appear in
+        messages (user:password masked or not), longest first: anonymous clients do not see them."""
+        found = set()
+        for uri in (self.settings.uri, self.store_uri):
+            if uri and "://" in str(uri):
+                resolved = ConnectionSettings.resolve(str(uri))
+                found |= {str(uri), resolved.uri, resolved.display_uri}
+        return sorted(found, key=len, reverse=True)
+
     def redact(self, text: str, headers) -> str:
-        """`text` with the server's paths replaced, unless the request is an admin's."""
+        """`text` with the server's paths and the store's address replaced, unless the request is an admin's."""
         if self.is_admin(headers):
             return text
+        for address in self.store_addresses:
+            text = text.replace(address, "<store>")
         for path in self.server_paths:
             text = text.replace(path, "<server path>")
         return text

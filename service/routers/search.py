@@ -42,12 +42,14 @@ async def search(
     collection: Annotated[str | None, Form(description="Another collection of the same model.")] = None,
     auto: Annotated[str | None, Form(description="Predict the query's category and search only within it at "
                                                  "this level when confident enough.")] = None,
-    min_confidence: Annotated[float, Form(ge=0, le=1, description="With `auto`: the probability needed.")] = 0.5,
+    min_confidence: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False,
+                                          description="With `auto`: the probability needed.")] = 0.5,
     predicted: Annotated[str, Form(pattern=f"^({'|'.join(PREDICTED_CHOICES)})$",
                                    description="Stored images with predicted categories: include, exclude "
                                                "or only.")] = "include",
-    min_label_confidence: Annotated[float | None, Form(ge=0, le=1, description="Only stored images whose "
-                                                       "category has at least this probability.")] = None,
+    min_label_confidence: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False,
+                                                       description="Only stored images whose category has at "
+                                                                   "least this probability.")] = None,
 ) -> SearchOut:
     if (image is None) == (id is None):
         raise ApiError(422, "bad_query", "give exactly one of an uploaded `image` or a stored `id`")

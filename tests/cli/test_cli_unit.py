@@ -67,6 +67,15 @@ def test_library_errors_become_one_line(tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(cli, ["train", str(empty), "--out", str(tmp_path / "x.pt")])
     assert (result.exit_code, result.stderr) == (1, f"Error: no labelled images in {empty}\n")
+    # a library message that names a library argument reaches the CLI user as the flag to give
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "m.csv").write_text("path,category\na.png,bags/tote/big\nb.png,bags/tote\n")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "x.pt"),
+                                      "--levels", "department,category,item"])
+    assert result.exit_code == 1 and "has 2 levels, expected 3 (pass --pad to repeat its leaf)" in result.stderr
 
 
 KNOWN = {

@@ -113,6 +113,8 @@ def test_search_on_a_level_vector_and_grouped(filled, catalogue):
     ({"id": "x", "k": 0}, None, 422, "invalid_request", "k: Input should be greater than or equal to 1"),
     ({"id": "x", "k": "ten"}, None, 422, "invalid_request", "k: Input should be a valid integer"),
     ({"id": "x", "k": 5000}, None, 422, "bad_query", "k must be at most 1000, got 5000"),
+    ({"id": "x", "min_confidence": "nan"}, None, 422, "invalid_request", "min_confidence: Input should be a finite"),
+    ({"id": "x", "min_label_confidence": "inf"}, None, 422, "invalid_request", "Input should be a finite number"),
     ({"id": "x", "k": 1000, "group_by": "item", "group_size": 100000}, None, 422, "bad_query",
      "k x group_size must be at most 1000 hits, got 1000 x 100000 = 100000000"),
     ({"id": "x", "level": "colour"}, None, 400, "unknown_level", "unknown level 'colour' for level; levels are "

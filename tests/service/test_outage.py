@@ -42,6 +42,11 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
                 assert response.json()["error"]["code"] == "store_unavailable", name
                 assert response.headers["Retry-After"] == "5", name
             assert client.get("/healthz").status_code == 503
+            # where the store lives is the operator's business: anonymous clients read "<store>"
+            anonymous = requests["search by id"]().json()["error"]["message"]
+            assert server.uri not in anonymous and "<store>" in anonymous, anonymous
+            admin = client.post("/search", data={"id": ids[0]}, headers=KEY).json()["error"]["message"]
+            assert server.uri in admin
 
             server = LiteServer(tmp_path / "milvus", port=port).start()  # back, on the same address and data
             # a restarted Milvus Lite server holds the collection released: the first call finds it so, loads it
@@ -55,5 +60,7 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
                 assert response.status_code == 200, (name, response.text)
             assert len(retried) <= 1, retried
             assert client.get("/healthz").json()["count"] == len(ids)  # the upload stored one, the delete removed one
+            assert client.get("/stats").json()["uri"] == "<store>"
+            assert client.get("/stats", headers=KEY).json()["uri"] == server.uri
     finally:
         server.stop()
