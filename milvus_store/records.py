@@ -213,6 +213,10 @@ def _meta(meta) -> dict:
     depth = json_depth(meta)
     if depth > META_MAX_DEPTH:
         raise RecordError(f"meta is nested more than {META_MAX_DEPTH} levels deep; at most {META_MAX_DEPTH} are stored")
+    big = _integer_beyond_int64(meta)
+    if big is not None:
+        raise RecordError(f"meta holds an integer {big[1]} at {big[0]}, beyond the 64-bit integers Milvus's JSON "
+                          f"stores (store it as a string)")
     try:
         text = json.dumps(dict(meta), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -224,6 +228,25 @@ def _meta(meta) -> dict:
     if size > META_MAX_BYTES:
         raise RecordError(f"meta is {size} bytes as JSON; at most {META_MAX_BYTES} are stored")
     return json.loads(text)
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _integer_beyond_int64(meta: Mapping) -> tuple[str, int] | None:
+    """(where, value) of the first integer in `meta` that a 64-bit signed integer cannot hold (Milvus's
+    JSON cannot store it: the whole insert it is part of fails), or None. `meta`'s depth is bounded
+    before this is called."""
+    stack = [(meta, "meta")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend((child, f"{where}[{json.dumps(str(key), ensure_ascii=False)}]") for key, child in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+        elif isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+            return where, str(item) if item.bit_length() <= 128 else f"of {item.bit_length()} bits"
+    return None
 
 
 def json_depth(value, limit: int = META_MAX_DEPTH) -> int:

@@ -76,12 +76,18 @@ def test_the_store_refuses_odd_meta_per_record_and_keeps_the_rest():
                Record("x/y", vector, id="deep", meta=nested(META_MAX_DEPTH + 1)),
                Record("x/y", vector, id="surrogate", meta={"k": "\ud800"}),
                Record("x/y", vector, id="big", meta={"k": "x" * 70_000}),
-               Record("x/y", vector, id="edge", meta=nested(META_MAX_DEPTH))]
+               Record("x/y", vector, id="edge", meta=nested(META_MAX_DEPTH)),
+               Record("x/y", vector, id="huge", meta={"sku": {"n": [1, 2**64]}}),
+               Record("x/y", vector, id="enormous", meta={"n": 10**5000}),  # beyond Python's int-to-str limit
+               Record("x/y", vector, id="int64", meta={"n": [2**63 - 1, -(2**63)], "b": True})]
     rows, problems = validate_records(records, spec)
-    assert [r["id"] for r in rows] == ["ok", "edge"]
-    assert [p for p, _ in problems] == [1, 2, 3]
+    assert [r["id"] for r in rows] == ["ok", "edge", "int64"]
+    assert [p for p, _ in problems] == [1, 2, 3, 5, 6]
     assert "nested more than 32 levels deep" in problems[0][1]
     assert "lone surrogate" in problems[1][1] and "at most 65536 are stored" in problems[2][1]
+    assert problems[3][1] == ("record 'huge': meta holds an integer 18446744073709551616 at meta[\"sku\"][\"n\"][1], "
+                              "beyond the 64-bit integers Milvus's JSON stores (store it as a string)")
+    assert "meta holds an integer of 16610 bits at meta[\"n\"]" in problems[4][1]
     assert json_depth(nested(10_000)) == META_MAX_DEPTH + 1  # stops counting, never recurses
 
 

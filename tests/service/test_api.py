@@ -197,6 +197,11 @@ def test_per_request_sizes_are_bounded(empty):
     body = response.json()
     assert response.status_code == 200 and body["stored"] == 1 and body["failed"] == 1
     assert "nested more than 32 levels deep" in body["results"][0]["reason"]
+    response = client.post("/images", headers=KEY, files=many[2:4], data={  # one record Milvus could not hold
+        "category": "clothing/tops/shirt", "meta": ['{"sku": 18446744073709551616}', '{"sku": 7}']})
+    body = response.json()
+    assert response.status_code == 200 and body["stored"] == 1 and body["failed"] == 1
+    assert "meta holds an integer 18446744073709551616 at meta[\"sku\"]" in body["results"][0]["reason"]
 
 
 def test_images_with_more_pixels_than_the_budget_are_refused_before_decoding(catalogue, tmp_path):
