@@ -817,9 +817,34 @@ def _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors,
     try:
         options = RayOptions(address=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
                              gpus_per_actor=gpus_per_actor, writers=writers, batch_size=batch_size)
-        return ray_ingest(image_index, items, recipe, options, progress=advance, token=token, write=write)
+        with stdout_to_stderr():  # Ray's own lines (a worker's death, say) never mix with our report or JSON
+            return ray_ingest(image_index, items, recipe, options, progress=advance, token=token, write=write)
     except ScaleOutError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything written to stdout inside the block, by Python or by native code on file descriptor 1,
+    goes to stderr instead: stdout keeps only what the command prints as its result."""
+    sys.stdout.flush()
+    saved_python = sys.stdout
+    try:
+        saved_fd = os.dup(1)
+    except OSError:  # no descriptor 1 (a detached process): Python's stream is all there is
+        saved_fd = None
+    try:
+        if saved_fd is not None:
+            os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        sys.stdout = saved_python
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
 
 
 # -- search ------------------------------------------------------------------------------

@@ -96,6 +96,26 @@ def import_ray():
     return ray
 
 
+CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to accept a connection
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in `timeout` seconds, with one line, when nothing answers at a Ray address (``host:port``
+    or ``ray://host:port``); ``auto`` and addresses of another form are left to Ray. Ray's own
+    connect waits minutes for an address that does not answer, or hangs."""
+    import socket
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ScaleOutError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s: {reason}") from None
+
+
 def _pack(value) -> bytes:
     """A Python object (an item, a row, a failure) as Ray Data carries it: pickled bytes, b"" for none.
     (Object columns holding None come back as NaN floats, dicts as Arrow structs.)"""
@@ -199,6 +219,8 @@ def ray_ingest(
             # machine it took longer once (the suite failed "Timed out waiting for file
             # .../gcs_server_port_..."). A user's own setting wins.
             os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
+        else:
+            check_reachable(options.address)
         init = {"address": options.address} if options.address else {
             "num_cpus": options.num_cpus or os.cpu_count(), "_node_ip_address": "127.0.0.1",
             "include_dashboard": False}

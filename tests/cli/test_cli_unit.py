@@ -228,3 +228,20 @@ def test_train_option_defaults_are_the_librarys():
     for name in ("epochs", "lr", "classes_per_batch", "per_class", "augment", "seed", "val_fraction", "batch_norm",
                  "leaf_softmax", "steps_per_epoch"):
         assert options[name] == defaults[name], name
+
+
+def test_what_an_engine_prints_goes_to_stderr_and_stdout_keeps_the_json():
+    """--engine ray --json: Ray's own lines (printed by Python or written to descriptor 1 by native code)
+    must not break the JSON document on stdout."""
+    script = """
+import json, os, sys
+from cli.main import stdout_to_stderr
+with stdout_to_stderr():
+    print("(raylet) A worker died or was killed while executing a task")
+    os.write(1, b"native noise on fd 1\\n")
+print(json.dumps({"stored": 3}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '{"stored": 3}\n'
+    assert "A worker died" in done.stderr and "native noise on fd 1" in done.stderr

@@ -272,3 +272,30 @@ def test_the_ray_engine_reads_a_manifest_of_s3_urls_and_reports_the_missing_and_
                         s3_environment.denied: ("read", "cannot read: permission denied")}
     uris = {row["uri"] for row in stored(str(tmp_path / "s3.db")).values()}
     assert {url for url, _ in s3_environment.rows[:12]} <= uris and str(s3_environment.local) in uris
+
+
+@pytest.mark.unit
+def test_an_address_where_nothing_answers_is_one_line_within_the_timeout(tree, tiny_model, tmp_path):
+    import socket
+    import time
+
+    from scaleout.ray_ingest import check_reachable
+
+    from ..servers import free_port
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["ingest", str(tree), "--model", str(tiny_model), "--uri", str(tmp_path / "r.db"),
+                                      "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--runtime", "torch"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert f"cannot reach the Ray cluster at '127.0.0.1:{port}' within 10 s" in result.stderr
+    assert time.monotonic() - started < 60 and not ray.is_initialized()
+    with pytest.raises(ScaleOutError, match=f"at 'ray://127.0.0.1:{port}' within 0.5 s"):
+        check_reachable(f"ray://127.0.0.1:{port}", timeout=0.5)
+    with socket.socket() as listening:  # an address that answers passes; "auto" is Ray's to resolve
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    check_reachable("auto")
