@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -42,6 +43,7 @@ FORMATS = dict(zip(EXPORT_FORMATS, ("onnxruntime", "openvino")))  # export forma
 EXPORT_MANIFEST = "hiervec-export.json"
 INPUT, OUTPUT_CONCAT = "images", "concat"
 
+logger = logging.getLogger(__name__)
 Runner = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
@@ -140,25 +142,108 @@ def write_manifest(out: str | os.PathLike, fmt: str, model: PyramidEmbedder, hie
     return path
 
 
-def cached_export(model: PyramidEmbedder, runtime: str) -> Path:
+CACHE_RECORD = "hiervec-cache.json"  # the digests of an export's files, written with them
+PROBE_TOLERANCE = 1e-4  # how far an export's vectors may be from eager torch's (float32 everywhere)
+
+
+def cached_export(model: PyramidEmbedder, runtime: str, *, fresh: bool = False) -> Path:
     """The model exported for `runtime`, written once per weights under the cache folder
     ($HIERVEC_CACHE, else $XDG_CACHE_HOME/hiervec, else ~/.cache/hiervec). The folder is named by
-    the vector fingerprint computed from the model itself, never by a name a caller gave it."""
+    the vector fingerprint computed from the model itself, never by a name a caller gave it, and
+    holds the SHA-256 of every file it wrote: files that no longer match (altered, truncated,
+    replaced) are exported again, as they are with `fresh`."""
     fmt = {v: k for k, v in FORMATS.items()}[runtime]
     root = Path(os.environ.get("HIERVEC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                 / "hiervec")
     folder = root / f"{vector_fingerprint(model.config, model.state_dict())}-{fmt}"
     target = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
-    if not target.is_file():
+    recorded = _recorded_digests(folder)
+    if fresh or not target.is_file() or recorded != _digests(folder, fmt):
+        if target.is_file() and not fresh:
+            logger.warning("the cached %s export in %s does not match the digests written with it (altered or "
+                           "corrupt): exporting it again", fmt, folder)
         export(model, folder, fmt)
+        _write_atomically(folder / CACHE_RECORD, json.dumps({"sha256": _digests(folder, fmt)}, indent=1))
     return target
 
 
+def _files(fmt: str) -> tuple[str, ...]:
+    return ("model.onnx",) if fmt == "onnx" else ("model.xml", "model.bin")
+
+
+def _digests(folder: Path, fmt: str) -> dict[str, str] | None:
+    import hashlib
+
+    found = {}
+    for name in _files(fmt):
+        try:
+            digest = hashlib.sha256()
+            with open(folder / name, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            found[name] = digest.hexdigest()
+        except OSError:
+            return None
+    return found
+
+
+def _recorded_digests(folder: Path) -> dict[str, str] | None:
+    try:
+        return json.loads((folder / CACHE_RECORD).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
-    """A function from float images to (level vectors, image vector) on `runtime`; None for torch."""
+    """A function from float images to (level vectors, image vector) on `runtime`; None for torch.
+
+    Before it is handed out, it embeds a fixed probe batch and must give eager torch's vectors
+    (within `PROBE_TOLERANCE`): a cached export that cannot be loaded, or that computes another
+    model's vectors (a file swapped in the cache, a flipped byte), is exported again once, and
+    refused with one line if it still does not match.
+    """
     if runtime == "torch":
         return None
-    path = cached_export(model, runtime)
+    problem = None
+    for fresh in (False, True):
+        path = cached_export(model, runtime, fresh=fresh)
+        try:
+            run = _load(runtime, path, model)
+            problem = _probe_problem(run, model)
+        except Exception as exc:  # a corrupt graph: each runtime has its own errors
+            problem = f"cannot be loaded ({' '.join(str(exc).split())[:200] or type(exc).__name__})"
+        if problem is None:
+            return run
+        if not fresh:
+            logger.warning("the cached %s export in %s %s: exporting it again", runtime, path.parent, problem)
+    raise ConfigError(f"the {runtime} export of this model (in {path.parent}) {problem}; run with --runtime torch, "
+                      f"or remove that folder")
+
+
+def _probe_problem(run: Runner, model: PyramidEmbedder) -> str | None:
+    """None when `run` gives eager torch's vectors on a fixed probe batch, else what differs."""
+    size = model.config.image_size
+    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        levels, concat = model.eval().vectors(probe)
+        got_levels, got_concat = run(probe)
+    pairs = [(concat, got_concat)] + [(levels[name], got_levels[name]) for name in got_levels]
+    if any(a.shape != b.shape for a, b in pairs) or set(got_levels) != set(levels if model.config.mode != "flat"
+                                                                                    else {}):
+        return "computes vectors of another shape than this model's"
+    worst = max(float((a - b).abs().max()) for a, b in pairs)
+    if worst > PROBE_TOLERANCE:
+        return f"computes other vectors than this model (they differ by {worst:.2g} from torch's on a probe batch)"
+    return None
+
+
+def _load(runtime: str, path: Path, model: PyramidEmbedder) -> Runner:
     names = list(model.config.level_names) if model.config.mode != "flat" else []
     threads = torch.get_num_threads()  # the process's thread count (--threads) holds for every runtime
     if runtime == "onnxruntime":

@@ -145,3 +145,75 @@ def test_openvino_models_freed_in_any_order_leave_signal_handling_intact(tmp_pat
                             text=True, timeout=300, env={**os.environ, "HIERVEC_CACHE": str(tmp_path)})
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["handled", "alive"]
+
+
+def _cache_folder(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HIERVEC_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_a_cached_export_that_was_swapped_corrupted_or_truncated_is_exported_again(runtime, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """The cache is trusted by what its files compute, not by their name: another model's export
+    swapped in (with a matching digest record), a flipped byte and a truncated file are each found,
+    exported again, and the runtime then gives eager torch's vectors."""
+    need(runtime)
+    cache = _cache_folder(tmp_path, monkeypatch)
+    torch.manual_seed(1)
+    mine = PyramidEmbedder(EmbedderConfig.for_hierarchy(HIERARCHY, dim=8, backbone="resnet18", image_size=32,
+                                                        fpn_channels=16)).eval()
+    other = PyramidEmbedder(EmbedderConfig.for_hierarchy(HIERARCHY, dim=8, backbone="resnet18", image_size=32,
+                                                         fpn_channels=16)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = mine.vectors(images)[1]
+    target = runtimes.cached_export(mine, runtime)
+    data_file = target if runtime == "onnxruntime" else target.with_suffix(".bin")
+    record = target.parent / runtimes.CACHE_RECORD
+
+    def vectors_now():
+        return runtimes.runner_for(runtime, mine)(images)[1]
+
+    # 1. another model's export under this model's name, its digests recorded too (a poisoned cache)
+    foreign = runtimes.cached_export(other, runtime)
+    for name in ("model.onnx",) if runtime == "onnxruntime" else ("model.xml", "model.bin"):
+        (target.parent / name).write_bytes((foreign.parent / name).read_bytes())
+    record.write_text((foreign.parent / runtimes.CACHE_RECORD).read_text())
+    with caplog.at_level("WARNING", logger="embedder.runtimes"):
+        assert torch.allclose(vectors_now(), expected, atol=1e-4)
+    assert "computes other vectors than this model" in caplog.text
+    # 2. one flipped byte in the weights (the record now disagrees): exported again
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    data_file.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="embedder.runtimes"):
+        assert torch.allclose(vectors_now(), expected, atol=1e-4)
+    assert "does not match the digests written with it" in caplog.text
+    # 3. a truncated file, and an empty one
+    for size in (len(data) // 3, 0):
+        data_file.write_bytes(data_file.read_bytes()[:size])
+        assert torch.allclose(vectors_now(), expected, atol=1e-4)
+    assert cache.is_dir()
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_an_export_that_never_matches_torch_is_refused_in_one_line(runtime, tmp_path, monkeypatch):
+    need(runtime)
+    _cache_folder(tmp_path, monkeypatch)
+    torch.manual_seed(2)
+    model = PyramidEmbedder(EmbedderConfig.for_hierarchy(HIERARCHY, dim=8, backbone="resnet18", image_size=32,
+                                                         fpn_channels=16)).eval()
+    real_export = runtimes.export
+
+    def broken_export(model_, out, fmt):  # an exporter that writes garbage every time
+        target = real_export(model_, out, fmt)
+        (Path(out) / ("model.onnx" if fmt == "onnx" else "model.bin")).write_bytes(b"garbage")
+        return target
+
+    monkeypatch.setattr(runtimes, "export", broken_export)
+    with pytest.raises(ConfigError, match=f"the {runtime} export of this model .* cannot be loaded .*; run with "
+                                          "--runtime torch, or remove that folder"):
+        runtimes.runner_for(runtime, model)
