@@ -35,12 +35,13 @@ READY = "hiervec-lite-port"
 class LiteProcess:
     """`milvus-lite`'s server on the Lite file `path`, in a child process, on a free loopback port."""
 
-    def __init__(self, path: str | os.PathLike, *, start_seconds: float = 120):
+    def __init__(self, path: str | os.PathLike, *, start_seconds: float = 120, port: int = 0):
         settings = ConnectionSettings.resolve(path)
         if not settings.is_local:
             raise StoreConnectionError(f"{settings.display_uri!r} is a server address, not a Milvus Lite file")
         self.path = Path(settings.uri).expanduser().resolve()
         self.start_seconds = start_seconds
+        self.port = port  # 0: a free one, chosen by the child; after a start, the one it serves on
         self.uri: str | None = None
         self.process: subprocess.Popen | None = None
 
@@ -51,7 +52,8 @@ class LiteProcess:
             raise StoreConnectionError(f"cannot open Milvus at {str(self.path)!r}: another process has it open "
                                        f"(a Milvus Lite file is used by one process at a time)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([sys.executable, "-m", "milvus_store.lite_process", str(self.path)],
+        self.process = subprocess.Popen([sys.executable, "-m", "milvus_store.lite_process", str(self.path),
+                                         str(self.port)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         said: list[str] = []
@@ -60,7 +62,8 @@ class LiteProcess:
         try:
             for line in self.process.stdout:
                 if line.startswith(READY):
-                    self.uri = f"http://127.0.0.1:{int(line.split()[1])}"
+                    self.port = int(line.split()[1])
+                    self.uri = f"http://127.0.0.1:{self.port}"
                     return self
                 said.append(line)
         finally:
@@ -86,6 +89,13 @@ class LiteProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def restart(self) -> LiteProcess:
+        """Start the server again after it died, on the same port (clients keep their URI)."""
+        if self.process is not None:
+            self.process.wait()  # reap it: no zombie
+            self.process = None
+        return self.start()
+
     def __enter__(self) -> LiteProcess:
         return self.start()
 
@@ -93,13 +103,13 @@ class LiteProcess:
         self.stop()
 
 
-def _serve(path: str) -> None:
-    """The child: serve `path` on a free loopback port, say which, and stop when stdin closes."""
+def _serve(path: str, port: int = 0) -> None:
+    """The child: serve `path` on `port` (0: a free loopback port), say which, and stop when stdin closes."""
     from milvus_lite.adapter.grpc.server import start_server_in_thread
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal reaches the parent, which stops us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop from outside still closes the file
-    server, db, port = start_server_in_thread(data_dir=path, host="127.0.0.1", port=0)
+    server, db, port = start_server_in_thread(data_dir=path, host="127.0.0.1", port=port)
     try:
         print(f"{READY} {port}", flush=True)
         sys.stdin.read()  # until the parent closes it or dies
@@ -110,4 +120,4 @@ def _serve(path: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    _serve(sys.argv[1])
+    _serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

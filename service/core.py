@@ -11,7 +11,9 @@ and none fails. Concurrent queries share
 forward passes and Milvus calls through two micro-batchers (`service.batching`), off the
 event loop: one forward pass at a time, and two search calls that follow the forward
 passes. A search is a `milvus_store.SearchRequest`, and requests that ask the same (equal
-requests, whatever their query vectors) share one `ImageIndex.search` call.
+requests, whatever their query vectors) share one `ImageIndex.search` call. The same watcher
+that checks the alias starts the service's own Lite process again when it has died
+(`Service.keep_lite_running`).
 """
 
 from __future__ import annotations
@@ -103,9 +105,10 @@ class Service:
             roots.append(Path(settings.media_dir))
         self.image_roots = tuple(r.resolve() for r in roots)
         self._stop = threading.Event()
+        self._lite_failures, self._lite_retry_at = 0, 0.0
         self._watcher = None
         if settings.alias_check_s > 0:
-            self._watcher = threading.Thread(target=self._follow_alias, name="hiervec-alias", daemon=True)
+            self._watcher = threading.Thread(target=self._follow_alias, name="hiervec-watch", daemon=True)
             self._watcher.start()
 
     @classmethod
@@ -170,11 +173,34 @@ class Service:
 
     def _follow_alias(self) -> None:
         while not self._stop.wait(self.settings.alias_check_s):
+            self.keep_lite_running()
             try:
                 self.follow_alias()
             except Exception as exc:  # keep serving the current generation; try again next time
                 logger.error("following alias %r failed, still serving %r: %s", self.settings.collection,
                              self.generation.collection, exc)
+
+    def keep_lite_running(self) -> bool:
+        """Start the service's own Lite process again, on its port, if it died (requests meanwhile answer
+        503). Attempts back off (1 s, 2 s, 4 s, ... at most a minute apart), each logged; returns whether
+        it started one now."""
+        lite = self.lite
+        if lite is None or lite.running or self._closed or time.monotonic() < self._lite_retry_at:
+            return False
+        code = lite.process.poll() if lite.process is not None else None
+        try:
+            lite.restart()
+        except Exception as exc:
+            self._lite_failures += 1
+            wait = min(60.0, 2.0 ** (self._lite_failures - 1))
+            self._lite_retry_at = time.monotonic() + wait
+            logger.error("the Milvus Lite process serving %s died (exit %s) and did not start again (attempt %d): "
+                         "%s; next attempt in %.0f s", lite.path, code, self._lite_failures, exc, wait)
+            return False
+        logger.warning("the Milvus Lite process serving %s died (exit %s): started again on %s", lite.path, code,
+                       lite.uri)
+        self._lite_failures, self._lite_retry_at = 0, 0.0
+        return True
 
     def follow_alias(self) -> bool:
         """Switch to the collection the served alias points at now, with the model it records (loaded

@@ -64,3 +64,32 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
             assert client.get("/stats", headers=KEY).json()["uri"] == server.uri
     finally:
         server.stop()
+
+
+def test_the_services_own_lite_process_is_started_again_when_it_dies(catalogue, tmp_path):
+    import os
+    import signal
+    import time
+
+    from service import Service, ServiceSettings, create_app
+
+    service = Service.open(ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "own.db"), lite_process=True,
+                                           alias_check_s=0.2, image_roots=(str(catalogue.tree),), media_dir=None))
+    try:
+        ids = ingest_catalogue(service, catalogue)
+        uri, first = service.lite.uri, service.lite.process.pid
+        with TestClient(create_app(service)) as client:
+            assert client.post("/search", data={"id": ids[0], "k": "3"}).status_code == 200
+            os.kill(first, signal.SIGKILL)  # the child dies under the service
+            answers, deadline = [], time.monotonic() + 120
+            while time.monotonic() < deadline:
+                answers.append(client.post("/search", data={"id": ids[0], "k": "3"}).status_code)
+                if answers[-1] == 200:
+                    break
+                time.sleep(0.2)
+            assert answers[-1] == 200 and set(answers) <= {200, 503}, answers  # 503 while it was down, never 400/500
+            assert service.lite.uri == uri and service.lite.process.pid != first  # a new process, the same address
+            assert client.get("/healthz").json()["count"] == len(ids)
+    finally:
+        service.close()
+    assert not service.lite.running
