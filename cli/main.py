@@ -1414,6 +1414,11 @@ def export(model_path, fmt, out, as_json):
 @click.option("--max-requests", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests in progress at once; more are answered 503. With the other limits it bounds the "
                    "memory held for requests (GET /stats: memory_budget_bytes).")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True,
+              help="Seconds a connection has to send a request's headers; slower ones are closed (they hold "
+                   "no request slot meanwhile).")
+@click.option("--max-connections-per-client", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Open connections one client address may hold; more are answered 503 and closed.")
 @click.option("--lite-process/--lite-in-process", default=True, show_default=True,
               help="With a Milvus Lite file: serve it from a process of its own (Lite's search and write "
                    "handling is Python and would share the interpreter lock with the service's), which also lets "
@@ -1423,8 +1428,8 @@ def export(model_path, fmt, out, as_json):
 @compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
-          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, lite_process, optimize,
-          runtime, device, amp):
+          media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, header_timeout,
+          max_connections_per_client, lite_process, optimize, runtime, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     from milvus_store import ConnectionSettings, LiteProcess
     from service import ServiceSettings
@@ -1448,11 +1453,15 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         if workers > 1 and local:  # the workers share one Lite process, started (and stopped) here
             lite = stack.enter_context(LiteProcess(uri))
             settings = replace(settings, store_uri=lite.uri)
-        _serve(settings, host, port, workers, token, api_key, max_requests)
+        from service.guard import configure
+
+        _serve(settings, host, port, workers, token, api_key, configure(header_timeout, max_connections_per_client))
 
 
 def _serve(settings, host: str, port: int, workers: int, token: str | None, api_key: str | None,
-           max_requests: int) -> None:
+           protocol: str) -> None:
+    """Run uvicorn with `protocol` (the guarded HTTP protocol); requests in progress are bounded in the
+    app (`--max-requests`), connections by the protocol's header deadline and per-client limit."""
     import uvicorn
 
     from service import Service, create_app
@@ -1467,7 +1476,7 @@ def _serve(settings, host: str, port: int, workers: int, token: str | None, api_
                + (" (Milvus Lite in a process of its own)" if separate else ""), err=True)
     if workers == 1:
         try:
-            uvicorn.run(create_app(service), host=host, port=port, log_level="info", limit_concurrency=max_requests)
+            uvicorn.run(create_app(service), host=host, port=port, log_level="info", http=protocol)
         finally:  # the app's shutdown closed it, unless uvicorn never started it (a port in use)
             service.close()
         return
@@ -1477,8 +1486,7 @@ def _serve(settings, host: str, port: int, workers: int, token: str | None, api_
         if secret:
             os.environ[name] = secret
     uvicorn.run("service.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                limit_concurrency=max_requests,
-                log_level="info")
+                http=protocol, log_level="info")
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,4 +1,4 @@
-"""ASGI middleware: a bound on request bodies, and request counts for GET /stats."""
+"""ASGI middleware: a bound on request bodies, on requests in progress, and request counts for GET /stats."""
 
 from __future__ import annotations
 
@@ -60,14 +60,24 @@ class CountRequests:
 
     def __init__(self, app, service):
         self.app, self.service = app, service
+        self.in_flight = 0  # requests of this app in progress (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.service.settings.max_requests
+        if self.in_flight >= limit:  # bodies held at once are bounded by requests in progress
+            self.service.requests["refused (too many requests)"] += 1
+            response = error_response(503, "too_many_requests", f"{limit} requests are in progress, the most this "
+                                                                "server takes at once; retry later")
+            response.headers["Retry-After"] = "1"
+            return await response(scope, receive, send)
+        self.in_flight += 1
         token = self.service.pin()  # one generation serves this request, whatever switches meanwhile
         try:
             await self.app(scope, receive, send)
         finally:
+            self.in_flight -= 1
             self.service.unpin(token)
             route = scope.get("route")
             self.service.requests[f"{scope['method']} {route.path if route else 'other'}"] += 1

@@ -136,8 +136,10 @@ def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, h
     import uvicorn
 
     monkeypatch.delenv("HIERVEC_API_KEY", raising=False)
+    for name in ("HIERVEC_HEADER_TIMEOUT_S", "HIERVEC_MAX_CONNECTIONS_PER_CLIENT"):  # serve sets them for workers
+        monkeypatch.delenv(name, raising=False)
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(k))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(dict(k, app=a[0])))
     args = ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", host]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and f"--host {host} is reachable from other machines" in result.stderr
@@ -145,9 +147,12 @@ def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, h
     result = CliRunner().invoke(cli, [*args, "--allow-anonymous-writes"])
     assert result.exit_code == 0, result.stderr
     assert started[0]["host"] == host and "warning: no API key" in result.stderr
-    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y", "--max-requests", "7"])
+    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y", "--max-requests", "7", "--header-timeout", "3"])
     assert result.exit_code == 0 and "warning" not in result.stderr
-    assert started[-1]["limit_concurrency"] == 7 and started[0]["limit_concurrency"] == 64
+    assert started[-1]["http"] == "service.guard:GuardedH11Protocol" and "limit_concurrency" not in started[-1]
+    assert started[-1]["app"].state.service.settings.max_requests == 7
+    assert started[0]["app"].state.service.settings.max_requests == 64
+    assert os.environ["HIERVEC_HEADER_TIMEOUT_S"] == "3.0"
 
 
 def test_serve_on_loopback_without_a_key_warns(catalogue, tmp_path, monkeypatch):
