@@ -175,3 +175,51 @@ def test_level_vectors_split_into_each_images_rows_and_stack_back():
 def test_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MicroBatcher(Recorder(), **kwargs)
+
+
+def test_requests_beyond_max_requests_are_answered_503_while_the_others_run():
+    """The bound on requests in progress (and so on bodies held) lives in the app: a request past
+    `max_requests` is answered at once with 503 and Retry-After; a freed slot serves again."""
+    import asyncio
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from service.middleware import CountRequests
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        service = SimpleNamespace(settings=SimpleNamespace(max_requests=2), requests=Counter(), pin=lambda: None,
+                                  unpin=lambda token: None)
+        guarded = CountRequests(app, service)
+
+        async def call():
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            async def receive():
+                return {"type": "http.request", "body": b""}
+
+            await guarded({"type": "http", "method": "GET", "path": "/x", "headers": []}, receive, send)
+            return sent
+
+        running = [asyncio.create_task(call()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await call()  # both slots are taken
+        release.set()
+        done = await asyncio.gather(*running)
+        again = await call()
+        return refused, done, again, service.requests
+
+    refused, done, again, counts = asyncio.run(scenario())
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert b"too_many_requests" in refused[1]["body"] and b"2 requests are in progress" in refused[1]["body"]
+    assert [d[0]["status"] for d in done] == [200, 200] and again[0]["status"] == 200
+    assert counts["refused (too many requests)"] == 1
