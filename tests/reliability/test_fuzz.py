@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from hiervec_core.names import FILTER_KEYWORDS, RESERVED_FIELDS
 from milvus_store import CollectionSpec, HierStore, Record
 from milvus_store.records import validate_records
 from service import Service, ServiceSettings, create_app
@@ -28,11 +29,15 @@ ANY_TEXT = st.text(min_size=0, max_size=24)  # lone surrogates too: Python calle
 NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/"), min_size=1, max_size=8)
 GOOD_CATEGORY = st.lists(NAME, min_size=3, max_size=3).map("/".join)
 CATEGORY = st.one_of(GOOD_CATEGORY, TEXT, st.lists(NAME, min_size=1, max_size=5).map("/".join))
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False,
-                                                                                      allow_infinity=False) | TEXT,
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.integers(-2**70, 2**70)
+                    | st.floats(allow_nan=False,
+                                allow_infinity=False) | TEXT,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=12)
 META_TEXT = st.one_of(st.dictionaries(TEXT, JSON, max_size=4).map(json.dumps), TEXT, JSON.map(json.dumps))
+# level names a client may send: the filter language's words in any case, hiervec's own fields, odd text
+LEVEL_NAME = st.one_of(st.sampled_from(FILTER_KEYWORDS).flatmap(lambda w: st.sampled_from([w, w.upper(), w.title()])),
+                       st.sampled_from(RESERVED_FIELDS + ("conf_item", "vec_item", "$meta")), TEXT)
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
@@ -73,12 +78,14 @@ KEY = {"X-API-Key": "fuzz-k3y"}
 @given(uploads=st.lists(st.tuples(st.integers(0, 10_000), st.one_of(st.none(), TEXT), CATEGORY, META_TEXT),
                         min_size=1, max_size=3),
        k=st.one_of(st.integers(1, 12), st.integers(1, 12), st.integers(-2, 5000)),
-       group=st.sampled_from([None, None, "department", "item", "colour"]),
+       group=st.one_of(st.sampled_from([None, None, "department", "item", "colour"]), LEVEL_NAME),
+       level=st.one_of(st.none(), st.none(), st.sampled_from(["department", "item"]), LEVEL_NAME),
        group_size=st.one_of(st.integers(1, 4), st.integers(1, 4), st.integers(-1, 3000)),
        where=st.lists(st.one_of(st.sampled_from(["department=clothing", "item=shirt", "category=clothing/tops"]),
-                                TEXT), max_size=2),
+                                TEXT, LEVEL_NAME.map(lambda name: f"{name}=clothing")), max_size=2),
        under=st.one_of(st.none(), st.none(), st.sampled_from(["clothing", "footwear/boots"]), TEXT))
-def test_the_api_never_fails_with_500_and_keeps_what_it_says(api, uploads, k, group, group_size, where, under):
+def test_the_api_never_fails_with_500_and_keeps_what_it_says(api, uploads, k, group, level, group_size, where,
+                                                              under):
     client, stored = api
     files = [("images", (f"{seed}.png", png_bytes((seed % 256, seed // 40 % 256, 90), seed), "image/png"))
              for seed, *_ in uploads]
@@ -108,6 +115,8 @@ def test_the_api_never_fails_with_500_and_keeps_what_it_says(api, uploads, k, gr
     form = {"k": str(k), "group_size": str(group_size), "where": where}
     if group is not None:
         form["group_by"] = group
+    if level is not None:
+        form["level"] = level
     if under is not None:
         form["under"] = under
     if stored:
