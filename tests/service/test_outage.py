@@ -93,3 +93,61 @@ def test_the_services_own_lite_process_is_started_again_when_it_dies(catalogue, 
     finally:
         service.close()
     assert not service.lite.running
+
+
+def test_chaos_the_store_killed_and_restarted_under_a_client_loop_loses_no_acknowledged_write(catalogue, tmp_path,
+                                                                                              capsys):
+    """A bounded client loop (uploads of new images and searches) while the Milvus server under the
+    service is killed and restarted twice: no 500, no 400 for the fault (only 200 and 503), and every
+    upload the service acknowledged is in the store afterwards. The figures go to RELIABILITY.md."""
+    import threading
+    import time
+
+    from service import Service, ServiceSettings, create_app
+
+    port = free_port()
+    server = LiteServer(tmp_path / "milvus", port=port).start()
+    service = Service.open(ServiceSettings(model=str(catalogue.model), uri=server.uri, api_key="k3y",
+                                           media_dir=str(tmp_path / "media"), image_roots=(str(catalogue.tree),)))
+    ids = ingest_catalogue(service, catalogue)
+    statuses, acknowledged, stop = [], set(), threading.Event()
+    try:
+        with TestClient(create_app(service)) as client:
+            def loop():
+                seed = 1000
+                while not stop.is_set():
+                    seed += 1
+                    upload = client.post("/images", headers=KEY, data={"category": "clothing/tops/shirt"},
+                                         files={"images": (f"{seed}.png", png_bytes((seed % 250, 40, 40), seed),
+                                                           "image/png")})
+                    statuses.append(upload.status_code)
+                    if upload.status_code == 200:
+                        acknowledged.update(r["id"] for r in upload.json()["results"] if r["status"] == "stored")
+                    statuses.append(client.post("/search", data={"id": ids[seed % len(ids)], "k": "3"}).status_code)
+                    if 503 in statuses[-2:]:
+                        time.sleep(0.05)  # a client that minds Retry-After waits; this one only a little
+
+            worker = threading.Thread(target=loop)
+            worker.start()
+            for _ in range(2):  # twice: up a while, killed, down a while, back on the same port and data
+                time.sleep(2)
+                server.stop(kill=True)
+                time.sleep(1.5)
+                server = LiteServer(tmp_path / "milvus", port=port).start()
+            time.sleep(2)
+            stop.set()
+            worker.join(timeout=120)
+            assert not worker.is_alive()
+            stored = {r.id for r in service.index(None).store.get(sorted(acknowledged))}
+    finally:
+        stop.set()
+        service.close()
+        server.stop()
+    figures = {"requests": len(statuses), "200": statuses.count(200), "503": statuses.count(503),
+               "other": len(statuses) - statuses.count(200) - statuses.count(503),
+               "acknowledged writes": len(acknowledged), "lost": len(acknowledged - stored)}
+    with capsys.disabled():
+        print(f"\nchaos: {figures}")
+    assert figures["other"] == 0, statuses  # no 500, no 400 for a fault
+    assert figures["503"] > 0 and figures["200"] > 0 and acknowledged  # the faults were met, and work went on
+    assert figures["lost"] == 0
