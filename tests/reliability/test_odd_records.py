@@ -33,7 +33,7 @@ def nested(depth: int) -> dict:
 def test_a_manifest_of_odd_rows_stores_every_good_row_and_names_each_bad_one(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     good = []
-    for i in range(4):
+    for i in range(5):
         path = tmp_path / f"good-{i}.png"
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
         good.append(path)
@@ -46,7 +46,8 @@ def test_a_manifest_of_odd_rows_stores_every_good_row_and_names_each_bad_one(tmp
              '{"path": "%s", "meta": %s}' % (good[2].name, '{"a": ' * 5000 + "1" + "}" * 5000),
              json.dumps({"path": good[2].name, "meta": nested(META_MAX_DEPTH + 8)}),
              json.dumps({"path": good[3].name, "category": "footwear/boots/boot", "meta": nested(3)}),
-             json.dumps({"path": good[1].name, "id": ["a", "list"]})]
+             json.dumps({"path": good[1].name, "id": ["a", "list"]}),
+             json.dumps({"path": good[4].name, "category": "footwear/boots/boot", "meta": {"n": 2**64}})]
     manifest = tmp_path / "odd.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = CliRunner().invoke(cli, ["ingest", str(manifest), "--model", str(tiny_model), "--uri",
@@ -63,6 +64,7 @@ def test_a_manifest_of_odd_rows_stores_every_good_row_and_names_each_bad_one(tmp
     assert "not valid UTF-8" in reasons or "not valid Unicode" in reasons  # the surrogate id
     assert "lone surrogate" in reasons  # the surrogate in meta
     assert f"nested more than {META_MAX_DEPTH} levels deep" in reasons
+    assert "meta holds an integer 18446744073709551616 at meta[\"n\"]" in reasons  # failed alone, not its batch
     with HierStore(str(tmp_path / "h.db"), "images") as store:
         stored = {h.id for h in store.iterate()}
     assert stored == {hashlib.sha256(p.read_bytes()).hexdigest() for p in (good[0], good[3])}
