@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -41,10 +44,34 @@ def seeded_set(seed: int, singletons: int = 3, duplicates: int = 4):
     return np.concatenate([vectors, vectors[copies]]), np.concatenate([labels, labels[copies]])
 
 
+@contextlib.contextmanager
+def without_faiss():
+    """pytorch-metric-learning imports `faiss.contrib.torch_utils` when faiss is installed (Milvus Lite
+    brings it), which replaces every faiss index's `search` in the process with a wrapper that takes
+    no `params`: Milvus Lite's in-process searches then fail for the rest of the test session (a full
+    `make test` failed so). The reference needs no faiss (`CustomKNN`), so it is imported without."""
+    hidden = {name: sys.modules.get(name) for name in ("faiss", "faiss.contrib.torch_utils")}
+    if "faiss.contrib.torch_utils" in sys.modules and sys.modules["faiss.contrib.torch_utils"] is not None:
+        yield  # already patched by someone else: nothing to protect
+        return
+    for name in hidden:
+        sys.modules[name] = None  # `import faiss` raises ImportError
+    try:
+        yield
+    finally:
+        for name, module in hidden.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 def pml_figures(vectors: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
-    from pytorch_metric_learning.distances import LpDistance
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, precision_at_k
-    from pytorch_metric_learning.utils.inference import CustomKNN
+    with without_faiss():
+        from pytorch_metric_learning.distances import LpDistance
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, precision_at_k
+        from pytorch_metric_learning.utils.inference import CustomKNN
+    assert "faiss.contrib.torch_utils" not in sys.modules, "Milvus Lite's faiss searches would break"
 
     def same_leaf(a, b):  # labels are (department, category, leaf) rows; a query's class is its leaf
         return (a[..., 2] == b[..., 2]) if a.dim() == b.dim() else (a[:, None, 2] == b[..., 2])
