@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def workspace(tmp_path_factory):
                        "--dim", "8", "--val-fraction", "0.3")
     assert summary["epochs"] == 1 and summary["images"] == len(LEAVES) * PER_LEAF
     assert "val/recall@1" in summary["metrics"]
-    return root, tree, model
+    yield root, tree, model
+    shutil.rmtree(root, ignore_errors=True)  # a module's checkpoints (about 135 MB) do not wait for the session's end
 
 
 def sha256(path):
