@@ -1,8 +1,10 @@
-"""One registry of torchvision backbones, with their pyramid stages as data.
+"""Backbones: torchvision's four, with their pyramid stages as data, and any timm model.
 
-Each backbone lists the graph nodes (for `create_feature_extractor`) at which its
-resolution halves, shallow to deep: strides 2, 4, 8, 16, 32. A hierarchy of L levels
-takes the L deepest stages. Channel counts are read off a dry run, never hard-coded.
+Each torchvision backbone lists the graph nodes (for `create_feature_extractor`) at which
+its resolution halves, shallow to deep: strides 2, 4, 8, 16, 32. ``timm:NAME`` is any timm
+model that offers ``features_only`` (`embedder.timm_backbones`): its stages and strides come
+from timm's ``feature_info``. A hierarchy of L levels takes the L deepest stages
+(`build_body`). Channel counts are read off a dry run, never hard-coded.
 
 Pretrained weights are resolved in this order: a local state-dict path; a torchvision
 weights file already on disk (``$HIERVEC_WEIGHTS_DIR``, torch's hub cache, or a package
@@ -21,6 +23,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from .errors import ConfigError, WeightsNotFoundError
 
@@ -66,10 +69,57 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class Body:
+    """A backbone cut for the pyramid: `module` maps normalised images ``(n, 3, H, W)`` to
+    ``{stage: (n, C, h, w)}`` for each of `stages` (shallow to deep, stride `strides[i]`);
+    `mean` and `std` are the input normalisation its weights were trained with."""
+
+    module: nn.Module
+    stages: tuple[str, ...]
+    strides: tuple[int, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
+def check_backbone(name: str) -> None:
+    """`ConfigError` unless `name` is one of `BACKBONES` or ``timm:NAME`` for a timm model."""
+    if is_timm(name):
+        from .timm_backbones import check_timm_name
+
+        check_timm_name(name[len(TIMM_PREFIX):])
+    else:
+        backbone_spec(name)
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} "
+                          f"or {TIMM_PREFIX}NAME for a timm model")
     return BACKBONES[name]
+
+
+def build_body(name: str, weights: str | os.PathLike | None, depth: int, image_size: int) -> Body:
+    """The `depth` deepest stages of backbone `name` with `weights` (see `load_weights`; for timm,
+    `embedder.timm_backbones.build_timm_body`), for `image_size`-px inputs (which only models with a
+    fixed input size, timm's ViTs, depend on). `ConfigError` when it has fewer stages."""
+    if is_timm(name):
+        from .timm_backbones import build_timm_body
+
+        return build_timm_body(name[len(TIMM_PREFIX):], weights, depth, image_size)
+    spec = backbone_spec(name)
+    if depth > len(spec.stages):
+        raise ConfigError(f"{spec.name} has {len(spec.stages)} stages, {depth} levels asked")
+    stages = spec.stages[-depth:]
+    module = create_feature_extractor(build_backbone(name, weights), return_nodes={s: s for s in stages})
+    return Body(module, stages, spec.strides[-depth:])
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None) -> nn.Module:

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from hiervec_core.vectors import LevelVectors
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec, build_backbone
+from .backbones import build_body
 from .data import decode_image, image_to_tensor, load_images
 from .errors import ConfigError, ImageDecodeError
 from .hierarchy import validate_level_names
@@ -61,18 +60,18 @@ class BackboneEmbedder:
             raise ConfigError(f"image_size must be at least 32 px, got {image_size}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        spec = backbone_spec(backbone)
-        self.stage = spec.stages[-1]
-        self.body = create_feature_extractor(build_backbone(backbone, weights), return_nodes={self.stage: self.stage})
+        body = build_body(backbone, weights, 1, image_size)
+        self.stage = body.stages[-1]
+        self.body = body.module
         self.body.eval()
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(body.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(body.std).view(1, 3, 1, 1)
         self.level_names = tuple(level_names)
         self.level_dims: tuple[int, ...] = ()
         self.image_size = image_size
         self.batch_size = batch_size
         with torch.no_grad():
-            self.dim = int(self.body(torch.zeros(1, 3, 64, 64))[self.stage].shape[1])
+            self.dim = int(self.body(torch.zeros(1, 3, image_size, image_size))[self.stage].shape[1])
         digest = hashlib.sha256(f"{backbone}|{weights}|{image_size}|avg".encode())
         for value in self.body.state_dict().values():
             digest.update(value.detach().cpu().numpy().tobytes())

@@ -7,7 +7,7 @@ from typing import Literal
 
 from hiervec_core.names import DEFAULT_BACKBONE
 
-from .backbones import backbone_spec
+from .backbones import check_backbone
 from .errors import ConfigError
 from .hierarchy import MAX_LEVELS, MIN_LEVELS, Hierarchy, validate_level_names
 
@@ -52,7 +52,7 @@ class EmbedderConfig:
             values = getattr(self, name)
             if len(values) != depth or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ConfigError(f"{name} must hold {depth} positive integers, got {values}")
-        backbone_spec(self.backbone)
+        check_backbone(self.backbone)
         if self.mode not in ("pyramid", "flat"):
             raise ConfigError(f"mode must be 'pyramid' or 'flat', got {self.mode!r}")
         if self.pooling not in ("avg", "gem"):

@@ -34,10 +34,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec, build_backbone
+from .backbones import build_body
 from .config import IMAGE, EmbedderConfig
 from .errors import ConfigError
 
@@ -91,18 +90,13 @@ class PyramidEmbedder(nn.Module):
     def __init__(self, config: EmbedderConfig, *, backbone_weights: str | None = None):
         super().__init__()
         self.config = config
-        spec = backbone_spec(config.backbone)
-        taken = 1 if config.mode == "flat" else config.depth
-        if taken > len(spec.stages):
-            raise ConfigError(f"{spec.name} has {len(spec.stages)} stages, {taken} levels asked")
-        self.stages = spec.stages[-taken:]  # shallow to deep
-        self.strides = spec.strides[-taken:]
-        self.body = create_feature_extractor(
-            build_backbone(config.backbone, backbone_weights), return_nodes={s: s for s in self.stages}
-        )
+        body = build_body(config.backbone, backbone_weights, 1 if config.mode == "flat" else config.depth,
+                          config.image_size)
+        self.stages, self.strides = body.stages, body.strides  # shallow to deep
+        self.body = body.module
         self.stage_channels = self._dry_run_channels()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(body.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(body.std).view(1, 3, 1, 1), persistent=False)
 
         weights = config.level_weights or (1.0,) * config.depth
         norm = math.sqrt(sum(w * w for w in weights))
@@ -125,7 +119,7 @@ class PyramidEmbedder(nn.Module):
         was_training = self.body.training
         self.body.eval()
         with torch.no_grad():
-            size = max(64, 2 * self.strides[-1])
+            size = self.config.image_size  # a timm ViT takes no other
             maps = self.body(torch.zeros(1, 3, size, size))
         self.body.train(was_training)
         return tuple(maps[s].shape[1] for s in self.stages)

@@ -118,6 +118,10 @@ def export(model: PyramidEmbedder, out: str | os.PathLike, fmt: str) -> Path:
         return out / "model.xml"
 
 
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in values.flatten()]
+
+
 def write_manifest(out: str | os.PathLike, fmt: str, model: PyramidEmbedder, hierarchy, fingerprint: str,
                    vector_fingerprint: str) -> Path:
     """What a deployment needs beside the graph: the input contract, outputs, fingerprints, hierarchy."""
@@ -129,7 +133,8 @@ def write_manifest(out: str | os.PathLike, fmt: str, model: PyramidEmbedder, hie
                   "range": [0.0, 1.0], "layout": "NCHW", "colour": "RGB",
                   "preprocessing": f"decode, EXIF-rotate, convert to RGB, resize to {config.image_size}x"
                                    f"{config.image_size} (embedder.data.image_to_tensor), divide by 255; "
-                                   "the graph normalises with the ImageNet mean and std itself"},
+                                   f"the graph normalises with the backbone's mean {_rounded(model.mean)} and std "
+                                   f"{_rounded(model.std)} itself"},
         "outputs": {name: ("image vector, unit length" if name == OUTPUT_CONCAT else "level vector, unit length")
                     for name in output_names(model)},
         "fingerprint": fingerprint,
