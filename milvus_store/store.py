@@ -226,8 +226,7 @@ class MilvusConnection:
             yield
         except MilvusException as exc:
             if unavailable(exc):
-                raise StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} "
-                                            f"did not answer: {self._clean(exc)}") from None
+                raise self._no_answer(action, exc) from None
             if _RELEASED.search(exc.message or "") and self._reload():
                 # a server that restarted (Milvus Lite's) holds the collection released: loaded again now,
                 # the same call works once the load is done
@@ -241,9 +240,12 @@ class MilvusConnection:
                                         f"{self._clean(exc)}") from None
         except Exception as exc:  # grpc's own errors, when pymilvus lets one through
             if type(exc).__module__.startswith("grpc") and unavailable(exc):
-                raise StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} "
-                                            f"did not answer: {self._clean(exc)}") from None
+                raise self._no_answer(action, exc) from None
             raise
+
+    def _no_answer(self, action: str, exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} did not "
+                                     f"answer: {self._clean(exc)}")
 
 
 _RELEASED = re.compile(r"in state 'released'|collection not loaded|not loaded into memory", re.I)
