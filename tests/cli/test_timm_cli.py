@@ -45,3 +45,17 @@ def test_a_timm_backbone_trains_ingests_exports_and_searches(name, workspace, tm
         exported = run_json("export", model, "--format", fmt, "--out", tmp_path / fmt)
         manifest = json.loads((tmp_path / fmt / "hiervec-export.json").read_text())
         assert exported["fingerprint"] == manifest["vector_fingerprint"] == summary["fingerprint"]
+
+
+@pytest.mark.unit
+def test_a_backbone_name_that_is_neither_is_refused_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "m.pt"),
+                                      "--backbone", "timm:convnext_atoo"])
+    assert result.exit_code == 2 and "unknown timm model 'convnext_atoo'" in result.output
+    assert "close names: convnext_atto" in result.output and not (tmp_path / "m.pt").exists()
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--backbone", "vgg"])
+    assert result.exit_code == 2 and "unknown backbone 'vgg'" in result.output and "timm:NAME" in result.output

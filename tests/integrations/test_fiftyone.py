@@ -172,3 +172,18 @@ def test_ingest_from_a_dataset_and_export_back(fo, dataset, tiny_model, tmp_path
     again = CliRunner().invoke(cli, ["data", "fiftyone", "shop-export", "--uri", db, "--collection", "shop"])
     assert again.exit_code == 2 and "exists; pass overwrite=True (--overwrite)" in again.output
     back.delete()
+
+
+def test_a_dataset_or_field_that_is_not_there_is_named(fo, dataset, tiny_model, tmp_path):
+    db = str(tmp_path / "h.db")
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["ingest", *args, "--model", str(tiny_model), "--uri", db])
+
+    missing = run("fiftyone:no-such-dataset")
+    assert missing.exit_code != 0 and "no FiftyOne dataset named 'no-such-dataset'" in missing.output
+    field = run(f"fiftyone:{dataset.name}", "--level-fields", "department,colour,item")
+    assert field.exit_code != 0 and f"FiftyOne dataset {dataset.name!r} has no field 'colour'" in field.output
+    folder = run(str(tmp_path), "--level-fields", "department")
+    assert folder.exit_code == 2 and "--level-fields goes with a fiftyone:DATASET source" in folder.output
+    assert not (tmp_path / "h.db").exists()  # nothing was created
