@@ -31,7 +31,8 @@ from bench._machine import cpu_seconds, describe, tree_cpu_seconds  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
 from bench.serve_load import drop_collection  # noqa: E402
-from milvus_store import ImageIndex, IngestItem, LiteProcess  # noqa: E402
+from milvus_store import LiteProcess  # noqa: E402
+from hiervec_app import ImageIndex, IngestItem
 
 
 def main(argv=None) -> int:

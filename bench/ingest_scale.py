@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import describe  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
-from milvus_store import CollectionSpec, HierStore, ImageIndex, IngestItem, Record  # noqa: E402
+from milvus_store import CollectionSpec, HierStore, Record  # noqa: E402
+from hiervec_app import ImageIndex, IngestItem
 
 START_FILES = 8  # a Ray ingest this small measures what every Ray ingest pays once
 

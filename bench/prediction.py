@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",")]
 
     from embedder import Embedder, expected_calibration_error, fashion_mnist
-    from milvus_store import ImageIndex, Record, SearchRequest
+    from milvus_store import Record
+    from hiervec_app import ImageIndex, SearchRequest
 
     if args.smoke:
         images, labels, embedder = _smoke_setup()
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = [hierarchy.leaves[int(code)] for code in labels[:, -1]]
     report: dict = {"machine": describe(("torch", "pymilvus", "milvus-lite")),
                     "command": "python bench/prediction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "images": len(truth), "temperatures": list(embedder.temperatures)}
+                    "images": len(truth), "temperatures": dict(embedder.temperatures)}
 
     # accuracy: joint decoding against level-by-level argmax
     raw = _raw_logits(embedder, out)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         report["argmax_paths_impossible"] = float(1 - np.mean(consistent))
     report["ece"] = {name: {"before": expected_calibration_error(torch.softmax(r, 1), labels[:, i]),
                             "after": expected_calibration_error(torch.softmax(r / t, 1), labels[:, i])}
-                     for i, (name, r, t) in enumerate(zip(names, raw, embedder.temperatures)) if r is not None}
+                     for i, (name, r, t) in enumerate(zip(names, raw, embedder.temperatures.values())) if r is not None}
 
     # routing through Milvus Lite, leave-one-out
     rng = np.random.default_rng(0)

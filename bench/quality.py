@@ -217,8 +217,8 @@ def method_setup(method: str, hierarchy: Hierarchy, labels: np.ndarray, args, ov
     if method == "flat":
         loss = LossWeights(contrastive=loss.contrastive or 1.0)
     elif method == "flat+softmax":
-        leaf = loss.softmax[-1] if loss.softmax and loss.softmax[-1] else 1.0
-        loss = LossWeights(contrastive=loss.contrastive or 1.0, softmax=(0.0,) * (depth - 1) + (leaf,))
+        leaf = loss.by_level("softmax", config.level_names).get(config.level_names[-1]) or 1.0
+        loss = LossWeights(contrastive=loss.contrastive or 1.0, softmax={config.level_names[-1]: leaf})
     elif method == "pyramid-no-softmax":
         loss = dataclasses.replace(loss, softmax=())
     elif method == "pyramid-no-contrastive":

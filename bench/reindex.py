@@ -31,8 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import describe  # noqa: E402
 from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, read_source, save_checkpoint  # noqa: E402
-from milvus_store import HierStore, ImageIndex, IngestItem  # noqa: E402
-from milvus_store.reindex import stored_items  # noqa: E402
+from milvus_store import HierStore  # noqa: E402
+from hiervec_app import ImageIndex, IngestItem
+from hiervec_app.reindex import stored_items  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "out" / "openclipart-data"
 

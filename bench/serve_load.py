@@ -73,7 +73,7 @@ def ingest_and_measure_offline(model: str, tree: str, db: str, queries: list[str
     The CPU time per query counts the `store_pid` process's (and its children's) too.
     `vector_levels` is the layout of a new collection (None: a vector field per level)."""
     from embedder import Embedder, read_source
-    from milvus_store import ImageIndex, IngestItem, SearchRequest
+    from hiervec_app import ImageIndex, IngestItem, SearchRequest
 
     embedder = Embedder.from_checkpoint(model, runtime=runtime)
     blobs = [Path(q).read_bytes() for q in queries]

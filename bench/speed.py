@@ -42,7 +42,7 @@ from embedder.backbones import backbone_spec, build_backbone  # noqa: E402
 from embedder.metrics import agreement, consistency_at_k, exact_neighbours, recall_at_k  # noqa: E402
 from embedder.fashion_mnist import CLASS_PATHS, LEVEL_NAMES  # noqa: E402
 from hiervec_core.names import RUNTIMES  # noqa: E402
-from milvus_store import ImageIndex, IngestItem  # noqa: E402
+from hiervec_app import ImageIndex, IngestItem  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
 

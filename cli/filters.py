@@ -17,7 +17,7 @@ import click
 
 def parse_pairs(pairs: Sequence[str], option: str = "--where") -> list[tuple[str, str]]:
     from milvus_store import FilterError
-    from milvus_store.search import parse_where
+    from hiervec_app.search import parse_where
 
     try:
         return list(parse_where(pairs))
@@ -34,7 +34,7 @@ def build_filter(where: Sequence[str], under: str | None, known: Mapping[str, Co
 
 def parse_weights(text: str | None, option: str = "--level-weights") -> tuple[tuple[str, float], ...]:
     from milvus_store import QueryError
-    from milvus_store.search import parse_level_weights
+    from hiervec_app.search import parse_level_weights
 
     try:
         return parse_level_weights(text)

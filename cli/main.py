@@ -14,26 +14,47 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import dataclasses
 from dataclasses import replace
+from types import SimpleNamespace
 
 import click
 
-from hiervec_core.names import (
-    BACKBONE_LR_SCALE, BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_INDEX, EXPORT_FORMATS, FUSIONS,
-    HEAD_INIT, HEAD_INITS, IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, MODEL_ROOT_ENV, PATIENCE,
-    PREDICTED_CHOICES, PROBE_EPOCHS, RUNTIMES, SERVER_INDEXES, VAL_MAX,
+from embedder.train_config import (
+    BATCH_NORM_CHOICES, DEFAULT_DIM, DEFAULT_MODE, DEFAULT_WEIGHTS, DIST_TIMEOUT_S, MODES, TrainConfig,
 )
+from hiervec_app.search import SearchRequest
+from hiervec_core.names import (
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_COLLECTION, DEFAULT_DEVICE, DEFAULT_INDEX, DEFAULT_RUNTIME, EXPORT_FORMATS, FUSIONS, HEAD_INITS,
+    IMAGE_SIZE_RANGE, LEAF_SOFTMAX_MIN_IMAGES, MAX_TOPK, MODEL_ROOT_ENV, PREDICTED_CHOICES, RUNTIMES, SERVER_INDEXES,
+)
+from milvus_store.bucket import S3Bucket
+from scaleout.options import EmbedderRecipe, RayOptions
+from service.settings import MB, MEGAPIXEL, ServerSettings, ServiceSettings
+
+
+def defaults(cls) -> SimpleNamespace:
+    """A config dataclass's field defaults by name: the options read theirs here, never copy them
+    (the library's modules these come from import neither torch, FastAPI nor pymilvus)."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING})
+
+
+TRAIN, SEARCH, SERVICE, SERVER = defaults(TrainConfig), defaults(SearchRequest), defaults(ServiceSettings), defaults(
+    ServerSettings)
+RAY, RECIPE, BUCKET = defaults(RayOptions), defaults(EmbedderRecipe), defaults(S3Bucket)
 
 
 def _library_errors() -> tuple[type[BaseException], ...]:
     """Our packages' error bases, from the modules already imported (no import cost)."""
     found = []
-    for module, name in (("embedder.errors", "EmbedderError"), ("milvus_store.errors", "StoreError")):
+    for module, name in (("embedder.errors", "EmbedderError"), ("milvus_store.errors", "StoreError"),
+                         ("scaleout.errors", "ScaleOutError")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
@@ -48,14 +69,26 @@ class HiervecGroup(click.Group):
         except _library_errors() as exc:  # anything else is a bug: its traceback shows
             if os.environ.get("HIERVEC_DEBUG"):
                 raise
-            message = " ".join(str(exc).split()) or exc.__class__.__name__
-            for library, flag in LIBRARY_WORDS:  # the library names its arguments; the CLI user has flags
-                message = message.replace(library, flag)
-            raise click.ClickException(message) from None
+            raise click.ClickException(cli_words(" ".join(str(exc).split()) or exc.__class__.__name__)) from None
 
 
 # Library arguments a library message may name, and the flag a CLI user gives instead.
-LIBRARY_WORDS = (("pass pad=True", "pass --pad"),)
+LIBRARY_WORDS = (
+    ("pass pad=True", "pass --pad"), ("vector_levels=()", "--level-vectors none"),
+    ("vector_levels including", "--level-vectors that include"), ("partition_key='' (none)", "--partition-key none"),
+    ("pass merge=True", "pass --merge"), ("weights=PATH", "--weights PATH"), ("with resume=True", "with --resume"),
+    ("with resume=False", "without --resume"), ("resume needs out", "--resume needs --out"),
+    ("device='cpu'", "--device cpu"), ("runtime='torch'", "--runtime torch"), ("the Ray engine", "--engine ray"),
+)
+LEVELS_TUPLE = re.compile(r"vector_levels=\(([^)]*)\)")
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: the arguments it names become the flags that set them."""
+    for library, flag in LIBRARY_WORDS:
+        message = message.replace(library, flag)
+    return LEVELS_TUPLE.sub(lambda m: "--level-vectors " + ",".join(
+        name.strip().strip("'\"") for name in m.group(1).split(",") if name.strip()), message)
 
 
 class BackboneChoice(click.ParamType):
@@ -93,8 +126,10 @@ class SourceArg(click.ParamType):
 
 
 def read_listing(source, level_fields: str | None):
-    """The items of SOURCE: a folder tree or manifest (`embedder.read_source`) or a FiftyOne dataset."""
+    """The items of SOURCE (`hiervec_app.jobs.Listing`): a folder tree or manifest (`embedder.read_source`)
+    or a FiftyOne dataset."""
     from embedder import read_source
+    from hiervec_app.jobs import Listing
 
     if isinstance(source, str) and source.startswith("fiftyone:"):
         try:
@@ -102,10 +137,10 @@ def read_listing(source, level_fields: str | None):
         except ImportError as exc:
             raise click.UsageError(f"a fiftyone: source needs FiftyOne: pip install 'hiervec[fiftyone]' ({exc})")
         fields = [f.strip() for f in level_fields.split(",") if f.strip()] if level_fields else None
-        return read_dataset(source[len("fiftyone:"):], fields)
+        return Listing.of(read_dataset(source[len("fiftyone:"):], fields), name=source)
     if level_fields:
         raise click.UsageError("--level-fields goes with a fiftyone:DATASET source")
-    return read_source(source)
+    return Listing.of(read_source(source), folder=source if Path(source).is_dir() else None, name=str(source))
 
 
 def json_option(func):
@@ -183,13 +218,13 @@ def engine_options(func):
         click.option("--ray-address", default=None, metavar="ADDR",
                      help="A running Ray cluster (ray://host:10001 or host:6379) for --engine ray. [default: a local "
                           "Ray started for this ingest]"),
-        click.option("--actors", type=click.IntRange(1, 1024), default=1, show_default=True,
+        click.option("--actors", type=click.IntRange(1, 1024), default=RAY.actors, show_default=True,
                      help="Embedding actors of --engine ray, each holding the model."),
-        click.option("--cpus-per-actor", type=click.FloatRange(0.05, 256), default=0.5, show_default=True,
+        click.option("--cpus-per-actor", type=click.FloatRange(0.05, 256), default=RAY.cpus_per_actor, show_default=True,
                      help="CPUs Ray reserves per embedding actor (fractions let a 2-core node run two beside the readers)."),
-        click.option("--threads-per-actor", type=click.IntRange(1, 256), default=1, show_default=True,
+        click.option("--threads-per-actor", type=click.IntRange(1, 256), default=RECIPE.threads, show_default=True,
                      help="Torch threads of each embedding actor (actors on one node must not oversubscribe its cores)."),
-        click.option("--gpus-per-actor", type=click.FloatRange(0, 16), default=0.0, show_default=True,
+        click.option("--gpus-per-actor", type=click.FloatRange(0, 16), default=RAY.gpus_per_actor, show_default=True,
                      help="GPUs per embedding actor (e.g. 1, or 0.5 for two actors per GPU)."),
         click.option("--writers", type=click.IntRange(1, 64), default=None,
                      help="Writer actors for a Milvus server with --engine ray. [default: 2; a Milvus Lite file is "
@@ -221,7 +256,7 @@ def compute_options(func):
         return func(*args, **kwargs)
 
     for option in reversed((
-        click.option("--device", default="auto", show_default=True, metavar="DEVICE", help=DEVICE_HELP),
+        click.option("--device", default=DEFAULT_DEVICE, show_default=True, metavar="DEVICE", help=DEVICE_HELP),
         click.option("--amp", is_flag=True,
                      help="Mixed precision (bfloat16; float16 on GPUs without it). Stored vectors stay float32."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -248,7 +283,7 @@ def check_writable(path: Path | None, option: str) -> None:
 
 
 def runtime_option(func):
-    return click.option("--runtime", type=click.Choice(("auto", *RUNTIMES)), default="auto", show_default=True,
+    return click.option("--runtime", type=click.Choice(("auto", *RUNTIMES)), default=DEFAULT_RUNTIME, show_default=True,
                         help="What runs the model: torch, or the CPU runtimes onnxruntime or openvino (same vectors "
                              "within 1e-4). auto: the fastest installed on CPUs (onnxruntime, openvino, torch), "
                              "torch on GPUs.")(func)
@@ -407,7 +442,7 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @click.option("--backbone", type=BackboneChoice(), default=DEFAULT_BACKBONE, show_default=True,
               help="A torchvision backbone, or timm:NAME for any timm model with features_only "
                    "(ConvNets by their stages, plain ViTs through a simple feature pyramid).")
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--weights", default=DEFAULT_WEIGHTS, show_default=True,
               help="'imagenet', a torchvision weights name, a state-dict PATH (for timm: of the whole timm "
                    "model), or 'none' for random initialisation.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -417,36 +452,36 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @click.option("--image-size", type=click.IntRange(min=32), default=None,
               help=f"Input size in px. [default: from the data: the median shorter side of the training images, "
                    f"within {IMAGE_SIZE_RANGE[0]}..{IMAGE_SIZE_RANGE[1]}]")
-@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Vector size per level.")
-@click.option("--mode", type=click.Choice(["pyramid", "flat"]), default="pyramid", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--dim", type=click.IntRange(min=1), default=DEFAULT_DIM, show_default=True, help="Vector size per level.")
+@click.option("--mode", type=click.Choice(MODES), default=DEFAULT_MODE, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TRAIN.lr, show_default=True,
               help="Learning rate of the new layers (pyramid, heads, classifiers).")
-@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1), default=BACKBONE_LR_SCALE, show_default=True,
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1), default=TRAIN.backbone_lr_scale, show_default=True,
               help="The pretrained backbone's learning rate as a share of --lr (0 keeps it frozen).")
-@click.option("--probe-epochs", type=click.IntRange(min=0), default=PROBE_EPOCHS, show_default=True,
+@click.option("--probe-epochs", type=click.IntRange(min=0), default=TRAIN.probe_epochs, show_default=True,
               help="First epochs with the backbone frozen: the new layers learn on its features (linear probe), "
                    "then everything is fine-tuned.")
-@click.option("--head-init", type=click.Choice(HEAD_INITS), default=HEAD_INIT, show_default=True,
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=TRAIN.head_init, show_default=True,
               help="How the new layers start on a pretrained backbone: 'backbone' (the backbone's principal "
                    "components, classifiers at their classes' mean vectors: training starts from the untrained "
                    "backbone's search) or 'random'.")
-@click.option("--patience", type=click.IntRange(min=0), default=PATIENCE, show_default=True,
+@click.option("--patience", type=click.IntRange(min=0), default=TRAIN.patience, show_default=True,
               help="Stop after this many epochs without a better validation score (0: never stop early). "
                    "The checkpoint always holds the best epoch, the pretrained start (epoch 0) included.")
 @click.option("--leaf-softmax", type=click.FloatRange(min=0), default=None,
               help="Softmax weight of the leaf level (pyramid). [default: 1 when the median leaf label has "
                    f"{LEAF_SOFTMAX_MIN_IMAGES} or "
                    "more images (classes), else 0 (product-like leaves)]")
-@click.option("--classes-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--classes-per-batch", type=click.IntRange(min=1), default=TRAIN.classes_per_batch, show_default=True,
               help="Leaf classes in each process's batch (under torchrun the global batch is this times the "
                    "number of processes).")
-@click.option("--per-class", type=click.IntRange(min=2), default=4, show_default=True,
+@click.option("--per-class", type=click.IntRange(min=2), default=TRAIN.per_class, show_default=True,
               help="Images of each class in a batch.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
+@click.option("--augment/--no-augment", default=TRAIN.augment, show_default=True,
               help="Random resized crops and flips of the training images.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--val-max", type=click.IntRange(min=2), default=VAL_MAX, show_default=True,
+@click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=TRAIN.val_fraction, show_default=True)
+@click.option("--val-max", type=click.IntRange(min=2), default=TRAIN.val_max, show_default=True,
               help="Validate on at most this many of the held-out images (a seeded sample).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Loader processes that decode and augment the training images (0: in the training process). "
@@ -458,12 +493,12 @@ def data_openclipart(out: Path, source: Path | None, min_per_leaf: int, max_per_
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS",
               help="Also save a checkpoint every STEPS steps inside an epoch, for --resume after a kill. "
                    "[default: at the end of each epoch only]")
-@click.option("--batch-norm", type=click.Choice(["auto", "batch", "sync", "frozen"]), default="auto",
+@click.option("--batch-norm", type=click.Choice(BATCH_NORM_CHOICES), default=TRAIN.batch_norm,
               show_default=True,
               help="Batch-norm statistics: batch (each process's batch), sync (the global batch; CUDA), frozen "
                    "(the backbone's running statistics). auto: batch in one process; under torchrun sync on "
                    "CUDA, frozen on CPUs, so N processes train as one process on the global batch would.")
-@click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=DIST_TIMEOUT_S, show_default=True, metavar="SECONDS",
               help="Under torchrun: how long a process waits for the others before the job fails.")
 @compute_options
 @json_option
@@ -476,12 +511,10 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
     On several processes or machines, start it with torchrun (DistributedDataParallel):
       torchrun --standalone --nproc-per-node 8 -m cli.main train data/train --out model.pt
     """
-    from embedder import EmbedderConfig, Hierarchy, TrainConfig, read_source
-    from embedder.data import default_image_size
-    from embedder.streaming import ImageFiles, default_workers
-    from embedder import train as train_model
+    from embedder import read_source
     from embedder.devices import default_threads, set_threads
-    from embedder.distributed import DistributedContext, process_group
+    from embedder.distributed import DistributedContext
+    from embedder.jobs import train_listing
 
     check_writable(out, "--out")
     context = DistributedContext.from_environment()
@@ -489,53 +522,30 @@ def train(source, out, levels, pad, backbone, weights, epochs, steps_per_epoch, 
         set_threads(default_threads(context.local_world_size))  # torchrun's processes share this machine's CPUs
     quiet = as_json or not context.is_main
     train_config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, leaf_softmax=leaf_softmax,
-                               backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs,
-                               head_init=head_init,
-                               patience=patience or None,
-                               classes_per_batch=classes_per_batch, per_class=per_class, augment=augment,
-                               seed=seed, val_fraction=val_fraction, val_max=val_max, batch_norm=batch_norm,
-                               checkpoint_every=checkpoint_every)
+                               backbone_lr_scale=backbone_lr_scale, probe_epochs=probe_epochs, head_init=head_init,
+                               patience=patience or None, classes_per_batch=classes_per_batch, per_class=per_class,
+                               augment=augment, seed=seed, val_fraction=val_fraction, val_max=val_max,
+                               batch_norm=batch_norm, checkpoint_every=checkpoint_every)
     listing = read_source(source)
-    labelled = [item for item in listing.items if item.category is not None]
-    for failure in listing.failures[:5]:
-        note(quiet, f"skipped {failure.source}: {failure.reason}")
-    if not labelled:
+    if not any(item.category is not None for item in listing.items):
         raise click.ClickException(f"no labelled images in {source}")
-    level_names = tuple(name.strip() for name in levels.split(",")) if levels else None
-    hierarchy = Hierarchy.from_paths([item.category for item in labelled], level_names, pad=pad)
-    if image_size is None:
-        image_size, why = default_image_size([item.path for item in labelled], bounds=IMAGE_SIZE_RANGE)
-        note(quiet, f"image size {image_size} px: {why} (--image-size to choose)")
-    images = ImageFiles([item.path for item in labelled], image_size)  # decoded batch by batch, in the loader
-    labels = hierarchy.encode_many([item.category for item in labelled], pad=pad)
-    config = EmbedderConfig.for_hierarchy(hierarchy, dim=dim, backbone=backbone, image_size=image_size, mode=mode)
-    note(quiet, f"training {mode} {backbone} on {len(labelled)} images at {image_size} px, levels "
-                f"{', '.join(f'{n} ({c})' for n, c in zip(hierarchy.level_names, hierarchy.num_classes))}")
-    started = time.perf_counter()
-    with process_group(context, device, timeout_s=dist_timeout) as process_device:
-        if workers is None:
-            workers = default_workers(context.local_world_size, process_device.type)
-        result = train_model(images, labels, hierarchy, config, train_config, out=out,
-                             backbone_weights=None if weights == "none" else weights, resume=resume,
-                             device=process_device, amp=amp, workers=workers,
-                             log=(lambda line: None) if quiet else (lambda line: click.echo(line, err=True)))
-    failures = list({failure.source: failure for failure in result.failures}.values())  # each file once
-    for failure in failures[:5]:
+    summary = train_listing(listing, out, train_config, levels=[n.strip() for n in levels.split(",")] if levels else None,
+                            pad=pad, backbone=backbone, weights=weights, image_size=image_size, dim=dim, mode=mode,
+                            resume=resume, device=device, amp=amp, workers=workers, dist_timeout_s=dist_timeout,
+                            log=None if quiet else _train_log)
+    for failure in summary.skipped[:10]:
         note(quiet, f"skipped {failure.source}: {failure.reason}")
-    checkpoint = result.checkpoint
-    if checkpoint is None:  # a rank other than 0: rank 0 reports
+    if summary.checkpoint is None:  # a rank other than 0: rank 0 reports
         return
-    summary = {"checkpoint": str(out), "fingerprint": checkpoint.vector_fingerprint, "epochs": checkpoint.epoch,
-               "images": len(labelled) - len(failures), "skipped": len(listing.failures) + len(failures),
-               "seconds": round(time.perf_counter() - started, 1), "metrics": checkpoint.metrics,
-               "processes": context.world_size}
-    if checkpoint.calibration:
-        summary["calibration"] = checkpoint.calibration
-    if checkpoint.selection:
-        summary["selection"] = checkpoint.selection
-    held = (f", the weights of epoch {checkpoint.selection['best_epoch']}" if checkpoint.selection else "")
-    emit(as_json, summary, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}{held}) in {summary['seconds']}s\n"
+    data, checkpoint = summary.to_dict(), summary.checkpoint
+    held = f", the weights of epoch {checkpoint.selection['best_epoch']}" if checkpoint.selection else ""
+    emit(as_json, data, f"wrote {out} (fingerprint {checkpoint.vector_fingerprint}{held}) in {data['seconds']}s\n"
          + "\n".join(f"  {k:<32} {v:.4f}" for k, v in checkpoint.metrics.items()))
+
+
+def _train_log(line: str) -> None:
+    """Training's progress lines on stderr; the chosen image size says which option chooses it."""
+    click.echo(line + (" (--image-size to choose)" if line.startswith("image size ") else ""), err=True)
 
 
 # -- ingest ------------------------------------------------------------------------------
@@ -569,7 +579,7 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @click.option("--level-fields", default=None, metavar="FIELD,...",
               help="With a fiftyone:DATASET source: the label fields holding each level's category, coarsest "
                    "first (names or paths); samples without them get the model's predicted category.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=RAY.batch_size, show_default=True,
               help="Images read, decoded and written together (memory grows with it).")
 @click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
               help=f"Vector index when the collection is created. [default: {DEFAULT_INDEX}]")
@@ -591,10 +601,10 @@ def collection_layout(level_names: Sequence[str], has_level_vectors: bool, level
 @click.option("--bulk", is_flag=True,
               help="Milvus servers: write the rows as Parquet files to the bucket the server reads, then bulk-import "
                    "them in one job (large backfills). Ids already stored are still skipped first.")
-@click.option("--bulk-endpoint", default="localhost:9000", show_default=True, metavar="HOST:PORT",
+@click.option("--bulk-endpoint", default=BUCKET.endpoint, show_default=True, metavar="HOST:PORT",
               help="S3/MinIO endpoint of the server's bucket for --bulk (docker-compose.yml's MinIO); keys from "
                    "$HIERVEC_S3_ACCESS_KEY and $HIERVEC_S3_SECRET_KEY [default: minioadmin].")
-@click.option("--bulk-bucket", default="a-bucket", show_default=True, help="The server's bucket for --bulk.")
+@click.option("--bulk-bucket", default=BUCKET.bucket, show_default=True, help="The server's bucket for --bulk.")
 @click.option("--sync", is_flag=True,
               help="Also remove the collection's images that SOURCE no longer lists: those stored from under the "
                    "folder SOURCE, or the whole collection for a manifest. Never when the listing had errors.")
@@ -610,120 +620,60 @@ def ingest(source, model_path, uri, collection, token, level_fields, batch_size,
            bulk_endpoint, bulk_bucket, writers, sync, dry_run, optimize, runtime, device, amp, as_json):
     """Embed a folder tree, a manifest or a FiftyOne dataset (fiftyone:NAME) into the collection; already
     stored images are skipped."""
-    from milvus_store import ConnectionSettings, FailedItem, ImageIndex, StoreError, printable
+    from hiervec_app import ImageIndex, UpsertSink
+    from hiervec_app.jobs import ingest_listing, sync_dry_run
+    from milvus_store import ConnectionSettings
 
     check_writable(report_path, "--report")
     if dry_run and not sync:
         raise click.UsageError("--dry-run goes with --sync (it shows what a sync would remove)")
-    if dry_run:
-        return _sync_dry_run(source, uri, collection, token, as_json, level_fields)
     if bulk and ConnectionSettings.resolve(uri).is_local:
         raise click.UsageError("--bulk: Milvus Lite has no bulk import; ingest into a .db without --bulk, or give "
                                "--uri http://host:19530 (a Milvus server)")
     _check_engine(engine)  # before anything is read or created
     listing = read_listing(source, level_fields)
+    if dry_run:
+        with _open_store(uri, collection, token) as store:
+            synced = sync_dry_run(store, listing)
+        return emit(as_json, {"collection": collection, "sync": synced}, _sync_line(synced))
     embedder = load_embedder(model_path, optimize, device, amp, runtime)
-    items = _listed_items(listing)
     layout = collection_layout(embedder.level_names, bool(embedder.level_dims), level_vectors, partition_key)
+    executor = _executor(engine, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,
+                         gpus_per_actor, writers, optimize, runtime, device, amp)
     with ImageIndex.open(embedder, uri, collection, index=index, token=token, num_partitions=num_partitions,
                          **layout) as image_index:
-        files = _bulk_files(image_index.store, collection, bulk_endpoint, bulk_bucket) if bulk else None
-        write = files.append if files is not None else None
-        with progress_bar(len(items), "ingest", as_json, rate="img/s") as advance:
-            if engine == "ray":
-                report = _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor,
-                                     threads_per_actor, gpus_per_actor, writers, optimize, runtime, device, amp,
-                                     token, advance, write)
-            else:
-                report = image_index.ingest(items, batch_size=batch_size, progress=advance, write=write)
-        imported = _bulk_import(image_index.store, files, as_json) if files is not None else None
-        report.failed = [FailedItem(printable(f.source), printable(f.reason), "listing")
-                         for f in listing.failures] + report.failed
-        report.seen += len(listing.failures)
-        synced = _sync(image_index.store, source, listing, report) if sync else None
-        count = image_index.store.count()
-        try:  # so `hiervec search` finds the model; a server that cannot record it still has the images
-            image_index.store.record_model(str(model_path.resolve()))
-        except StoreError as exc:
-            note(as_json, f"warning: the collection does not record its model ({exc}); searches need --model")
-    result = report.to_dict() | {"collection": collection, "count": count}
-    if synced is not None:
-        result["sync"] = synced
-    if imported is not None:
-        result["bulk_import"] = imported
-    if report_path is not None:  # its folder was made (or refused) by check_writable before the work
-        report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""
-    emit(as_json, result, f"seen {report.seen}, stored {report.stored} ({report.predicted} with a predicted "
-         f"category), skipped {report.skipped_present} "
-         f"(already present){duplicates}, failed {len(report.failed)}; collection {collection!r} holds {count} "
-         f"({result['images_per_s'] or 0} img/s)")
-    if not as_json:
-        for failure in report.failed[:10]:
-            click.echo(f"  failed {failure.source}: {failure.reason}", err=True)
-        if len(report.failed) > 10:
-            click.echo(f"  ... {len(report.failed) - 10} more" + (f" in {report_path}" if report_path else ""),
-                       err=True)
-        for duplicate in report.duplicates[:10]:
-            click.echo(f"  not stored {duplicate.source}: the same image as {duplicate.same_as}, stored with its "
-                       f"category", err=True)
-    if synced is not None and not as_json:
-        click.echo(_sync_line(synced), err=True)
-    if strict and report.failed:
+        sink = _bulk_sink(image_index.store, collection, bulk_endpoint, bulk_bucket, as_json) if bulk \
+            else UpsertSink(image_index.store, token)
+        with progress_bar(len(listing.items), "ingest", as_json, rate="img/s") as advance, _engine_errors(engine):
+            result = ingest_listing(image_index, listing, executor=executor, sink=sink, sync=sync, progress=advance)
+    render_ingest(result, as_json, report_path)
+    if strict and result.report.failed:
         sys.exit(1)
 
 
-def _sync_scope(source, listing):
-    """(the uri prefix a sync may remove under: None for the whole collection; the uris to keep whatever
-    their ids; why the sync cannot run, or None)."""
-    from milvus_store import path_uri
-
-    folder = not str(source).startswith("fiftyone:") and Path(source).is_dir()
-    unlisted = [f for f in listing.failures if f.reason.startswith("cannot list")]
-    if unlisted or (listing.failures and not folder):
-        first = (unlisted or listing.failures)[0]
-        return None, set(), (f"the listing of {str(source)!r} had {len(listing.failures)} error(s) (first: "
-                             f"{first.source}: {first.reason}): nothing was removed")
-    # a folder's files that were not listed as images (wrong depth, odd names) keep what is stored of them
-    kept = {path_uri(form) for f in listing.failures for form in (Path(f.source).absolute(), Path(f.source).resolve())}
-    return (_stored_uri(Path(source)) if folder else None), kept, None
-
-
-def _sync(store, source, listing, report) -> dict:
-    """Remove what `source` no longer lists (`milvus_store.sync`): an image stays when this ingest
-    stored or found its id, or could not read (or store) what its uri holds now."""
-    from milvus_store.sync import apply_sync, plan_sync
-
-    under, kept, refused = _sync_scope(source, listing)
-    if refused:
-        return {"removed": 0, "refused": refused}
-    plan = plan_sync(store, report.ids, kept | {f.uri for f in report.failed if f.uri}, under_uri=under)
-    return plan.to_dict() | {"removed": apply_sync(store, plan)}
-
-
-def _sync_dry_run(source, uri, collection, token, as_json, level_fields=None) -> None:
-    """What `--sync` would remove, reading every listed file for its id; nothing is written."""
-    from milvus_store import FailedItem
-    from milvus_store.index import read_item
-    from milvus_store.sync import plan_sync
-
-    listing = read_listing(source, level_fields)
-    under, kept, refused = _sync_scope(source, listing)
-    if refused:
-        result = {"removed": 0, "refused": refused}
-    else:
-        ids = []
-        for item in _listed_items(listing):
-            read = read_item(item, True)
-            if isinstance(read, FailedItem):
-                kept.add(read.uri)
-            else:
-                ids.append(read[1])
-        with _open_store(uri, collection, token) as store:
-            result = plan_sync(store, ids, kept, under_uri=under).to_dict()
-        result["removed"] = 0
-    result["dry_run"] = True
-    emit(as_json, {"collection": collection, "sync": result}, _sync_line(result))
+def render_ingest(result, as_json: bool, report_path: Path | None) -> None:
+    """An ingest's result: one JSON document, or a line and the first failures and duplicates on stderr;
+    every item's outcome in the --report file."""
+    report, data = result.report, result.to_dict()
+    for warning in report.warnings:
+        note(as_json, f"warning: {warning}".replace("searches must name it", "searches need --model"))
+    if report_path is not None:  # its folder was made (or refused) by check_writable before the work
+        report_path.write_text(json.dumps(result.to_dict(items=True), indent=2, ensure_ascii=False))
+    duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""
+    emit(as_json, data, f"seen {report.seen}, stored {report.stored} ({report.predicted} with a predicted "
+         f"category), skipped {report.skipped_present} (already present){duplicates}, failed {len(report.failed)}; "
+         f"collection {result.collection!r} holds {result.count} ({data['images_per_s'] or 0} img/s)")
+    if as_json:
+        return
+    for failure in report.failed[:10]:
+        click.echo(f"  failed {failure.source}: {failure.reason}", err=True)
+    if len(report.failed) > 10:
+        click.echo(f"  ... {len(report.failed) - 10} more" + (f" in {report_path}" if report_path else ""), err=True)
+    for duplicate in report.duplicates[:10]:
+        click.echo(f"  not stored {duplicate.source}: the same image as {duplicate.same_as}, stored with its "
+                   f"category", err=True)
+    if result.synced is not None:
+        click.echo(_sync_line(result.synced), err=True)
 
 
 def _sync_line(synced: dict) -> str:
@@ -744,12 +694,12 @@ def _check_engine(engine: str) -> None:
     if engine != "ray":
         return
     from scaleout import EngineMissingError
-    from scaleout.ray_ingest import import_ray
+    from scaleout.ray_engine import import_ray
 
     try:
         import_ray()
     except EngineMissingError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(cli_words(str(exc))) from None
 
 
 @cli.command()
@@ -767,7 +717,7 @@ def _check_engine(engine: str) -> None:
 @click.option("--switch", is_flag=True,
               help="When --collection is an alias: point it at --to once every image is there (the counts agree); "
                    "the old collection is kept for a rollback (hiervec alias set).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=RAY.batch_size, show_default=True,
               help="Images read, decoded and written together (memory grows with it).")
 @click.option("--index", type=click.Choice(SERVER_INDEXES), default=None,
               help="Vector index of the new collection. [default: the current collection's]")
@@ -787,8 +737,9 @@ def reindex(model_path, target, uri, collection, token, source, stored_root, swi
     """Embed every image of the collection again with a new model (--model) into a new collection (--to):
     ids, given categories and meta kept, predicted categories predicted again by the new model. With
     --switch, the alias --collection moves to the new collection when it is complete."""
-    from milvus_store import Aliases, HierStore, ImageIndex
-    from milvus_store.reindex import stored_items
+    from hiervec_app import ImageIndex, UpsertSink
+    from milvus_store import Aliases, HierStore
+    from hiervec_app.reindex import stored_items
 
     check_writable(report_path, "--report")
     _check_engine(engine)
@@ -814,14 +765,11 @@ def reindex(model_path, target, uri, collection, token, source, stored_root, swi
             if image_index.store.target != target:
                 raise click.UsageError(f"--to {target!r} is an alias: name a collection")
             items = stored_items(current, source=source, root=stored_root)
-            with progress_bar(total, "reindex", as_json, rate="img/s") as advance:
-                if engine == "ray":
-                    report = _ray_ingest(image_index, list(items), model_path, batch_size, ray_address, actors,
-                                         cpus_per_actor, threads_per_actor, gpus_per_actor, writers, optimize,
-                                         runtime, device, amp, token, advance)
-                else:
-                    report = image_index.ingest(items, batch_size=batch_size, progress=advance)
-            image_index.store.record_model(str(model_path.resolve()))
+            executor = _executor(engine, model_path, batch_size, ray_address, actors, cpus_per_actor,
+                                 threads_per_actor, gpus_per_actor, writers, optimize, runtime, device, amp)
+            with progress_bar(total, "reindex", as_json, rate="img/s") as advance, _engine_errors(engine):
+                report = image_index.ingest(items, executor=executor, sink=UpsertSink(image_index.store, token),
+                                            progress=advance)
             count = image_index.store.count()
         source_count = current.count()
         previous = current.target
@@ -849,59 +797,49 @@ def reindex(model_path, target, uri, collection, token, source, stored_root, swi
         sys.exit(1)
 
 
-def _bulk_files(store, collection, endpoint, bucket):
+def _bulk_sink(store, collection, endpoint, bucket, as_json):
+    """--bulk: rows as Parquet files in the server's bucket, imported in one job when the ingest ends."""
+    from hiervec_app import BulkSink
     from milvus_store.bulk import BulkFiles, S3Bucket
 
     prefix = f"hiervec-bulk/{collection}/{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    return BulkFiles(store.spec, remote=S3Bucket(endpoint, bucket, prefix))
+    return BulkSink(store, BulkFiles(store.spec, remote=S3Bucket(endpoint, bucket, prefix)),
+                    log=lambda line: note(as_json, line))
 
 
-def _bulk_import(store, files, as_json) -> dict:
-    from milvus_store.bulk import import_files
+def _executor(engine, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,
+              gpus_per_actor, writers, optimize, runtime, device, amp):
+    """The ingest pipeline's executor for --engine: threads here, or Ray (`scaleout.RayExecutor`)."""
+    from hiervec_app import ThreadExecutor
 
-    batch_files = files.close()
-    note(as_json, f"bulk import: {files.rows} rows in {len(batch_files)} file(s); importing")
-    with progress_bar(files.rows, "import", as_json, rate="rows/s") as advance:
-        seen = [0]
-
-        def imported(rows: int) -> None:
-            advance(rows - seen[0])
-            seen[0] = rows
-
-        return import_files(store, batch_files, progress=imported, expected_rows=files.rows) | {
-            "files": len(batch_files)}
-
-
-def _listed_items(listing) -> list:
-    """A source listing's items as ingest takes them (the uri each is stored under)."""
-    from milvus_store import IngestItem
-
-    return [IngestItem(item.path, item.category, item.id, item.meta, _stored_uri(item.path), item.origin)
-            for item in listing.items]
-
-
-def _stored_uri(path) -> str:
-    """What a listed image's ``uri`` field holds: its absolute path, or its URL as listed."""
-    from milvus_store import path_uri
-
-    return path_uri(path if isinstance(path, str) else path.resolve())
-
-
-def _ray_ingest(image_index, items, model_path, batch_size, ray_address, actors, cpus_per_actor, threads_per_actor,
-                gpus_per_actor, writers, optimize, runtime, device, amp, token, advance, write=None):
-    from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
+    if engine != "ray":
+        return ThreadExecutor(batch_size)
+    from scaleout import EmbedderRecipe, RayExecutor, RayOptions, ScaleOutError
 
     if gpus_per_actor and device == "auto":
         device = "cuda"
     recipe = EmbedderRecipe(str(model_path.resolve()), runtime=runtime, optimize=optimize, device=device, amp=amp,
                             threads=threads_per_actor)
     try:
-        options = RayOptions(address=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
-                             gpus_per_actor=gpus_per_actor, writers=writers, batch_size=batch_size)
-        with stdout_to_stderr():  # Ray's own lines (a worker's death, say) never mix with our report or JSON
-            return ray_ingest(image_index, items, recipe, options, progress=advance, token=token, write=write)
+        return RayExecutor(recipe, RayOptions(address=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
+                                              gpus_per_actor=gpus_per_actor, writers=writers, batch_size=batch_size))
     except ScaleOutError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(cli_words(str(exc))) from None
+
+
+@contextlib.contextmanager
+def _engine_errors(engine: str):
+    """Ray's own lines (a worker's death, say) never mix with our report or JSON; its errors are one line."""
+    if engine != "ray":
+        yield
+        return
+    from scaleout import ScaleOutError
+
+    try:
+        with stdout_to_stderr():
+            yield
+    except ScaleOutError as exc:
+        raise click.ClickException(cli_words(str(exc))) from None
 
 
 @contextlib.contextmanager
@@ -937,7 +875,7 @@ def stdout_to_stderr():
               help="Checkpoint written by `hiervec train`. [default: the one `hiervec ingest` recorded in the "
                    "collection]")
 @store_options
-@click.option("-k", "k", type=click.IntRange(1, MAX_TOPK), default=10, show_default=True, help="Hits per query.")
+@click.option("-k", "k", type=click.IntRange(1, MAX_TOPK), default=SEARCH.k, show_default=True, help="Hits per query.")
 @click.option("--where", multiple=True, metavar="LEVEL=VALUE",
               help="Only this category at LEVEL (a path like clothing/tops, or a unique name). Repeatable.")
 @click.option("--under", default=None, metavar="PATH", help="Only inside this subtree, e.g. clothing/tops.")
@@ -949,14 +887,15 @@ def stdout_to_stderr():
               help="With --fuse weighted (implied): the levels searched and their weights, e.g. "
                    "category=1,item=2.")
 @click.option("--group-by", default=None, metavar="LEVEL", help="At most --group-size hits per category of LEVEL.")
-@click.option("--group-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--predicted", type=click.Choice(PREDICTED_CHOICES), default="include", show_default=True,
+@click.option("--group-size", type=click.IntRange(min=1), default=SEARCH.group_size, show_default=True)
+@click.option("--predicted", type=click.Choice(PREDICTED_CHOICES), default=SEARCH.predicted, show_default=True,
               help="Stored images whose category was predicted at ingest, not given.")
 @click.option("--min-label-confidence", type=click.FloatRange(0, 1), default=None, metavar="P",
               help="Only stored images whose category (finest level) has at least this probability.")
 @click.option("--auto", "auto", default=None, metavar="LEVEL",
               help="Predict each query's category and search only within it at LEVEL when confident enough.")
-@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True, metavar="P",
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=SEARCH.min_confidence, show_default=True,
+              metavar="P",
               help="With --auto: the query's probability at LEVEL needed to route it.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a contact sheet PNG: each query, then its hits with category and distance.")
@@ -967,7 +906,8 @@ def stdout_to_stderr():
 def search(images, ids, model_path, uri, collection, token, k, where, under, level, fuse, level_weights, group_by,
            group_size, predicted, min_label_confidence, auto, min_confidence, sheet, runtime, device, amp, as_json):
     """Find the images nearest to each IMAGE (or stored --id), optionally inside parts of the hierarchy."""
-    from milvus_store import SearchRequest, uri_path
+    from milvus_store import uri_path
+    from hiervec_app import SearchRequest
 
     from .filters import parse_pairs, parse_weights
     from .output import contact_sheet, hit_dict, hits_table, route_line
@@ -1007,7 +947,8 @@ def open_index(model_path: Path | None, uri, collection: str, token, *, device: 
                optimize: bool = False, runtime: str = "auto"):
     """The collection with its model: `model_path`, else the model the collection records (its
     fingerprint is checked either way); a missing collection or model is a clear error."""
-    from milvus_store import CollectionNotFoundError, HierStore, ImageIndex
+    from milvus_store import CollectionNotFoundError, HierStore
+    from hiervec_app import ImageIndex
 
     try:
         if model_path is None:
@@ -1072,7 +1013,8 @@ def eval_(source, model_path, baseline, backbone, image_size, uri, collection, k
     import tempfile
 
     from embedder import read_source
-    from milvus_store import IngestItem
+    from hiervec_app import IngestItem
+    from hiervec_app.jobs import stored_uri
     from milvus_store.connection import URI_ENV
 
     if (model_path is None) == (baseline is None):
@@ -1082,7 +1024,7 @@ def eval_(source, model_path, baseline, backbone, image_size, uri, collection, k
         raise click.UsageError("--keep keeps the collection in the Milvus of --uri (or $HIERVEC_MILVUS_URI); "
                                "without one eval works in a temporary file")
     listing = read_source(source)
-    items = [IngestItem(i.path, i.category, i.id, i.meta, _stored_uri(i.path)) for i in listing.items if i.category]
+    items = [IngestItem(i.path, i.category, i.id, i.meta, stored_uri(i.path)) for i in listing.items if i.category]
     if not items:
         raise click.ClickException(f"no labelled images in {source}")
     if baseline is not None:
@@ -1103,9 +1045,10 @@ def _evaluate(embedder, items, uri: str, collection: str, token, k: int, *, drop
               as_json: bool) -> dict:
     """Leave-one-out over `items` in `collection`: read if it exists (it must hold them all), else created,
     filled and, with `drop`, dropped afterwards, whatever happens."""
-    from milvus_store import CollectionNotFoundError, ImageIndex
+    from milvus_store import CollectionNotFoundError
+    from hiervec_app import ImageIndex
 
-    from .evaluation import evaluate_collection
+    from hiervec_app.evaluation import evaluate_collection
 
     started = time.perf_counter()
     try:
@@ -1139,7 +1082,7 @@ def _evaluate(embedder, items, uri: str, collection: str, token, k: int, *, drop
 def _stored_ids_of(store, items, collection: str) -> list[str]:
     """The ids of `items` (given, else their content hash), all of which `store` must hold: eval reads an
     existing collection and never writes to it."""
-    from milvus_store.index import read_item
+    from hiervec_app.ingest import read_item
 
     ids = []
     for item in items:
@@ -1415,7 +1358,8 @@ def relabel(model_path, uri, collection, token, min_confidence, device, amp, as_
     heads retrained or recalibrated: the fingerprints match); otherwise the images must
     be embedded again, into a new collection. Given categories are never changed.
     """
-    from milvus_store import ImageIndex, Predicted, SchemaMismatchError
+    from milvus_store import Predicted, SchemaMismatchError
+    from hiervec_app import ImageIndex
 
     embedder = load_embedder(model_path, device=device, amp=amp)
     try:
@@ -1472,35 +1416,40 @@ def export(model_path, fmt, out, as_json):
 @cli.command()
 @model_option
 @store_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--host", default=SERVER.host, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=SERVER.port, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 256), default=SERVER.workers, show_default=True,
               help="Server processes; more than one needs a Milvus server (a Lite file is locked by one process).")
 @click.option("--api-key", default=None, envvar="HIERVEC_API_KEY", show_envvar=True,
               help="When set, writes (POST /images, DELETE) and catalogue administration need it: the X-API-Key header, or Authorization: Bearer KEY.")
 @click.option("--allow-anonymous-writes", is_flag=True,
               help="Serve on a non-loopback address without --api-key: anyone who reaches it can add and "
                    "delete images.")
-@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
-@click.option("--media", "media_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("hiervec-media"),
-              show_default=True, help="Where images uploaded through POST /images are kept.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=SERVICE.max_upload_bytes / MB,
+              show_default=True)
+@click.option("--media", "media_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(SERVICE.media_dir), show_default=True,
+              help="Where images uploaded through POST /images are kept.")
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Serve stored images whose files lie under this folder (repeatable). [default: the current folder]")
-@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=0, show_default=True,
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=SERVICE.batch_window_ms, show_default=True,
               help="How long a query may wait for others to share its forward pass and search call "
                    "(0: only queries that arrived while the previous batch ran share it).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=40, show_default=True,
+@click.option("--max-batch", type=click.IntRange(min=1), default=SERVICE.max_batch, show_default=True)
+@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
+              default=SERVICE.max_pixels / MEGAPIXEL, show_default=True,
               help="Largest uploaded image decoded, from its header (Pillow's own bomb limit is 89).")
-@click.option("--max-requests", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-requests", type=click.IntRange(min=1), default=SERVICE.max_requests, show_default=True,
               help="Requests in progress at once; more are answered 503. With the other limits it bounds the "
                    "memory held for requests (GET /stats: memory_budget_bytes).")
-@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True,
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=SERVER.header_timeout_s,
+              show_default=True,
               help="Seconds a connection has to send a request's headers; slower ones are closed (they hold "
                    "no request slot meanwhile).")
-@click.option("--max-connections-per-client", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-connections-per-client", type=click.IntRange(min=1), default=SERVER.max_connections_per_client,
+              show_default=True,
               help="Open connections one client address may hold; more are answered 503 and closed.")
-@click.option("--lite-process/--lite-in-process", default=True, show_default=True,
+@click.option("--lite-process/--lite-in-process", default=SERVICE.lite_process, show_default=True,
               help="With a Milvus Lite file: serve it from a process of its own (Lite's search and write "
                    "handling is Python and would share the interpreter lock with the service's), which also lets "
                    "--workers share the file.")
@@ -1512,74 +1461,26 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
           media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, header_timeout,
           max_connections_per_client, lite_process, optimize, runtime, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
-    from milvus_store import ConnectionSettings, LiteProcess
-    from service import ServiceSettings
+    from milvus_store import ConnectionSettings
+    from service import ServerSettings, ServiceSettings, run_server
 
     settings = ServiceSettings(
         model=str(model_path), uri=uri, collection=collection, token=token, api_key=api_key,
-        max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, batch_window_ms=batch_window_ms,
+        max_upload_bytes=int(max_upload_mb * MB), max_batch=max_batch, batch_window_ms=batch_window_ms,
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, runtime=runtime, threads=click.get_current_context().params["threads"],
-        max_pixels=int(max_megapixels * 1_000_000), max_requests=max_requests, lite_process=lite_process,
+        max_pixels=int(max_megapixels * MEGAPIXEL), max_requests=max_requests, lite_process=lite_process,
     )
-    if not api_key and not _is_loopback(host) and not allow_anonymous_writes:
+    server = ServerSettings(host=host, port=port, workers=workers, header_timeout_s=header_timeout,
+                            max_connections_per_client=max_connections_per_client)
+    if not api_key and not server.loopback and not allow_anonymous_writes:
         raise click.UsageError(f"--host {host} is reachable from other machines and no --api-key (or "
                                f"HIERVEC_API_KEY) is set, so anyone could add and delete images; set a key, "
                                f"or pass --allow-anonymous-writes to serve openly")
-    local = ConnectionSettings.resolve(uri).is_local
-    if workers > 1 and local and not lite_process:
+    if workers > 1 and ConnectionSettings.resolve(uri).is_local and not lite_process:
         raise click.UsageError("--workers above 1 with a Milvus Lite file needs --lite-process: the file is locked by "
                                "the one process that opens it")
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and local:  # the workers share one Lite process, started (and stopped) here
-            lite = stack.enter_context(LiteProcess(uri))
-            settings = replace(settings, store_uri=lite.uri)
-        from service.guard import configure
-
-        _serve(settings, host, port, workers, token, api_key, configure(header_timeout, max_connections_per_client))
-
-
-def _serve(settings, host: str, port: int, workers: int, token: str | None, api_key: str | None,
-           protocol: str) -> None:
-    """Run uvicorn with `protocol` (the guarded HTTP protocol); requests in progress are bounded in the
-    app (`--max-requests`), connections by the protocol's header deadline and per-client limit."""
-    import uvicorn
-
-    from service import Service, create_app
-
-    service = Service.open(settings)  # a bad model or a mismatched collection stops here, as one line
-    if not api_key:
-        click.echo("warning: no API key: whoever reaches this server can add and delete images "
-                   "(set --api-key or HIERVEC_API_KEY)", err=True)
-    separate = service.store_uri != settings.uri  # a Lite file served from a process of its own
-    served = settings.uri if separate else service.index(None).store.settings.display_uri
-    click.echo(f"serving {settings.collection!r} of {served} on http://{host}:{port}/ (API schema at /docs)"
-               + (" (Milvus Lite in a process of its own)" if separate else ""), err=True)
-    if workers == 1:
-        try:
-            uvicorn.run(create_app(service), host=host, port=port, log_level="info", http=protocol)
-        finally:  # the app's shutdown closed it, unless uvicorn never started it (a port in use)
-            service.close()
-        return
-    service.close()
-    os.environ["HIERVEC_SERVE_SETTINGS"] = settings.to_json()
-    for name, secret in (("HIERVEC_MILVUS_TOKEN", token), ("HIERVEC_API_KEY", api_key)):
-        if secret:
-            os.environ[name] = secret
-    uvicorn.run("service.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                http=protocol, log_level="info")
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any address
-        return False
+    run_server(settings, server, log=lambda line: click.echo(line, err=True))
 
 
 def main() -> None:

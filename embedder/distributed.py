@@ -36,8 +36,9 @@ from torch import nn
 
 from .devices import resolve_device
 from .errors import ConfigError, DistributedError
+from .train_config import DIST_TIMEOUT_S
 
-DEFAULT_TIMEOUT_S = 1800  # a collective that waits longer than this fails the job (torch's own default)
+DEFAULT_TIMEOUT_S = DIST_TIMEOUT_S  # a collective that waits longer than this fails the job (torch's own default)
 
 
 @dataclass(frozen=True)

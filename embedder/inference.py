@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from PIL import Image
 
 from hiervec_core.vectors import LevelVectors
 
-from .checkpoint import load_checkpoint, restore_weights
+from .checkpoint import load_checkpoint, restore_weights, temperatures_by_level
 from .config import EmbedderConfig
 from .data import decode_image, image_to_tensor, load_images
 from .devices import Precision, resolve_device
@@ -114,8 +115,8 @@ class Embedder:
     with the eager model to float rounding). Thread counts are the caller's:
     `embedder.devices.set_threads` (every runtime uses torch's).
 
-    Satisfies `milvus_store.ImageEmbedder` (`level_names`, `level_dims`, `fingerprint`, `embed`)
-    and `milvus_store.CategoryPredictor` (`categories`, `predict_vectors`). `fingerprint` is the checkpoint's vector
+    Satisfies `hiervec_app.ImageEmbedder` (`level_names`, `level_dims`, `fingerprint`, `embed`)
+    and `hiervec_app.CategoryPredictor` (`categories`, `predict_vectors`). `fingerprint` is the checkpoint's vector
     fingerprint: what a collection records, unchanged by retrained or recalibrated heads.
     """
 
@@ -126,7 +127,7 @@ class Embedder:
         fingerprint: str,
         *,
         batch_size: int = 64,
-        temperatures: tuple[float, ...] | None = None,
+        temperatures: Mapping[str, float] | Sequence[float] | None = None,
         optimize: bool = False,
         device: str | torch.device | None = "auto",
         amp: bool = False,
@@ -148,10 +149,11 @@ class Embedder:
         self._runner = frozen_for_cpu(self.model) if optimize else runner_for(self.runtime, self.model)
         self.hierarchy = hierarchy
         self.fingerprint = fingerprint
+        self.location: str | None = None  # the checkpoint file, when loaded from one (ingest records it)
         self.batch_size = batch_size
-        self.temperatures = tuple(temperatures) if temperatures else (1.0,) * model.config.depth
-        if len(self.temperatures) != model.config.depth or min(self.temperatures) <= 0:
-            raise ConfigError(f"expected {model.config.depth} positive temperatures, got {self.temperatures}")
+        self.temperatures = temperatures_by_level(temperatures, model.config.level_names)  # {level: T}
+        if min(self.temperatures.values()) <= 0:
+            raise ConfigError(f"temperatures must be positive, got {self.temperatures}")
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device | None = "auto",
@@ -161,7 +163,9 @@ class Embedder:
         model = PyramidEmbedder(checkpoint.config)
         restore_weights(model, checkpoint, path)
         kwargs.setdefault("temperatures", checkpoint.temperatures)
-        return cls(model, checkpoint.hierarchy, checkpoint.vector_fingerprint, device=device, **kwargs)
+        embedder = cls(model, checkpoint.hierarchy, checkpoint.vector_fingerprint, device=device, **kwargs)
+        embedder.location = str(Path(path).resolve())
+        return embedder
 
     @property
     def config(self) -> EmbedderConfig:
@@ -211,7 +215,7 @@ class Embedder:
         def on_device(array: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.asarray(array, np.float32)).to(self.device)
 
-        temperature = dict(zip(self.level_names, self.temperatures))
+        temperature = self.temperatures
         with torch.inference_mode():
             logits = self.model.classify({name: on_device(v) for name, v in vectors.levels.items()},
                                          on_device(vectors.concat))

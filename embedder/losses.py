@@ -9,7 +9,7 @@ tensor(1.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,27 +60,62 @@ class LevelCrossEntropy(nn.Module):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
-@dataclass(frozen=True)
+PerLevel = Mapping[str, float] | Sequence[float]
+
+
+@dataclass(frozen=True, eq=False)
 class LossWeights:
     """Weights of the loss parts; zero switches a part off.
 
-    `contrastive`: on the image vector with leaf labels. `level_contrastive[i]`: on
-    level i's vector with level-i labels (pyramid mode). `softmax[i]`: level i's
-    cross-entropy (in flat mode only the leaf level has a classifier). A classifier whose
-    softmax weight is zero still learns for prediction when `HierarchicalLoss` is given
-    the model's classifiers: on detached vectors, so it never moves them.
+    `contrastive`: on the image vector with leaf labels. `level_contrastive[level]`: on
+    that level's vector with its labels (pyramid mode). `softmax[level]`: that level's
+    cross-entropy (in flat mode only the leaf level has a classifier). Per-level weights
+    are keyed by level name (a level left out weighs 0); a sequence, one weight per level
+    coarsest first, is the older form and still accepted. A classifier whose softmax weight
+    is zero still learns for prediction when `HierarchicalLoss` is given the model's
+    classifiers: on detached vectors, so it never moves them.
+
+    >>> LossWeights(softmax={"category": 0.05, "item": 1.0}).by_level("softmax", ("department", "category", "item"))
+    {'department': 0.0, 'category': 0.05, 'item': 1.0}
     """
 
     contrastive: float = 1.0
-    level_contrastive: tuple[float, ...] = ()
-    softmax: tuple[float, ...] = ()
+    level_contrastive: PerLevel = ()
+    softmax: PerLevel = ()
+
+    def by_level(self, part: str, level_names: Sequence[str]) -> dict[str, float]:
+        """`part`'s weights as ``{level: weight}`` for these levels ({} when the part is unset)."""
+        values = getattr(self, part)
+        if not values:
+            return {}
+        if isinstance(values, Mapping):
+            unknown = sorted(set(values) - set(level_names))
+            if unknown:
+                raise ConfigError(f"{part} weights name levels the model does not have: {unknown} (its levels: "
+                                  f"{', '.join(level_names)})")
+            return {name: float(values.get(name, 0.0)) for name in level_names}
+        if len(values) != len(level_names):
+            raise ConfigError(f"{part} weights need one value per level ({len(level_names)}), got {tuple(values)}")
+        return dict(zip(level_names, (float(v) for v in values)))
+
+    def _comparable(self) -> tuple:
+        def key(values):
+            return tuple(sorted(values.items())) if isinstance(values, Mapping) else tuple(values)
+
+        return self.contrastive, key(self.level_contrastive), key(self.softmax)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LossWeights) and self._comparable() == other._comparable()
+
+    def __hash__(self) -> int:
+        return hash(self._comparable())
 
     def to_dict(self) -> dict:
-        return {
-            "contrastive": self.contrastive,
-            "level_contrastive": list(self.level_contrastive),
-            "softmax": list(self.softmax),
-        }
+        def out(values):
+            return dict(values) if isinstance(values, Mapping) else list(values)
+
+        return {"contrastive": self.contrastive, "level_contrastive": out(self.level_contrastive),
+                "softmax": out(self.softmax)}
 
 
 class HierarchicalLoss(nn.Module):
@@ -94,13 +129,10 @@ class HierarchicalLoss(nn.Module):
                  classify: Callable[[dict, torch.Tensor], dict] | None = None, *,
                  pair_loss: nn.Module | None = None):
         super().__init__()
-        depth = len(level_names)
-        for name in ("level_contrastive", "softmax"):
-            values = getattr(weights, name)
-            if values and len(values) != depth:
-                raise ConfigError(f"{name} weights need one value per level ({depth}), got {values}")
         self.level_names = tuple(level_names)
         self.weights = weights
+        self.level_contrastive = weights.by_level("level_contrastive", self.level_names)
+        self.softmax = weights.by_level("softmax", self.level_names)
         self.contrastive = pair_loss if pair_loss is not None else ContrastiveLoss(margin)
         self.cross_entropy = LevelCrossEntropy()
         # the model's `classify` (its classifiers are the model's, not registered here)
@@ -111,25 +143,25 @@ class HierarchicalLoss(nn.Module):
         w = self.weights
         if w.contrastive:
             parts["contrastive"] = w.contrastive * self.contrastive(output.concat, labels[:, -1])
-        for i, weight in enumerate(w.level_contrastive):
-            name = self.level_names[i]
+        for i, name in enumerate(self.level_names):
+            weight = self.level_contrastive.get(name)
             if weight and name in output.levels:
                 parts[f"contrastive_{name}"] = weight * self.contrastive(output.levels[name], labels[:, i])
-        for i, weight in enumerate(w.softmax):
-            name = self.level_names[i]
+        for i, name in enumerate(self.level_names):
+            weight = self.softmax.get(name)
             if weight and name in output.logits:
                 parts[f"softmax_{name}"] = weight * self.cross_entropy(output.logits[name], labels[:, i])
         if not parts:
             raise ConfigError("every loss weight is zero for this model: nothing to train")
         if self._classify is not None:
-            parts.update(self._probes(output, labels, w.softmax))
+            parts.update(self._probes(output, labels, self.softmax))
         total = torch.stack(list(parts.values())).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
-    def _probes(self, output: PyramidOutput, labels: torch.Tensor, softmax: tuple[float, ...]) -> dict:
+    def _probes(self, output: PyramidOutput, labels: torch.Tensor, softmax: Mapping[str, float]) -> dict:
         """Cross-entropy of the classifiers without a softmax weight, on detached vectors."""
         unweighted = [i for i, name in enumerate(self.level_names)
-                      if name in output.logits and not (softmax and softmax[i])]
+                      if name in output.logits and not softmax.get(name)]
         if not unweighted:
             return {}
         logits = self._classify({k: v.detach() for k, v in output.levels.items()}, output.concat.detach())

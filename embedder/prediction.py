@@ -119,18 +119,18 @@ def expected_calibration_error(probs: np.ndarray | torch.Tensor, labels, *, bins
 def calibrate(logits: Mapping[str, torch.Tensor], labels: np.ndarray, level_names: Sequence[str]) -> dict:
     """Per-level temperatures fitted on held-out `logits` ``{level: (n, C)}``, with ECE and NLL before and after.
 
-    Returns ``{"temperatures": [...], "ece_before": {...}, "ece_after": {...}, "nll_before": ..., "nll_after": ...}``
-    (a level without a classifier keeps temperature 1).
+    Returns ``{"temperatures": {level: T}, "ece_before": {...}, "ece_after": {...}, "nll_before": ...,
+    "nll_after": ...}``, every level keyed by name (a level without a classifier keeps temperature 1).
     """
-    report: dict = {"temperatures": [], "ece_before": {}, "ece_after": {}, "nll_before": {}, "nll_after": {}}
+    report: dict = {"temperatures": {}, "ece_before": {}, "ece_after": {}, "nll_before": {}, "nll_after": {}}
     for level, name in enumerate(level_names):
         level_logits = logits.get(name)
         if level_logits is None:
-            report["temperatures"].append(1.0)
+            report["temperatures"][name] = 1.0
             continue
         y = labels[:, level]
         t = fit_temperature(level_logits, torch.from_numpy(y))
-        report["temperatures"].append(t)
+        report["temperatures"][name] = t
         report["ece_before"][name] = expected_calibration_error(torch.softmax(level_logits, 1), y)
         report["ece_after"][name] = expected_calibration_error(torch.softmax(level_logits / t, 1), y)
         report["nll_before"][name] = nll(level_logits, y)

@@ -64,7 +64,7 @@ def resolve_runtime(runtime: str | None, device_type: str, *, torch_only: bool =
     if not installed(runtime):
         raise ConfigError(f"the {runtime} runtime is not installed: pip install 'hiervec[{EXTRAS[runtime]}]'")
     if runtime != "torch" and device_type != "cpu":
-        raise ConfigError(f"the {runtime} runtime runs on CPUs; got device {device_type!r} (use --device cpu, "
+        raise ConfigError(f"the {runtime} runtime runs on CPUs; got device {device_type!r} (use device='cpu', "
                           f"or torch on the GPU)")
     return runtime
 
@@ -227,7 +227,7 @@ def runner_for(runtime: str, model: PyramidEmbedder) -> Runner | None:
             return run
         if not fresh:
             logger.warning("the cached %s export in %s %s: exporting it again", runtime, path.parent, problem)
-    raise ConfigError(f"the {runtime} export of this model (in {path.parent}) {problem}; run with --runtime torch, "
+    raise ConfigError(f"the {runtime} export of this model (in {path.parent}) {problem}; run with runtime='torch', "
                       f"or remove that folder")
 
 

@@ -147,7 +147,7 @@ def _create(timm, name: str, weights: str | os.PathLike | None, kwargs: dict, co
         except Exception as exc:  # hub errors: OSError, HTTP errors, LocalEntryNotFoundError...
             raise WeightsNotFoundError(
                 f"cannot download timm:{name}'s pretrained weights ({exc.__class__.__name__}: {exc}) and they "
-                f"are not in the Hugging Face cache; pass --weights PATH to a state dict of the timm model"
+                f"are not in the Hugging Face cache; pass weights=PATH, a state dict of the timm model"
             ) from exc
     path = Path(weights).expanduser()
     if not path.is_file():

@@ -34,6 +34,8 @@ IMAGE_SIZE_RANGE = (64, 224)  # the default input size is read from the data, wi
 VAL_MAX = 2000  # validation embeds at most this many held-out images (a seeded sample)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # what runs the model's vector part (embedder.runtimes)
+DEFAULT_RUNTIME = "auto"  # what the CLI, the service and Ray actors run: the fastest installed on CPUs, torch on GPUs
+DEFAULT_DEVICE = "auto"  # CUDA if available, else MPS, else the CPU (embedder.devices.resolve_device)
 EXPORT_FORMATS = ("onnx", "openvino")  # `hiervec export --format`
 
 FUSIONS = ("rrf", "weighted")  # how a hybrid search fuses the level vectors' rankings

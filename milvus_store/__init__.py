@@ -1,42 +1,71 @@
-"""Hierarchy-aware Milvus collections (pymilvus only; never imports torch)."""
+"""Hierarchy-aware Milvus collections: the storage adapter (pymilvus only; never imports torch).
 
-from .connection import DEFAULT_URI, ConnectionSettings
-from .errors import (
-    CollectionNotFoundError,
-    FilterError,
-    LevelVectorMissingError,
-    QueryError,
-    RecordError,
-    RecordNotFoundError,
-    SchemaMismatchError,
-    StoreConnectionError,
-    StoreUnavailableError,
-    StoreError,
-    UnknownLevelError,
-    UnsupportedIndexError,
-    VectorFieldLimitError,
-)
-from .features import Features
-from .filters import (
-    And, Confident, Eq, Filter, Ids, In, Meta, Not, Or, Predicted, Under, as_filter, both, category_filter, quote_literal, render, resolve_category, under,
-)
-from .records import Hit, Record, content_id, path_uri, printable, uri_path
-from hiervec_core.vectors import LevelVectors
+Images, models and ingest live a room above, in `hiervec_app`."""
 
-from .index import (
-    CategoryPredictor, DuplicateItem, FailedItem, ImageEmbedder, ImageIndex, IngestItem, IngestReport, RelabelReport,
-)
-from .search import Route, SearchRequest, SearchResult
-from .spec import LITE_INDEXES, SERVER_INDEXES, CollectionSpec, FieldNames, field_names
-from .store import HierStore
-from .aliases import AliasChange, Aliases
-from .moves import MoveReport, move_category
-from .copy import CopyReport, copy_collection, open_copy_target
-from .lite_process import LiteProcess
+from hiervec_core.lazy import lazy_exports
+
+_EXPORTS = {
+    "DEFAULT_URI": ".connection",
+    "ConnectionSettings": ".connection",
+    "CollectionNotFoundError": ".errors",
+    "FilterError": ".errors",
+    "LevelVectorMissingError": ".errors",
+    "QueryError": ".errors",
+    "RecordError": ".errors",
+    "RecordNotFoundError": ".errors",
+    "SchemaMismatchError": ".errors",
+    "StoreConnectionError": ".errors",
+    "StoreUnavailableError": ".errors",
+    "StoreError": ".errors",
+    "UnknownLevelError": ".errors",
+    "UnsupportedIndexError": ".errors",
+    "VectorFieldLimitError": ".errors",
+    "Features": ".features",
+    "And": ".filters",
+    "Confident": ".filters",
+    "Eq": ".filters",
+    "Filter": ".filters",
+    "Ids": ".filters",
+    "In": ".filters",
+    "Meta": ".filters",
+    "Not": ".filters",
+    "Or": ".filters",
+    "Predicted": ".filters",
+    "Under": ".filters",
+    "as_filter": ".filters",
+    "both": ".filters",
+    "category_filter": ".filters",
+    "quote_literal": ".filters",
+    "render": ".filters",
+    "resolve_category": ".filters",
+    "under": ".filters",
+    "Hit": ".records",
+    "Record": ".records",
+    "content_id": ".records",
+    "path_uri": ".records",
+    "printable": ".records",
+    "uri_path": ".records",
+    "LevelVectors": "hiervec_core.vectors",
+    "LITE_INDEXES": ".spec",
+    "SERVER_INDEXES": ".spec",
+    "CollectionSpec": ".spec",
+    "FieldNames": ".spec",
+    "field_names": ".spec",
+    "HierStore": ".store",
+    "AliasChange": ".aliases",
+    "Aliases": ".aliases",
+    "MoveReport": ".moves",
+    "move_category": ".moves",
+    "CopyReport": ".copy",
+    "copy_collection": ".copy",
+    "open_copy_target": ".copy",
+    "LiteProcess": ".lite_process",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "AliasChange", "Aliases", "And", "MoveReport", "move_category", "CategoryPredictor", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "SearchRequest", "UnknownLevelError", "SearchResult", "CollectionNotFoundError", "CopyReport", "copy_collection", "open_copy_target", "DuplicateItem", "FailedItem", "ImageEmbedder", "ImageIndex", "IngestItem", "IngestReport", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
-    "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "LiteProcess", "Meta", "Not", "Or", "Predicted", "Record", "RecordError", "RelabelReport", "Route",
+    "AliasChange", "Aliases", "And", "MoveReport", "move_category", "Confident", "LevelVectors", "QueryError", "RecordNotFoundError", "UnknownLevelError", "CollectionNotFoundError", "CopyReport", "copy_collection", "open_copy_target", "CollectionSpec", "ConnectionSettings", "DEFAULT_URI", "Eq", "FieldNames",
+    "Filter", "FilterError", "HierStore", "Hit", "Ids", "In", "LITE_INDEXES", "LiteProcess", "Meta", "Not", "Or", "Predicted", "Record", "RecordError",
     "SERVER_INDEXES", "SchemaMismatchError", "LevelVectorMissingError", "VectorFieldLimitError", "Features", "StoreConnectionError", "StoreError", "StoreUnavailableError", "Under", "UnsupportedIndexError",
     "as_filter", "both", "category_filter", "content_id", "path_uri", "printable", "field_names", "quote_literal", "render", "resolve_category", "under", "uri_path",
 ]

@@ -18,31 +18,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from .bucket import S3Bucket
 from .errors import StoreError
 from .spec import CollectionSpec
 from .store import HierStore, collection_schema
 
 BULK_EXTRA = "pip install 'pymilvus[bulk_writer]'"
 CHUNK_BYTES = 256 * 1024 * 1024  # one Parquet file per ~256 MB of rows (Milvus imports files up to 16 GB)
-
-
-@dataclass(frozen=True)
-class S3Bucket:
-    """The S3/MinIO bucket the Milvus server reads (its `minio.*` settings). Keys default to
-    $HIERVEC_S3_ACCESS_KEY / $HIERVEC_S3_SECRET_KEY, else MinIO's own defaults (docker-compose.yml)."""
-
-    endpoint: str = "localhost:9000"
-    bucket: str = "a-bucket"
-    prefix: str = "hiervec-bulk"
-    secure: bool = False
-    access_key: str | None = None
-    secret_key: str | None = None
-
-    def __repr__(self) -> str:  # keys never appear in logs or errors
-        return f"S3Bucket(endpoint={self.endpoint!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
 
 
 def _bulk_writer():
@@ -108,8 +92,7 @@ def import_files(store: HierStore, batch_files: Sequence[Sequence[str]], *, poll
     {job_id, rows, seconds}. `progress(rows)` gets the rows imported so far; a job that imports
     other than `expected_rows` (when given) is an error."""
     if store.lite:
-        raise StoreError("Milvus Lite has no bulk import: write with `hiervec ingest` (without --bulk), or "
-                         "import into a Milvus server")
+        raise StoreError("Milvus Lite has no bulk import: upsert the rows instead, or import into a Milvus server")
     if not batch_files:
         return {"job_id": None, "rows": 0, "seconds": 0.0}
     bw = _bulk_writer()

@@ -85,7 +85,7 @@ def move_category(store: HierStore, source: str, target: str, *, merge: bool = F
         raise FilterError(f"nothing is stored under {source!r} at level {level!r} (nothing was changed)")
     already = store.count(Eq(level, target))
     if already and not merge and not resumed:
-        raise StoreError(f"{target!r} already holds {already} images: pass merge (--merge) to put those of "
+        raise StoreError(f"{target!r} already holds {already} images: pass merge=True to put those of "
                          f"{source!r} with them (nothing was changed)")
     longest = max((len(v) for v in store.category_counts(store.spec.level_names[-1], where=Eq(level, source))),
                   default=0)

@@ -337,7 +337,7 @@ class HierStore(MilvusConnection):
             raise StoreError(
                 f"{self.features.name} at {self.settings.display_uri!r} files upserted rows under the wrong partition "
                 f"of a partition key (milvus-io/milvus#30607, fixed in 2.3.10), so filters on "
-                f"{self.spec.partition_key!r} would miss them: use --partition-key none here, or Milvus 2.3.10 or "
+                f"{self.spec.partition_key!r} would miss them: use partition_key='' (none) here, or Milvus 2.3.10 or "
                 f"newer. Nothing was created.")
 
     def _check_vector_fields(self, refused_at: int | None = None) -> None:
@@ -357,9 +357,9 @@ class HierStore(MilvusConnection):
         if needed <= limit:
             return
         kept = ", ".join(self.spec.kept_vector_levels)
-        fit = ("--level-vectors none (the image vector only)" if limit == 1 else
-               f"--level-vectors none (the image vector only) or at most {limit - 1} levels, e.g. "
-               f"--level-vectors {','.join(self.spec.level_names[-(limit - 1):])}")
+        fit = ("vector_levels=() (the image vector only)" if limit == 1 else
+               f"vector_levels=() (the image vector only) or at most {limit - 1} levels, e.g. "
+               f"vector_levels={tuple(self.spec.level_names[-(limit - 1):])!r}")
         if features.vector_fields_configurable and limit < MAX_VECTOR_FIELDS:
             setting = (f"raise the server's {VECTOR_FIELD_SETTING} to {needed} or more (at most "
                        f"{MAX_VECTOR_FIELDS}; docker-compose.yml and deploy/ set {MAX_VECTOR_FIELDS}), or ")
@@ -892,7 +892,7 @@ class HierStore(MilvusConnection):
         return (f"collection {self.collection!r} keeps no vector field for level {level!r} (its layout keeps level "
                 f"vectors for {kept}), so it cannot search on that level's vector alone or fuse it; search with the "
                 f"image vector (filters by category still work), or ingest into a collection created with "
-                f"--level-vectors that include {level!r}")
+                f"vector_levels including {level!r}")
 
     def _queries(self, vectors, level: str | None) -> list[list[float]]:
         dim = self.spec.dim if level is None else self.spec.level_dim(level)

@@ -6,10 +6,18 @@ Rooms: `settings` (ServiceSettings), `core` (Service: model, collections, micro-
 limit, request counts), `app` (create_app).
 """
 
-from .app import create_app
-from .batching import MicroBatcher
-from .core import Service
-from .errors import ApiError
-from .settings import ServiceSettings, SettingsError
+from hiervec_core.lazy import lazy_exports
 
-__all__ = ["ApiError", "MicroBatcher", "Service", "ServiceSettings", "SettingsError", "create_app"]
+_EXPORTS = {
+    "create_app": ".app",
+    "MicroBatcher": ".batching",
+    "Service": ".core",
+    "ApiError": ".errors",
+    "ServiceSettings": ".settings",
+    "SettingsError": ".settings",
+    "ServerSettings": ".settings",
+    "run_server": ".server",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = ["ApiError", "MicroBatcher", "Service", "ServerSettings", "ServiceSettings", "SettingsError", "create_app", "run_server"]

@@ -37,9 +37,8 @@ from PIL import Image, UnidentifiedImageError
 from embedder import Embedder, ImageDecodeError
 from embedder.devices import available_cpus, set_threads
 from hiervec_core.vectors import LevelVectors
-from milvus_store import (
-    ConnectionSettings, HierStore, ImageIndex, LiteProcess, SearchRequest, SearchResult, content_id, uri_path,
-)
+from milvus_store import ConnectionSettings, HierStore, LiteProcess, content_id, uri_path
+from hiervec_app import ImageIndex, SearchRequest, SearchResult
 
 from .batching import MicroBatcher
 from .errors import ApiError

@@ -22,8 +22,10 @@ from collections import Counter
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEADER_TIMEOUT_S = 10.0
-MAX_CONNECTIONS_PER_CLIENT = 32
+from .settings import ServerSettings
+
+HEADER_TIMEOUT_S = ServerSettings.header_timeout_s
+MAX_CONNECTIONS_PER_CLIENT = ServerSettings.max_connections_per_client
 HEADER_END = b"\r\n\r\n"
 
 

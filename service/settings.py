@@ -1,4 +1,7 @@
-"""`ServiceSettings`: everything `hiervec serve` configures, with a bound on every size a client controls."""
+"""`ServiceSettings` (the service) and `ServerSettings` (the processes serving it): everything `hiervec
+serve` configures, with a bound on every size a client controls.
+
+Imports neither FastAPI nor torch: the CLI reads its options' defaults from these fields."""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from hiervec_core.names import DEFAULT_COLLECTION
+from hiervec_core.names import DEFAULT_COLLECTION, DEFAULT_DEVICE, DEFAULT_RUNTIME
+
+MB = 2**20
+MEGAPIXEL = 1_000_000
 
 
 class SettingsError(ValueError):
@@ -22,23 +28,23 @@ class ServiceSettings:
     collection: str = DEFAULT_COLLECTION
     token: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)
-    max_upload_bytes: int = 20 * 2**20
+    max_upload_bytes: int = 20 * MB
     max_k: int = 1000  # hits per query: k, or k x group_size when grouped
     max_files: int = 64  # images per POST /images
-    max_pixels: int = 40_000_000  # per uploaded image, read from its header before it is decoded
+    max_pixels: int = 40 * MEGAPIXEL  # per uploaded image, read from its header before it is decoded
     max_requests: int = 64  # requests in progress at once (more answer 503), a bound on bodies held
     max_batch: int = 32
     batch_window_ms: float = 0.0
     media_dir: str | os.PathLike | None = "hiervec-media"
     image_roots: tuple[str, ...] = ()
     optimize: bool = False  # embed through the traced, frozen model (embedder.inference.frozen_for_cpu)
-    device: str = "auto"  # where the model runs (embedder.devices.resolve_device)
+    device: str = DEFAULT_DEVICE  # where the model runs (embedder.devices.resolve_device)
     amp: bool = False  # mixed-precision embedding; stored and searched vectors stay float32
-    runtime: str = "auto"  # torch, onnxruntime, openvino; auto: the fastest installed (embedder.runtimes)
+    runtime: str = DEFAULT_RUNTIME  # torch, onnxruntime, openvino; auto: the fastest installed (embedder.runtimes)
     threads: int | None = None  # torch threads of each server process (None: torch's default)
     # A Milvus Lite `uri` is served from a process of its own (milvus_store.LiteProcess), so that
     # Lite's Python work does not share this process's interpreter lock with the service's.
-    lite_process: bool = False
+    lite_process: bool = True
     store_uri: str | None = None  # where the store is reached when not at `uri` (workers: the parent's Lite process)
     # How often the service checks where the alias it serves points (`service.core.Generation`); 0: never.
     alias_check_s: float = 2.0
@@ -64,3 +70,37 @@ class ServiceSettings:
     def from_json(cls, text: str) -> ServiceSettings:
         data = json.loads(text)
         return cls(**data | {"image_roots": tuple(data.get("image_roots", ()))})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server processes: where they listen, how many, and the connection guards below the app
+    (`service.guard`: a deadline on request headers, a bound on connections per client address)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    header_timeout_s: float = 10.0
+    max_connections_per_client: int = 32
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be in [0, 65535], got {self.port}")
+        if not 1 <= self.workers <= 256:
+            raise SettingsError(f"workers must be in [1, 256], got {self.workers}")
+        if not self.header_timeout_s > 0:
+            raise SettingsError(f"header_timeout_s must be positive, got {self.header_timeout_s}")
+        if self.max_connections_per_client < 1:
+            raise SettingsError(f"max_connections_per_client must be positive, got {self.max_connections_per_client}")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+        import ipaddress
+
+        if self.host.strip().lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: it may resolve to any address
+            return False

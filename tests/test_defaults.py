@@ -37,7 +37,8 @@ def test_registries_cover_exactly_the_names(monkeypatch):
 def test_the_cli_reads_its_choices_and_defaults_from_the_names():
     import inspect
 
-    from milvus_store import HierStore, ImageIndex
+    from milvus_store import HierStore
+    from hiervec_app import ImageIndex
     from service import ServiceSettings
 
     assert tuple(params("train")["backbone"].type.choices) == names.BACKBONES

@@ -9,10 +9,13 @@ import pytest
 
 import cli
 import embedder
+import hiervec_app
+import hiervec_core
 import milvus_store
+import scaleout
 import service
 
-MODULES = sorted(name for package in (embedder, milvus_store, cli, service)
+MODULES = sorted(name for package in (hiervec_core, embedder, milvus_store, hiervec_app, scaleout, cli, service)
                  for name in [package.__name__] + [f"{package.__name__}.{m.name}"
                                                     for m in pkgutil.iter_modules(package.__path__)])
 NEEDS_MILVUS = {"milvus_store.store"}  # its example opens a Milvus Lite file in a temporary folder

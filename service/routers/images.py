@@ -15,7 +15,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
-from milvus_store import FailedItem, ImageIndex, IngestItem, content_id
+from hiervec_app import ImageIndex, IngestItem
 from milvus_store.spec import META_MAX_DEPTH
 
 from ..core import UNREADABLE_IMAGE, Service, pixels_over
@@ -164,43 +164,40 @@ def _json_object(text: str, position: int) -> dict:
 
 def _add(service: Service, index: ImageIndex, uploads: Sequence[UploadFile], blobs: Sequence[bytes],
          categories: Sequence[str], ids: Sequence[str | None], metas: Sequence[dict]) -> list[ImageResult]:
-    """Store the uploads through `ImageIndex.ingest`; keep each stored one's file under the media folder."""
-    record_ids = [given or content_id(data) for given, data in zip(ids, blobs)]
-    first: dict[str, int] = {}
-    for position, rid in enumerate(record_ids):
-        first.setdefault(rid, position)
-    present = index.store.existing_ids(list(first))
-    planned = [service.media_path(rid) for rid in record_ids]
-    items = [IngestItem(data, cat, rid, meta, uri=str(path) if path else (upload.filename or ""))
-             for data, cat, rid, meta, path, upload in zip(blobs, categories, record_ids, metas, planned, uploads)]
-    too_big = {rid: problem for rid, data in zip(record_ids, blobs)
-               if (problem := pixels_over(data, service.settings.max_pixels))}
-    unique = [items[position] for position in first.values() if items[position].id not in too_big]
-    with service.writing:  # the first of each id wins, as in ingest; an upsert: a re-post updates
-        report = index.ingest(unique, skip_existing=False)
-    failed = {failure.id: failure for failure in report.failed}
-    failed |= {rid: FailedItem("", problem, "too_large", rid) for rid, problem in too_big.items()}
-    unlabelled = [item.id for item in items if item.category is None and item.id not in failed]
-    guessed = {hit.id: hit.category for hit in index.store.get(unlabelled)} if unlabelled else {}
+    """Store the uploads through the ingest pipeline (an upsert: a re-posted id is replaced); keep each
+    stored one's file under the media folder. Every result is the pipeline's outcome for that upload."""
+    items = [IngestItem(data, cat, rid, meta, uri=upload.filename or "")
+             for data, cat, rid, meta, upload in zip(blobs, categories, ids, metas, uploads)]
+    limit = service.settings.max_pixels
+
+    def too_large(item: IngestItem, data: bytes) -> tuple[str, str] | None:
+        problem = pixels_over(data, limit)
+        return ("too_large", problem) if problem else None
+
+    def media_uri(item: IngestItem, rid: str) -> str | None:
+        path = service.media_path(rid)
+        return str(path) if path is not None else None
+
+    with service.writing:
+        report = index.ingest(items, skip_existing=False, check=too_large, uri_of=media_uri)
     results = []
-    for position, (item, path, upload) in enumerate(zip(items, planned, uploads)):
-        if first[item.id] != position:
-            same = first[item.id]
-            results.append(ImageResult(filename=upload.filename, id=item.id, status="duplicate",
+    for outcome, upload, item in zip(report.items, uploads, items):
+        if outcome.status == "duplicate":
+            same = outcome.same_as
+            results.append(ImageResult(filename=upload.filename, id=outcome.id, status="duplicate",
                                        reason=f"the same image (id) as upload #{same + 1} "
                                               f"({uploads[same].filename}), which is the one stored"))
-            continue
-        failure = failed.get(item.id)
-        if failure is not None:
-            reason = f"not an image: {failure.reason}" if failure.stage == "decode" else failure.reason
-            results.append(ImageResult(filename=upload.filename, id=item.id, status="failed", reason=reason,
-                                       stage=failure.stage))
-            continue
-        if path is not None:  # the record's new bytes, also when an id is uploaded again
-            _write_atomically(path, item.source)
-        results.append(ImageResult(filename=upload.filename, id=item.id,
-                                   status="updated" if item.id in present else "stored",
-                                   predicted_path=guessed.get(item.id)))
+        elif outcome.status == "failed":
+            reason = f"not an image: {outcome.reason}" if outcome.stage == "decode" else outcome.reason
+            results.append(ImageResult(filename=upload.filename, id=outcome.id or "", status="failed", reason=reason,
+                                       stage=outcome.stage))
+        else:
+            path = service.media_path(outcome.id)
+            if path is not None:  # the record's new bytes, also when an id is uploaded again
+                _write_atomically(path, item.source)
+            results.append(ImageResult(filename=upload.filename, id=outcome.id,
+                                       status="updated" if outcome.replaced else "stored",
+                                       predicted_path=outcome.category if outcome.predicted else None))
     return results
 
 

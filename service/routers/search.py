@@ -9,8 +9,8 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from hiervec_core.names import FUSIONS, PREDICTED_CHOICES
-from milvus_store import SearchRequest
-from milvus_store.search import parse_level_weights, parse_where
+from hiervec_app import SearchRequest
+from hiervec_app.search import parse_level_weights, parse_where
 
 from ..deps import ServiceDep
 from ..errors import ApiError, responses

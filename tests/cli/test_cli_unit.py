@@ -174,7 +174,7 @@ def test_filters_read_the_collections_categories_only_when_the_models_cannot_set
     from types import SimpleNamespace
 
     from cli.filters import parse_pairs
-    from milvus_store import ImageIndex, SearchRequest
+    from hiervec_app import ImageIndex, SearchRequest
 
     reads = []
 

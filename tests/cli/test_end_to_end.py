@@ -89,7 +89,8 @@ def test_errors_are_one_line_and_write_nothing(workspace, tmp_path):
     run("train", tree, "--out", other, "--levels", "department,category,item", "--backbone", "resnet18",
         "--weights", "none", "--epochs", "1", "--steps-per-epoch", "1", "--image-size", "32", "--dim", "8",
         "--seed", "7", "--leaf-softmax", "0.5", "--json")
-    assert load_checkpoint(other).train_state["loss_weights"]["softmax"] == [0.05, 0.05, 0.5]
+    assert load_checkpoint(other).train_state["loss_weights"]["softmax"] == {
+        "department": 0.05, "category": 0.05, "item": 0.5}
     result = run("ingest", tree, "--model", other, "--uri", db, ok=False)
     assert result.exit_code == 1 and "model fingerprint" in result.stderr
     assert run_json("info", "--uri", db)["count"] == len(LEAVES) * PER_LEAF
@@ -118,7 +119,7 @@ def test_broken_files_are_reported_and_strict_fails(workspace, tmp_path):
 
 def test_interrupted_ingest_resumes_with_every_image_once(workspace, tmp_path):
     from embedder import Embedder
-    from milvus_store import ImageIndex, IngestItem
+    from hiervec_app import ImageIndex, IngestItem
 
     _, tree, model = workspace
     db = tmp_path / "h.db"
@@ -144,7 +145,7 @@ def test_interrupted_ingest_resumes_with_every_image_once(workspace, tmp_path):
 
 def test_ingest_with_one_decode_worker_completes(workspace, tmp_path):
     from embedder import Embedder
-    from milvus_store import ImageIndex, IngestItem
+    from hiervec_app import ImageIndex, IngestItem
 
     _, tree, model = workspace
     paths = all_images(tree)

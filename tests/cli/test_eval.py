@@ -70,7 +70,7 @@ def test_eval_refuses_to_add_to_an_existing_collection_and_keep_needs_a_store(wo
 
 
 def test_map_at_r_is_null_with_a_reason_and_singletons_are_left_out(workspace, tmp_path, monkeypatch):
-    import cli.evaluation
+    import hiervec_app.evaluation
 
     _, tree, model = workspace
     lonely = tmp_path / "tree"
@@ -79,7 +79,7 @@ def test_map_at_r_is_null_with_a_reason_and_singletons_are_left_out(workspace, t
     shutil.copy(tree / "footwear/boots/boot/0.png", lonely / "footwear/sandals/sandal/0.png")
     (lonely / "footwear/sandals/sandal/0.png").write_bytes(  # other bytes: another id
         (tree / "footwear/boots/boot/0.png").read_bytes() + b"\0")
-    monkeypatch.setattr(cli.evaluation, "MAX_TOPK", PER_LEAF - 1)  # a category's R+1 = 6 hits no longer fits
+    monkeypatch.setattr(hiervec_app.evaluation, "MAX_TOPK", PER_LEAF - 1)  # a category's R+1 = 6 hits no longer fits
     metrics = run_json("eval", lonely, "--model", model, "-k", "3")
     assert metrics["left_out"] == 1 and metrics["queries"] == len(LEAVES) * PER_LEAF
     assert metrics["collection"] == len(LEAVES) * PER_LEAF + 1

@@ -26,7 +26,7 @@ def test_move_renames_a_subtree_and_filters_follow(workspace, tmp_path):
                                                                    "clothing/upper-body/coat"}
 
     refused = run("move", "--from", "clothing/upper-body", "--to", "clothing/bottoms", "--uri", db, ok=False)
-    assert refused.exit_code == 1 and "already holds 6 images: pass merge (--merge)" in refused.stderr
+    assert refused.exit_code == 1 and "already holds 6 images: pass --merge to put" in refused.stderr
     refused = run("move", "--from", "clothing", "--to", "clothing/x", "--uri", db, ok=False)
     assert refused.exit_code == 1 and "keeps the number of levels" in refused.stderr
     merged = run("move", "--from", "clothing/upper-body", "--to", "clothing/bottoms", "--merge", "--uri", db).stdout

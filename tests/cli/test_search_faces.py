@@ -126,15 +126,24 @@ def test_a_model_under_the_model_root_is_found_under_another_machines_root(inges
 
 def test_a_collection_without_a_recorded_model_asks_for_one(workspace, tmp_path):
     from embedder import Embedder
-    from milvus_store import ImageIndex, IngestItem
+    from hiervec_app import ImageIndex, IngestItem
 
     _, tree, model = workspace
     db = tmp_path / "lib.db"
-    with ImageIndex.open(Embedder.from_checkpoint(model, device="cpu"), db) as index:  # the library records nothing
-        index.ingest([IngestItem(tree / "clothing/tops/shirt/0.png", "clothing/tops/shirt")])
+    with ImageIndex.open(Embedder.from_checkpoint(model, device="cpu"), db) as index:  # told to record nothing
+        report = index.ingest([IngestItem(tree / "clothing/tops/shirt/0.png", "clothing/tops/shirt")],
+                              record_model=False)
+        assert report.model_recorded is None and index.store.model_location is None
     result = run("search", tree / "clothing/tops/shirt/0.png", "--uri", db, ok=False)
     assert result.exit_code == 2 and "does not record the model that filled it" in result.stderr and "--model" in \
         result.stderr
+
+    # an app's ingest records where the model lives, as every face's does: then searches find it
+    with ImageIndex.open(Embedder.from_checkpoint(model, device="cpu"), db) as index:
+        report = index.ingest([IngestItem(tree / "clothing/tops/coat/0.png", "clothing/tops/coat")])
+        assert report.model_recorded == str(model.resolve()) == index.store.model_location
+    found = hits_of(run_json("search", tree / "clothing/tops/shirt/0.png", "--uri", db, "-k", "2"))
+    assert {hit["id"] for hit in found} == {sha256(tree / "clothing/tops/shirt/0.png"), *report.ids}
 
 
 def test_a_bug_is_a_traceback_not_an_error_message(ingested, monkeypatch):
@@ -155,7 +164,7 @@ def test_a_bug_is_a_traceback_not_an_error_message(ingested, monkeypatch):
 
 def test_long_phases_report_progress(ingested):
     """eval's searches (minutes on a real catalogue) advance a progress bar, as ingest does."""
-    from cli.evaluation import evaluate_collection
+    from hiervec_app.evaluation import evaluate_collection
     from milvus_store import HierStore
 
     _, _, db = ingested

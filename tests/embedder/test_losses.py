@@ -61,11 +61,19 @@ def test_hierarchical_loss_is_the_weighted_sum_of_its_logged_parts():
     }
     assert parts == pytest.approx(expected)
     assert float(total) == pytest.approx(sum(expected.values()))
+    # keyed by level name (a level left out weighs 0): the same loss as the positional form
+    keyed = LossWeights(contrastive=2.0, level_contrastive={"dept": 0.5}, softmax={"item": 3.0, "dept": 1.0})
+    assert HierarchicalLoss(("dept", "item"), keyed, margin=1.0)(out, labels)[1] == pytest.approx(expected)
+    assert keyed.by_level("level_contrastive", ("dept", "item")) == {"dept": 0.5, "item": 0.0}
+    assert keyed.to_dict()["softmax"] == {"item": 3.0, "dept": 1.0}  # what a checkpoint records: by name
 
 
 def test_hierarchical_loss_rejects_wrong_weight_counts_and_all_zero():
     with pytest.raises(ValueError, match="softmax weights need one value per level"):
         HierarchicalLoss(("a", "b"), LossWeights(softmax=(1.0,)))
+    with pytest.raises(ValueError, match=r"softmax weights name levels the model does not have: \['c'\] \(its "
+                                         r"levels: a, b\)"):
+        HierarchicalLoss(("a", "b"), LossWeights(softmax={"c": 1.0}))
     out = PyramidOutput((), torch.zeros(2, 2), (None, None))
     with pytest.raises(ValueError, match="every loss weight is zero"):
         HierarchicalLoss(("a", "b"), LossWeights(contrastive=0.0, softmax=(1.0, 0.0)))(out, torch.zeros(2, 2, dtype=torch.long))
@@ -86,7 +94,7 @@ def test_classifiers_without_a_softmax_weight_learn_without_moving_the_vectors(m
     # the probe's gradient reaches its classifier, never the head that makes the vector
     model.zero_grad()
     out = model(torch.rand(4, 3, 32, 32))
-    probe_only = criterion._probes(out, labels, weights.softmax)["probe_item"]
+    probe_only = criterion._probes(out, labels, criterion.softmax)["probe_item"]
     probe_only.backward()
     leaf_head = model.heads["item" if mode == "pyramid" else "image"]
     assert model.classifiers["item"].weight.grad.abs().sum() > 0

@@ -85,7 +85,8 @@ def test_calibration_lowers_held_out_nll_and_ece():
         expected_calibration_error(torch.softmax(test_logits, 1), test_labels)
 
     report = calibrate({"a": fit_logits}, np.stack([fit_labels, fit_labels], 1), ("a", "b"))
-    assert report["temperatures"][0] == pytest.approx(t) and report["temperatures"][1] == 1.0
+    assert list(report["temperatures"]) == ["a", "b"]  # keyed by level name
+    assert report["temperatures"]["a"] == pytest.approx(t) and report["temperatures"]["b"] == 1.0
     assert report["nll_after"]["a"] < report["nll_before"]["a"] and "b" not in report["ece_before"]
 
 
@@ -93,3 +94,16 @@ def test_expected_calibration_error_by_hand():
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     labels = np.array([0, 1, 0, 0])  # bin 0.9: accuracy 0.5; bin 0.6: accuracy 1.0
     assert expected_calibration_error(probs, labels, bins=10) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def test_temperatures_are_keyed_by_level_and_older_files_lists_still_read():
+    from embedder.checkpoint import temperatures_by_level
+
+    levels = ("department", "category", "item")
+    assert temperatures_by_level([2.0, 1.5, 3.0], levels) == {"department": 2.0, "category": 1.5, "item": 3.0}
+    assert temperatures_by_level({"item": 3.0}, levels) == {"department": 1.0, "category": 1.0, "item": 3.0}
+    assert temperatures_by_level(None, levels) == dict.fromkeys(levels, 1.0)
+    with pytest.raises(ConfigError, match=r"temperatures name levels the model does not have: \['size'\]"):
+        temperatures_by_level({"size": 2.0}, levels)
+    with pytest.raises(ConfigError, match="expected 3 temperatures, one per level, got \\[2.0\\]"):
+        temperatures_by_level([2.0], levels)

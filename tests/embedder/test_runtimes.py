@@ -215,5 +215,5 @@ def test_an_export_that_never_matches_torch_is_refused_in_one_line(runtime, tmp_
 
     monkeypatch.setattr(runtimes, "export", broken_export)
     with pytest.raises(ConfigError, match=f"the {runtime} export of this model .* cannot be loaded .*; run with "
-                                          "--runtime torch, or remove that folder"):
+                                          "runtime='torch', or remove that folder"):
         runtimes.runner_for(runtime, model)

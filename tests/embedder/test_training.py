@@ -106,13 +106,17 @@ def test_default_loss_gives_the_leaf_a_softmax_only_for_well_populated_leaf_clas
     config = tiny_config(hierarchy)
     classes = np.repeat(np.arange(4), 20)  # 20 images per leaf: classes
     products = np.repeat(np.arange(4), 5)  # 5 photos per leaf: products
-    assert TrainConfig().loss_weights(config, classes) == LossWeights(contrastive=1.0, softmax=(0.05, 0.05, 1.0))
-    assert TrainConfig().loss_weights(config, products) == LossWeights(contrastive=1.0, softmax=(0.05, 0.05, 0.0))
+    levels = config.level_names
+    assert TrainConfig().loss_weights(config, classes) == LossWeights(
+        contrastive=1.0, softmax=dict(zip(levels, (0.05, 0.05, 1.0))))
+    assert TrainConfig().loss_weights(config, products).by_level("softmax", levels) == dict(
+        zip(levels, (0.05, 0.05, 0.0)))
     # the median decides: one huge leaf does not switch it on for many small ones
     skewed = np.concatenate([np.zeros(500, dtype=int), np.repeat(np.arange(1, 4), 5)])
-    assert TrainConfig().loss_weights(config, skewed).softmax[-1] == 0.0
-    assert TrainConfig(leaf_softmax=0.3).loss_weights(config, products).softmax == (0.05, 0.05, 0.3)
-    assert TrainConfig(leaf_softmax=0.0).loss_weights(config, classes).softmax == (0.05, 0.05, 0.0)
+    assert TrainConfig().loss_weights(config, skewed).softmax[levels[-1]] == 0.0
+    assert TrainConfig(leaf_softmax=0.3).loss_weights(config, products).by_level("softmax", levels) == dict(
+        zip(levels, (0.05, 0.05, 0.3)))
+    assert TrainConfig(leaf_softmax=0.0).loss_weights(config, classes).softmax[levels[-1]] == 0.0
     explicit = LossWeights(contrastive=2.0)
     assert TrainConfig(loss=explicit, leaf_softmax=1.0).loss_weights(config, classes) is explicit
     flat = tiny_config(hierarchy, mode="flat")
@@ -129,10 +133,12 @@ def test_train_logs_and_records_the_loss_weights_it_used(tmp_path):
     lines = []
     tc = TrainConfig(**{**TINY_TRAIN.__dict__, "leaf_softmax": 1.0})
     train(images, labels, hierarchy, tiny_config(hierarchy), tc, out=tmp_path / "m.pt", log=lines.append)
-    assert "loss weights: contrastive 1.0, softmax per level [0.05, 0.05, 1.0]" in lines
+    names = hierarchy.level_names
+    assert f"loss weights: contrastive 1.0, softmax per level {dict(zip(names, (0.05, 0.05, 1.0)))}" in lines
     assert any("softmax_item" in line for line in lines) and not any("probe_item" in line for line in lines)
     saved = load_checkpoint(tmp_path / "m.pt").train_state
-    assert saved["loss_weights"]["softmax"] == [0.05, 0.05, 1.0] and saved["train_config"]["leaf_softmax"] == 1.0
+    assert saved["loss_weights"]["softmax"] == dict(zip(names, (0.05, 0.05, 1.0)))  # keyed by level name
+    assert saved["train_config"]["leaf_softmax"] == 1.0
 
 
 @pytest.mark.unit

@@ -64,7 +64,7 @@ def test_a_stock_server_refusal_names_the_setting_and_the_layouts_that_fit(monke
     message = str(info.value)
     for part in ("needs 6 vector fields", "Milvus 2.5.14 at 'http://milvus:19530' takes 4 per collection",
                  "raise the server's proxy.maxVectorFieldNum to 6 or more (at most 10", "docker-compose.yml",
-                 "--level-vectors none", "at most 3 levels, e.g. --level-vectors c,d,e", "Nothing was created"):
+                 "vector_levels=()", "at most 3 levels, e.g. vector_levels=('c', 'd', 'e')", "Nothing was created"):
         assert part in message, message
     assert RefusingServer.created == []
     # Eleven vector fields fit no server: refused before asking.
@@ -103,7 +103,7 @@ class TestLayoutsOnEveryTarget:
             return
         with pytest.raises(VectorFieldLimitError, match=r"needs 6 vector fields.*takes 1 per collection; use a Milvus "
                                                         r"2.4 or newer server, or keep fewer level vectors: "
-                                                        r"--level-vectors none"):
+                                                        r"vector_levels=\(\)"):
             HierStore(target.uri, name, spec=spec)
         with pytest.raises(CollectionNotFoundError):
             HierStore(target.uri, name)
@@ -117,7 +117,7 @@ class TestLayoutsOnEveryTarget:
             query = np.asarray(records[9].vector)
             [hits] = store.search(query, k=7, where=under("d2"))
             assert_same_neighbours(hits, records, query, 7, keep=lambda r: levels_of(r)["department"] == "d2")
-            with pytest.raises(LevelVectorMissingError, match="keeps no vector field for level 'item'.*--level-vectors"):
+            with pytest.raises(LevelVectorMissingError, match="keeps no vector field for level 'item'.*vector_levels including 'item'"):
                 store.search(np.zeros(8), k=3, level="item")
             stored = store.embeddings([records[1].id, records[2].id])
             expected = levels_from_concat(np.stack([records[1].vector, records[2].vector]),

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 
 from hiervec_core.vectors import LevelVectors
-from milvus_store import Aliases, HierStore, ImageIndex, IngestItem
-from milvus_store.reindex import stored_items, stored_root
+from milvus_store import Aliases, HierStore
+from hiervec_app import ImageIndex, IngestItem
+from hiervec_app.reindex import stored_items, stored_root
 
 from .conftest import fresh_collection
 from .helpers import LEAVES, LEVELS

@@ -57,7 +57,14 @@ def test_ingest_stores_every_valid_file_once_and_reports_the_rest(tmp_path, tiny
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     result = json.loads(first.stdout)
-    assert result == json.loads(report.read_text())
+    written = json.loads(report.read_text())
+    assert result == {key: value for key, value in written.items() if key != "items"}
+    # the --report file also holds every listed item's outcome, in listing order
+    statuses = [item["status"] for item in written["items"]]
+    assert statuses.count("stored") == result["stored"] and len(statuses) == result["seen"] - sum(
+        1 for f in result["failures"] if f["stage"] == "listing")
+    assert {item["source"] for item in written["items"] if item["status"] == "failed"} <= {
+        f["source"] for f in result["failures"]}
     stored = [c for c in cases if c.stored]
     skipped = [c for c in cases if not c.stored]
     assert (result["stored"], result["failed"], result["count"]) == (len(stored), len(skipped), len(stored))

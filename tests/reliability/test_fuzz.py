@@ -65,7 +65,7 @@ def test_the_store_takes_every_good_row_and_names_every_bad_one(tmp_path_factory
 @pytest.fixture(scope="module")
 def api(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-api")
-    service = Service.open(ServiceSettings(model=str(tiny_model), uri=str(folder / "f.db"),
+    service = Service.open(ServiceSettings(lite_process=False, model=str(tiny_model), uri=str(folder / "f.db"),
                                            media_dir=str(folder / "media"), api_key="fuzz-k3y"))
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
         yield client, {}

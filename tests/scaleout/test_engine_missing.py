@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from scaleout import EngineMissingError
-from scaleout.ray_ingest import import_ray
+from scaleout.ray_engine import import_ray
 
 
 @pytest.mark.unit

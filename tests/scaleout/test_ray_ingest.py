@@ -19,7 +19,8 @@ from PIL import Image
 
 from cli.main import cli
 from embedder import Embedder, read_source
-from milvus_store import HierStore, ImageIndex, IngestItem, path_uri
+from milvus_store import HierStore, path_uri
+from hiervec_app import ImageIndex, IngestItem
 from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
 
 from ..conftest import LEAVES
@@ -33,8 +34,8 @@ pytestmark = pytest.mark.lite
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """12 images over 4 leaves, a copy of one under another name, a truncated PNG, a text file
-    with an image's name, an empty file, and an unlabelled image at the root."""
+    """12 images over 4 leaves, a copy of one under another name, a truncated PNG and a copy of it,
+    a text file with an image's name, an empty file, and an unlabelled image at the root."""
     root = tmp_path_factory.mktemp("ray-tree")
     rng = np.random.default_rng(3)
     for n, leaf in enumerate(LEAVES):
@@ -45,6 +46,7 @@ def tree(tmp_path_factory):
             Image.fromarray(pixels).save(root / leaf / f"{i}.png")
     shutil.copy(root / LEAVES[0] / "0.png", root / LEAVES[1] / "copy-of-shirt-0.png")
     (root / LEAVES[2] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    shutil.copy(root / LEAVES[2] / "broken.png", root / LEAVES[3] / "broken-again.png")
     (root / LEAVES[3] / "text.png").write_text("not an image at all")
     (root / LEAVES[3] / "empty.png").write_bytes(b"")
     Image.fromarray(rng.integers(0, 255, size=(36, 36, 3), dtype=np.uint8)).save(root / "unlabelled.png")
@@ -111,7 +113,7 @@ def assert_same_collection(uri: str, single_uri: str, collection: str = "images"
 
 def test_ray_ingest_stores_what_the_single_process_ingest_stores(tree, tiny_model, single, local_ray, tmp_path):
     single_uri, want = single
-    assert (want.stored, want.predicted, len(want.failed), len(want.duplicates)) == (13, 1, 3, 1)  # the tree
+    assert (want.stored, want.predicted, len(want.failed), len(want.duplicates)) == (13, 1, 4, 1)  # the tree
     uri = str(tmp_path / "ray.db")
     seen = []
     report = run_ray(tree, tiny_model, uri, RayOptions(actors=2, cpus_per_actor=0.5, batch_size=4),
@@ -122,11 +124,15 @@ def test_ray_ingest_stores_what_the_single_process_ingest_stores(tree, tiny_mode
     assert [(d.source, d.same_as, d.id) for d in report.duplicates] == [
         (d.source, d.same_as, d.id) for d in want.duplicates]
     assert sorted(report.ids) == sorted(want.ids) and sum(seen) == report.seen
+    assert report.items == want.items  # every item's outcome, in listing order: the pipeline's rules, once
+    assert {o.status for o in want.items} == {"stored", "duplicate", "failed"}
     assert_same_collection(uri, single_uri)
 
     again = run_ray(tree, tiny_model, uri, RayOptions(actors=1, batch_size=8))
     assert (again.stored, again.skipped_present, len(again.duplicates)) == (0, 13, 1)
     assert failures_of(again) == failures_of(want)
+    assert [o.status for o in again.items] == [
+        "present" if o.status == "stored" else o.status for o in want.items]
     assert len(stored(uri)) == 13
 
 
@@ -158,7 +164,7 @@ def test_the_cli_runs_the_ray_engine(tree, tiny_model, single, tmp_path):
                                       "--collection", "images", "--engine", "ray", "--actors", "2",
                                       "--runtime", "torch", "--batch-size", "4", "--json"])
     assert result.exit_code == 0, (result.output, result.exception)
-    assert '"stored": 13' in result.output and '"failed": 3' in result.output
+    assert '"stored": 13' in result.output and '"failed": 4' in result.output
     assert_same_collection(uri, single[0])
 
     # reindex on the same engine (here with the same model: the same rows, predictions made again)
@@ -279,7 +285,7 @@ def test_an_address_where_nothing_answers_is_one_line_within_the_timeout(tree, t
     import socket
     import time
 
-    from scaleout.ray_ingest import check_reachable
+    from scaleout.ray_engine import check_reachable
 
     from ..servers import free_port
 

@@ -58,7 +58,7 @@ def catalogue(tmp_path_factory, tiny_model) -> Catalogue:
 
 
 def ingest_catalogue(service, catalogue: Catalogue) -> list[str]:
-    from milvus_store import IngestItem
+    from hiervec_app import IngestItem
 
     items = [IngestItem(path, leaf, uri=str(path)) for leaf, paths in catalogue.files.items() for path in paths]
     report = service.index(None).ingest(items)

@@ -19,7 +19,7 @@ TOTAL = len(LEAVES) * PER_LEAF
 
 
 def open_service(catalogue, tmp_path, **overrides) -> Service:
-    settings = ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "api.db"),
+    settings = ServiceSettings(lite_process=False, model=str(catalogue.model), uri=str(tmp_path / "api.db"),
                                media_dir=str(tmp_path / "media"), image_roots=(str(catalogue.tree),), **overrides)
     return Service.open(settings)
 
@@ -59,7 +59,7 @@ def test_search_by_upload_matches_the_library(filled, catalogue):
     assert response.status_code == 200, response.text
     body = response.json()
     hits = body["hits"]
-    from milvus_store import SearchRequest
+    from hiervec_app import SearchRequest
 
     expected = service.index(None).search(SearchRequest(k=6), [query])[0].hits
     assert [h["id"] for h in hits] == [h.id for h in expected]
@@ -277,7 +277,7 @@ def test_a_value_error_from_a_bug_is_a_500_with_its_traceback_logged(catalogue, 
 
 
 def test_fused_search_and_search_by_id_match_the_library(filled, catalogue):
-    from milvus_store import SearchRequest
+    from hiervec_app import SearchRequest
 
     service, client = filled
     query = sha(catalogue.files["footwear/boots/boot"][1])
@@ -519,7 +519,7 @@ def test_hits_link_a_file_exactly_when_it_is_served(catalogue, tmp_path):
     (root / "leak.png").symlink_to(secret)  # a link inside the root to a file outside it
     (outside / "back.png").symlink_to(inside)  # a link outside the root to a file inside it
     (root / "up").symlink_to(outside, target_is_directory=True)  # a folder link out of the root
-    settings = ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "files.db"), media_dir=None,
+    settings = ServiceSettings(lite_process=False, model=str(catalogue.model), uri=str(tmp_path / "files.db"), media_dir=None,
                                image_roots=(str(root),))
     service = Service.open(settings)
     try:
@@ -543,7 +543,7 @@ def test_files_outside_the_image_roots_are_not_served(empty, tmp_path):
     secret = tmp_path / "elsewhere" / "secret.png"
     secret.parent.mkdir()
     secret.write_bytes(png_bytes((0, 0, 0), 9))
-    from milvus_store import IngestItem
+    from hiervec_app import IngestItem
 
     service.index(None).ingest([IngestItem(secret, "a/b/c", id="outside", uri=str(secret))])
     record = client.get("/images/outside", headers=KEY).json()
@@ -681,7 +681,7 @@ def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
 def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled, catalogue):
     import asyncio
 
-    from milvus_store import SearchRequest
+    from hiervec_app import SearchRequest
 
     service, _ = filled
     index = service.index(None)
@@ -736,7 +736,8 @@ def test_a_moved_alias_is_followed_and_a_request_keeps_the_generation_it_arrived
     import torch
 
     from embedder import Embedder, EmbedderConfig, Hierarchy, PyramidEmbedder, save_checkpoint
-    from milvus_store import Aliases, ImageIndex, IngestItem
+    from milvus_store import Aliases
+    from hiervec_app import ImageIndex, IngestItem
 
     from ..conftest import LEVELS
 

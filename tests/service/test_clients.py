@@ -33,7 +33,7 @@ def served(catalogue, tmp_path_factory):
     from service import Service, ServiceSettings
 
     folder = tmp_path_factory.mktemp("clients")
-    service = Service.open(ServiceSettings(model=str(catalogue.model), uri=str(folder / "clients.db"),
+    service = Service.open(ServiceSettings(lite_process=False, model=str(catalogue.model), uri=str(folder / "clients.db"),
                                            media_dir=str(folder / "media"), image_roots=(str(catalogue.tree),),
                                            api_key=KEY))
     ingest_catalogue(service, catalogue)

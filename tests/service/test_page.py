@@ -29,7 +29,7 @@ def page_server(catalogue, tmp_path):
     from service import Service, ServiceSettings
 
     model, uri = os.environ.get("HIERVEC_PAGE_MODEL"), os.environ.get("HIERVEC_PAGE_URI")
-    settings = ServiceSettings(model=model or str(catalogue.model), uri=uri or str(tmp_path / "page.db"),
+    settings = ServiceSettings(lite_process=False, model=model or str(catalogue.model), uri=uri or str(tmp_path / "page.db"),
                                image_roots=() if model else (str(catalogue.tree),), media_dir=None)
     service = Service.open(settings)
     if not model:

@@ -59,7 +59,7 @@ def test_trickling_clients_are_cut_off_and_others_keep_getting_answers(catalogue
         pass
     except OSError as exc:
         pytest.skip(f"cannot open connections from {SLOW} here: {exc}")
-    service = Service.open(ServiceSettings(model=str(catalogue.model), uri=str(tmp_path / "slow.db"), max_requests=4,
+    service = Service.open(ServiceSettings(lite_process=False, model=str(catalogue.model), uri=str(tmp_path / "slow.db"), max_requests=4,
                                            image_roots=(str(catalogue.tree),), media_dir=None))
     ingest_catalogue(service, catalogue)
     saved = GuardedH11Protocol.header_timeout_s, GuardedH11Protocol.max_per_client

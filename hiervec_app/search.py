@@ -25,10 +25,9 @@ from typing import Any
 from hiervec_core.names import FUSIONS, MAX_TOPK, PREDICTED_CHOICES
 from hiervec_core.vectors import LevelVectors
 
-from .errors import FilterError, LevelVectorMissingError, QueryError, UnknownLevelError
-from .filters import Confident, Filter, Ids, Predicted, Under, both, category_filter
-from .records import Hit
-from .spec import SEPARATOR
+from milvus_store import FilterError, Hit, LevelVectorMissingError, QueryError, UnknownLevelError
+from milvus_store.filters import Confident, Filter, Ids, Predicted, Under, both, category_filter
+from milvus_store.spec import SEPARATOR
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ class SearchRequest:
             raise LevelVectorMissingError(
                 f"cannot {what} level {missing[0]!r}: the collection keeps no vector of that level's own (level "
                 f"vectors kept: {kept}); search with the image vector (category filters still work), or use a "
-                f"collection created with --level-vectors that include {missing[0]!r}")
+                f"collection created with vector_levels including {missing[0]!r}")
 
     @property
     def needs_categories(self) -> bool:

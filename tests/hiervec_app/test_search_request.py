@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 
 from hiervec_core.vectors import LevelVectors
-from milvus_store import (
-    And, Confident, Eq, FilterError, Ids, LevelVectorMissingError, Not, Predicted, QueryError, SearchRequest, Under,
-    UnknownLevelError,
-)
-from milvus_store.search import parse_level_weights, parse_where
+from milvus_store import And, Confident, Eq, FilterError, Ids, LevelVectorMissingError, Not, Predicted, QueryError, Under, UnknownLevelError
+from hiervec_app import SearchRequest
+from hiervec_app.search import parse_level_weights, parse_where
 
 pytestmark = pytest.mark.unit
 KNOWN = {"department": {"clothing", "footwear"}, "category": {"clothing/tops", "footwear/boots"},

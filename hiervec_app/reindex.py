@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from .errors import StoreError
-from .index import IngestItem
-from .records import path_uri, uri_path
-from .store import HierStore
+from milvus_store import HierStore, StoreError
+from milvus_store.records import path_uri, uri_path
+
+from .ingest import IngestItem
 
 
 def stored_root(store: HierStore) -> str | None:
