@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(f"machine: {report['machine']}\ncommand: {report['command']}")
-    print(f"{report['images']} test images; temperatures {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
+    print(f"{report['images']} test images; temperatures {', '.join(f'{n} {t:.2f}' for n, t in report['temperatures'].items())}; "
           f"{report['seconds']} s\n")
     print("| level | accuracy (joint decoding) | accuracy (argmax per level) | ECE before | ECE after |")
     print("|---|---|---|---|---|")

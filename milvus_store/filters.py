@@ -28,7 +28,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import FilterError
+from .errors import FilterError, UnknownLevelError
 from .spec import SEPARATOR, FieldNames, field_names  # noqa: F401  (field_names: doctest)
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -86,7 +86,7 @@ class Filter:
 
 def _level_field(fields: FieldNames, level: str) -> str:
     if level not in fields.levels:
-        raise FilterError(f"unknown level {level!r} in filter; levels are {', '.join(fields.levels)}")
+        raise UnknownLevelError(f"unknown level {level!r} in filter; levels are {', '.join(fields.levels)}")
     return fields.levels[level]
 
 
@@ -305,7 +305,7 @@ def category_filter(
     by_level: dict[str, list[str]] = {}
     for level, value in where:
         if level not in known:
-            raise FilterError(f"unknown level {level!r} in where; levels are {', '.join(known)}")
+            raise UnknownLevelError(f"unknown level {level!r} in where; levels are {', '.join(known)}")
         by_level.setdefault(level, []).append(resolve_category(level, value, known[level]))
     parts: list[Filter] = [Eq(level, values[0]) if len(values) == 1 else In(level, tuple(values))
                            for level, values in by_level.items()]

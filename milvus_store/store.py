@@ -39,6 +39,7 @@ from .errors import (
     StoreConnectionError,
     StoreError,
     StoreUnavailableError,
+    UnknownLevelError,
     VectorFieldLimitError,
 )
 from .features import Features
@@ -665,7 +666,7 @@ class HierStore(MilvusConnection):
 
     def _check_grouping(self, k: int, group_by: str, group_size: int) -> None:
         if group_by not in self.spec.fields.levels:
-            raise FilterError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
+            raise UnknownLevelError(f"unknown level {group_by!r} for group_by; levels are {', '.join(self.spec.level_names)}")
         if group_size < 1:
             raise QueryError(f"group_size must be positive, got {group_size}")
         if k * group_size > MAX_TOPK:  # Milvus gathers k groups x group_size hits at once
@@ -813,7 +814,7 @@ class HierStore(MilvusConnection):
         levels = self.spec.level_names if level is None else (level,)
         for name in levels:
             if name not in self.spec.fields.levels:
-                raise FilterError(f"unknown level {name!r}; levels are {', '.join(self.spec.level_names)}")
+                raise UnknownLevelError(f"unknown level {name!r}; levels are {', '.join(self.spec.level_names)}")
         counts = {name: Counter() for name in levels}
         for hit in self.iterate(where, output=list(levels)):
             for name in levels:
@@ -879,7 +880,7 @@ class HierStore(MilvusConnection):
         if level is None:
             return fields.vector
         if level not in fields.levels:
-            raise FilterError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
+            raise UnknownLevelError(f"unknown level {level!r}; levels are {', '.join(self.spec.level_names)}")
         if level not in fields.level_vectors:
             raise LevelVectorMissingError(self.missing_level_vector(level))
         return fields.level_vectors[level]

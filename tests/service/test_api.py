@@ -120,7 +120,7 @@ def test_search_on_a_level_vector_and_grouped(filled, catalogue):
     ({"id": "x", "level": "colour"}, None, 400, "unknown_level", "unknown level 'colour' for level; levels are "
                                                                  "department, category, item"),
     ({"id": "x", "group_by": "size"}, None, 400, "unknown_level", "unknown level 'size' for group_by"),
-    ({"id": "x", "where": "colour=red"}, None, 400, "bad_filter", "unknown level 'colour' in where"),
+    ({"id": "x", "where": "colour=red"}, None, 400, "unknown_level", "unknown level 'colour' in where"),
     ({"id": "x", "where": "department=cars"}, None, 400, "bad_filter", "unknown category 'cars' at level "
                                                                        "'department'; known: clothing, footwear"),
     ({"id": "x", "where": "department"}, None, 400, "bad_filter", "where must be LEVEL=CATEGORY, got 'department'"),
