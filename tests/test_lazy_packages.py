@@ -35,3 +35,12 @@ def test_importing_the_packages_loads_no_engine():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+def test_the_application_room_never_imports_torch_or_a_face():
+    code = ("import pkgutil, importlib, sys, hiervec_app\n"
+            "for m in pkgutil.iter_modules(hiervec_app.__path__): importlib.import_module('hiervec_app.' + m.name)\n"
+            "print(sorted(m for m in ('torch', 'fastapi', 'click', 'ray', 'cli', 'service') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
