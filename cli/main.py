@@ -78,7 +78,7 @@ LIBRARY_WORDS = (
     ("vector_levels including", "--level-vectors that include"), ("partition_key='' (none)", "--partition-key none"),
     ("pass merge=True", "pass --merge"), ("weights=PATH", "--weights PATH"), ("with resume=True", "with --resume"),
     ("with resume=False", "without --resume"), ("resume needs out", "--resume needs --out"),
-    ("device='cpu'", "--device cpu"), ("runtime='torch'", "--runtime torch"), ("the Ray engine", "--engine ray"),
+    ("searches must name it", "searches need --model"), ("device='cpu'", "--device cpu"), ("runtime='torch'", "--runtime torch"), ("the Ray engine", "--engine ray"),
 )
 LEVELS_TUPLE = re.compile(r"vector_levels=\(([^)]*)\)")
 
@@ -656,7 +656,7 @@ def render_ingest(result, as_json: bool, report_path: Path | None) -> None:
     every item's outcome in the --report file."""
     report, data = result.report, result.to_dict()
     for warning in report.warnings:
-        note(as_json, f"warning: {warning}".replace("searches must name it", "searches need --model"))
+        note(as_json, f"warning: {cli_words(warning)}")
     if report_path is not None:  # its folder was made (or refused) by check_writable before the work
         report_path.write_text(json.dumps(result.to_dict(items=True), indent=2, ensure_ascii=False))
     duplicates = f", {len(report.duplicates)} duplicate(s) of an earlier file" if report.duplicates else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import IMAGE, EmbedderConfig
+from .config import IMAGE, EmbedderConfig, keyed_by_level
 from .errors import CheckpointError, ConfigError
 from .hierarchy import Hierarchy
 
@@ -52,11 +52,7 @@ def temperatures_by_level(found, level_names: Sequence[str]) -> dict[str, float]
     if not found:
         return {name: 1.0 for name in level_names}
     if isinstance(found, Mapping):
-        unknown = sorted(set(found) - set(level_names))
-        if unknown:
-            raise ConfigError(f"temperatures name levels the model does not have: {unknown} (its levels: "
-                              f"{', '.join(level_names)})")
-        return {name: float(found.get(name, 1.0)) for name in level_names}
+        return keyed_by_level(found, level_names, "temperatures", 1.0)
     if len(found) != len(level_names):
         raise ConfigError(f"expected {len(level_names)} temperatures, one per level, got {list(found)}")
     return dict(zip(level_names, (float(t) for t in found)))

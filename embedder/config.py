@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -17,6 +18,17 @@ Pooling = Literal["avg", "gem"]
 
 
 IMAGE = "image"  # the key of the flat model's one head (the image vector)
+
+def keyed_by_level(values: Mapping[str, float], level_names: Sequence[str], what: str,
+                   default: float) -> dict[str, float]:
+    """Per-level values given by level name as ``{level: value}`` for every level (`default` where left
+    out); a name the model does not have is refused, naming its levels."""
+    unknown = sorted(set(values) - set(level_names))
+    if unknown:
+        raise ConfigError(f"{what} name levels the model does not have: {unknown} (its levels: "
+                          f"{', '.join(level_names)})")
+    return {name: float(values.get(name, default)) for name in level_names}
+
 
 @dataclass(frozen=True)
 class EmbedderConfig:

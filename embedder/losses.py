@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import keyed_by_level
 from .errors import ConfigError
 from .model import PyramidOutput
 
@@ -89,11 +90,7 @@ class LossWeights:
         if not values:
             return {}
         if isinstance(values, Mapping):
-            unknown = sorted(set(values) - set(level_names))
-            if unknown:
-                raise ConfigError(f"{part} weights name levels the model does not have: {unknown} (its levels: "
-                                  f"{', '.join(level_names)})")
-            return {name: float(values.get(name, 0.0)) for name in level_names}
+            return keyed_by_level(values, level_names, f"{part} weights", 0.0)
         if len(values) != len(level_names):
             raise ConfigError(f"{part} weights need one value per level ({len(level_names)}), got {tuple(values)}")
         return dict(zip(level_names, (float(v) for v in values)))

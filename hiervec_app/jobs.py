@@ -11,7 +11,7 @@ optionally removing what the source no longer lists (the sync rules), and a dry 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,5 +118,3 @@ def sync_dry_run(store: HierStore, listing: Listing) -> dict:
             ids.append(read[1])
     return plan_sync(store, ids, kept, under_uri=under).to_dict() | {"removed": 0, "dry_run": True}
 
-
-__all__: Sequence[str] = ("IngestResult", "Listing", "ingest_listing", "stored_uri", "sync_dry_run", "sync_store")
