@@ -43,6 +43,7 @@ class GuardedH11Protocol(H11Protocol):
     max_per_client = int(os.environ.get("HIERVEC_MAX_CONNECTIONS_PER_CLIENT", MAX_CONNECTIONS_PER_CLIENT))
     open_per_client: Counter = Counter()  # this process's connections by client address (one event loop)
     closed_slow = 0  # connections closed for not finishing their headers in time (for tests and logs)
+    turned_away = 0  # connections answered 503 because their client held `max_per_client` already
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -51,6 +52,7 @@ class GuardedH11Protocol(H11Protocol):
         self._tail = b""
         type(self).open_per_client[self._host] += 1
         if type(self).open_per_client[self._host] > self.max_per_client:
+            type(self).turned_away += 1
             transport.write(_too_many_response())
             transport.close()
             return
