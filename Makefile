@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, one per core of the CI machine (tests/conftest.py hands each whole
+# groups: a module, the Milvus 2.3 server's tests, the Ray tests); PYTEST_WORKERS=0 runs the
+# tests in one process.
+PYTEST_WORKERS ?= 2
 
 HIERVEC := $(VENV)/bin/hiervec
 DEMO := runs/demo
@@ -66,7 +70,7 @@ test-system:
 	$(call apt_install,$(NEED_DATA) $(NEED_BROWSER))
 
 test: venv test-system
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The main job on the embedded default store (Milvus Lite, ./hiervec.db): export
 # Fashion-MNIST, train the pyramid model, ingest the test split, search, evaluate.

@@ -4,6 +4,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a two-core machine: one torch thread each (and
+    # for the processes they start), or two workers' thread pools oversubscribe the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# `make test` runs two pytest-xdist workers, and tests that share something costly or machine-wide
+# run in one of them, one after another: the session's Milvus 2.3 standalone (a minute to start,
+# another to stop, and two cannot run side by side) and Ray clusters. Every other test goes with
+# its module, so that module fixtures are built once. The groups come from test ids alone (the
+# scheduler sees nothing else): a test that uses the Milvus 2.3 server says so in its name or
+# parameter (`milvus_2_3`, `milvus-2.3`), and `pytest_runtest_setup` fails one that does not.
+MILVUS_2_3 = ("milvus-2.3", "milvus_2_3")
+# The longest groups are handed out first, so that no worker is left with one at the end.
+LONG_FIRST = ("milvus-2.3", "tests/test_bench_smoke.py", "tests/embedder/test_torchrun.py", "ray",
+              "tests/embedder/test_training.py", "tests/reliability/test_faults.py", "tests/service/test_serve.py",
+              "tests/milvus_store/test_filtered_recall.py", "tests/reliability/test_misuse.py",
+              "tests/embedder/test_streaming.py")
+
 LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
 
@@ -120,3 +139,43 @@ def s3_environment(s3_catalogue, monkeypatch):
     for key, value in s3_catalogue.server.environment.items():
         monkeypatch.setenv(key, value)
     return s3_catalogue
+
+
+def xdist_group(nodeid: str) -> str:
+    """The group a pytest-xdist worker runs the test `nodeid` in: "milvus-2.3", "ray" or its module."""
+    if any(name in nodeid for name in MILVUS_2_3):
+        return "milvus-2.3"
+    if nodeid.startswith("tests/scaleout/"):
+        return "ray"
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Hand whole groups (`xdist_group`) to the workers, in collection order (longest first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest groups first (stable within a group)."""
+    groups = {}
+    for item in items:
+        groups.setdefault(xdist_group(item.nodeid), []).append(item)
+    rank = {group: n for n, group in enumerate(LONG_FIRST)}
+    order = sorted(groups, key=lambda group: rank.get(group, len(rank)))
+    items[:] = [item for group in order for item in groups[group]]
+
+
+def pytest_runtest_setup(item):
+    """A test that starts the Milvus 2.3 server outside its group would start a second one in the other
+    worker (which fails): its id must name it."""
+    uses = {"embedded_milvus", "embedded_milvus_server"} & set(item.fixturenames)
+    if uses and xdist_group(item.nodeid) != "milvus-2.3":
+        pytest.fail(f"{item.nodeid} uses {sorted(uses)[0]}: put 'milvus_2_3' in its name (tests/conftest.py, "
+                    "MILVUS_2_3) so that one pytest-xdist worker runs every test of that server")

@@ -102,7 +102,7 @@ def test_serve_load_smoke(capsys):
 
 
 @pytest.mark.server
-def test_serve_load_smoke_on_a_milvus_server(capsys, embedded_milvus_server):
+def test_serve_load_smoke_on_a_milvus_2_3_server(capsys, embedded_milvus_server):
     """--uri: the offline path and the service both search the server's collection, and the
     server's CPU per query is its own column (a number: its process was read)."""
     from bench import serve_load

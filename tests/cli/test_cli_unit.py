@@ -160,6 +160,7 @@ def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path,
 
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(3)  # not the value asked for, whatever this process started with
         assert CliRunner().invoke(probe, ["--threads", "1", "--device", "cpu", "--amp"]).exit_code == 0
         assert seen == {"device": "cpu", "amp": True, "threads": 1}
     finally:

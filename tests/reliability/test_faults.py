@@ -69,45 +69,69 @@ def stored_ids(uri: str) -> list[str]:
     return result["ids"]
 
 
+def logged_bytes(db: Path) -> int:
+    """Bytes in the write-ahead log of a Milvus Lite store (the folder `db`): it grows with every
+    batch written and is readable while the writer holds the store (its rows are not)."""
+    return sum(path.stat().st_size for path in db.glob("collections/*/wal/*") if path.is_file())
+
+
+def run_until(command: list[str], until, deadline_s: float = 240) -> subprocess.Popen:
+    """Start `command`, poll `until()` every 20 ms; SIGKILL the process the moment it holds (or at the
+    deadline); return the process once it ended (killed, or finished before `until` held)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + deadline_s
+    while process.poll() is None and time.monotonic() < deadline and not until():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    return process
+
+
 def test_sigkill_at_random_points_then_rerun_stores_each_image_once(tmp_path, tiny_model):
+    """Four SIGKILLs at random points of four runs on one Milvus Lite file, then a run to the end.
+
+    Two kills come at a random time of a run (start-up, embedding, writing or flushing: wherever
+    the dice fall); two come once the write-ahead log has grown by a random share of a whole
+    run's, so that kills land mid-write however loaded the machine is (timing alone did not:
+    every kill can land before the first write or after the last)."""
     expected = make_tree(tmp_path / "tree", per_leaf=200)
+    reference, peak = tmp_path / "timing.db", 0
     started = time.monotonic()
-    full = subprocess.run(ingest(tmp_path / "tree", tiny_model, str(tmp_path / "timing.db")), capture_output=True,
-                          text=True, timeout=300)
+    full = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, str(reference)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while full.poll() is None:
+        peak = max(peak, logged_bytes(reference))
+        time.sleep(0.02)
     duration = time.monotonic() - started
-    assert full.returncode == 0, full.stderr
+    _, stderr = full.communicate()
+    assert full.returncode == 0, stderr
+    assert peak > 0, f"no write-ahead log seen under {reference}/collections/*/wal: where does Milvus Lite log now?"
 
     rng = random.Random(7)
-    scale = 1.0
-    for attempt in range(6):  # 3 were not always enough on a loaded 2-core machine (a full run failed once)
-        # The kills are timed on the reference run; when the machine's load changes between
-        # them, every kill can land before the first write or after the last one. Then try
-        # again on a fresh collection, sooner or later.
-        db = str(tmp_path / f"killed-{attempt}.db")
-        seen_counts = []
-        for _ in range(4):  # kill during start-up, embedding, writing or flushing: wherever the dice fall
-            process = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, db), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE)
-            time.sleep(rng.uniform(0.45, 1.0) * duration * scale)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-            ids = stored_ids(db)
-            assert len(ids) == len(set(ids)) and set(ids) <= expected  # nothing torn, nothing foreign
-            seen_counts.append(len(ids))
-        if any(0 < count < len(expected) for count in seen_counts):
-            break
-        scale *= 0.5 if seen_counts[0] == len(expected) else 1.5
+    db = tmp_path / "killed.db"
+    seen_counts = []
+    for kill in ("log", "time", "log", "time"):
+        if kill == "time":
+            at = time.monotonic() + rng.uniform(0.45, 1.0) * duration
+            run_until(ingest(tmp_path / "tree", tiny_model, str(db)), lambda: time.monotonic() >= at)
+        else:  # a share of what a whole run logs, added to what the earlier runs left in the log
+            target = logged_bytes(db) + rng.uniform(0.15, 0.6) * peak
+            run_until(ingest(tmp_path / "tree", tiny_model, str(db)), lambda: logged_bytes(db) >= target)
+        ids = stored_ids(str(db))
+        assert len(ids) == len(set(ids)) and set(ids) <= expected  # nothing torn, nothing foreign
+        seen_counts.append(len(ids))
 
-    finish = subprocess.run(ingest(tmp_path / "tree", tiny_model, db), capture_output=True, text=True, timeout=300)
+    finish = subprocess.run(ingest(tmp_path / "tree", tiny_model, str(db)), capture_output=True, text=True,
+                            timeout=300)
     assert finish.returncode == 0, finish.stderr
     report = json.loads(finish.stdout)
     assert report["stored"] + report["skipped_present"] == len(expected)
     assert report["failed"] == len(LEAVES)  # the broken files, reported again, never stored
-    ids = stored_ids(db)
+    ids = stored_ids(str(db))
     assert sorted(ids) == sorted(expected)
     print("counts after each kill:", seen_counts, "of", len(expected))
     assert seen_counts == sorted(seen_counts)  # killed runs only ever added
-    assert any(0 < count < len(expected) for count in seen_counts)  # at least one kill landed mid-write
+    assert 0 < seen_counts[0] < len(expected)  # the first kill, once the log grew, landed mid-write
 
 
 def test_searches_during_an_ingest_see_counts_grow_and_hits_resolve(tmp_path, tiny_model):

@@ -670,6 +670,7 @@ def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
     assert ServiceSettings.from_json(settings.to_json()) == settings  # what --workers N processes read
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(3)  # not the value asked for, whatever this process started with
         service = open_service(catalogue, tmp_path, device="cpu", amp=True, threads=1)
         assert torch.get_num_threads() == 1  # the service sets it, once, for its process
         assert service.embedder.device == torch.device("cpu") and service.embedder.precision.dtype == torch.bfloat16
