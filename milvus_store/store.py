@@ -216,10 +216,10 @@ class MilvusConnection:
         """What a failed call was about, between the action and the address (``" on 'images'"``)."""
         return ""
 
-    def _reload(self) -> bool:
-        """Load again the collection a call found released; whether one was loaded (a connection
-        that is not about one collection has none)."""
-        return False
+    def _reload(self) -> bool | None:
+        """Load again the collection a call found released: whether it was loaded within its
+        deadline; None for a connection that is not about one collection."""
+        return None
 
     @contextlib.contextmanager
     def _calls(self, action: str):
@@ -228,12 +228,15 @@ class MilvusConnection:
         except MilvusException as exc:
             if unavailable(exc):
                 raise self._no_answer(action, exc) from None
-            if _RELEASED.search(exc.message or "") and self._reload():
+            loaded = self._reload() if _RELEASED.search(exc.message or "") else None
+            if loaded is not None:
                 # a server that restarted (Milvus Lite's) holds the collection released: loaded again now,
-                # the same call works once the load is done
+                # the same call works once the load is done (and a load that never ends is the server's fault)
                 raise StoreUnavailableError(f"{action}{self._subject()}: the collection was not loaded at "
-                                            f"{self.settings.display_uri!r} (the server restarted?); it is "
-                                            f"loaded again: retry") from None
+                                            f"{self.settings.display_uri!r} (the server restarted?); " +
+                                            ("it is loaded again: retry" if loaded else
+                                             f"loading it again did not end within {self._reload_s():g} s: "
+                                             f"retry later")) from None
             raise StoreError(f"{action}{self._subject()} at {self.settings.display_uri!r} failed: "
                              f"{self._clean(exc)}") from None
         except (ConnectionError, OSError, TimeoutError) as exc:
@@ -244,11 +247,15 @@ class MilvusConnection:
                 raise self._no_answer(action, exc) from None
             raise
 
+    def _reload_s(self) -> float:
+        return self.timeout if self.timeout is not None else RELOAD_TIMEOUT_S
+
     def _no_answer(self, action: str, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(f"{action}{self._subject()}: Milvus at {self.settings.display_uri!r} did not "
                                      f"answer: {self._clean(exc)}")
 
 
+RELOAD_TIMEOUT_S = 30.0  # loading a released collection again, when the connection has no timeout of its own
 _RELEASED = re.compile(r"in state 'released'|collection not loaded|not loaded into memory", re.I)
 
 
@@ -387,8 +394,8 @@ class HierStore(MilvusConnection):
         return f" on {self.collection!r}"
 
     def _reload(self) -> bool:
-        try:
-            self._client.load_collection(self.collection, timeout=self.timeout)
+        try:  # never without a deadline: a restarted server can leave a load waiting forever
+            self._client.load_collection(self.collection, timeout=self._reload_s())
         except Exception:  # the caller reports the call that failed
             return False
         logger.warning("collection %r was released at %s (the server restarted?): loaded it again",

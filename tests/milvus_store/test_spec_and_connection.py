@@ -156,3 +156,38 @@ def test_the_reserved_words_are_ones_milvus_cannot_filter_on_and_an_allowed_name
                 client.query(f"c_{word}_{len(word)}{word.islower()}", filter=f'{word} == "x"', output_fields=["id"])
     finally:
         client.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("timeout, loads, expected", [
+    (None, True, "it is loaded again: retry"),
+    (None, False, "loading it again did not end within 30 s: retry later"),
+    (5.0, False, "loading it again did not end within 5 s: retry later"),
+])
+def test_a_released_collection_is_loaded_again_within_a_deadline_and_the_call_is_a_server_fault(timeout, loads,
+                                                                                                 expected):
+    """A restarted server holds the collection released; loading it again once had no deadline and
+    hung a service request forever (its load never ended): the load now has one, and either way
+    the failed call is `StoreUnavailableError` (503), never a caller's error."""
+    from pymilvus import MilvusException
+
+    from milvus_store import HierStore, StoreUnavailableError
+    from milvus_store.connection import ConnectionSettings
+
+    deadlines = []
+
+    class Client:
+        def load_collection(self, name, timeout):
+            deadlines.append((name, timeout))
+            if not loads:
+                raise MilvusException(message="wait for loading collection timeout")
+
+    store = object.__new__(HierStore)  # only what a failed call reads: no server
+    store.settings, store.collection, store.timeout, store._client = ConnectionSettings("http://m:19530"), "shop", \
+        timeout, Client()
+    with pytest.raises(StoreUnavailableError) as raised:
+        with store._calls("search"):
+            raise MilvusException(message="collection not loaded")
+    assert str(raised.value) == ("search on 'shop': the collection was not loaded at 'http://m:19530' "
+                                 f"(the server restarted?); {expected}")
+    assert deadlines == [("shop", 30.0 if timeout is None else timeout)]
