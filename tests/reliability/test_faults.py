@@ -235,12 +235,7 @@ def test_reindex_killed_and_rerun_ends_as_an_uninterrupted_reindex(tmp_path, tin
 
         for attempt in range(4):  # the kill must land while rows are being written
             name = f"killed{attempt}"
-            process = subprocess.Popen(reindex(server.uri, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 240
-            while process.poll() is None and time.monotonic() < deadline and count(server.uri, name) < 8:
-                time.sleep(0.05)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
+            run_until(reindex(server.uri, name), lambda: count(server.uri, name) >= 8)
             at_kill = count(server.uri, name)
             if 0 < at_kill < len(expected):
                 break
