@@ -19,6 +19,8 @@ parent never leaves the file locked.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from .connection import ConnectionSettings
 from .errors import StoreConnectionError
 
 READY = "hiervec-lite-port"
+logger = logging.getLogger(__name__)
 
 
 class LiteProcess:
@@ -64,6 +67,9 @@ class LiteProcess:
                 if line.startswith(READY):
                     self.port = int(line.split()[1])
                     self.uri = f"http://127.0.0.1:{self.port}"
+                    for stream in (self.process.stdout, self.process.stderr):  # a full pipe would stall the child
+                        threading.Thread(target=_forward, args=(stream,), daemon=True,
+                                         name=f"lite-process-{self.process.pid}").start()
                     return self
                 said.append(line)
         finally:
@@ -101,6 +107,14 @@ class LiteProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _forward(stream) -> None:
+    """What the child says once it serves, to this process's log, line by line, until it exits."""
+    with contextlib.suppress(ValueError, OSError):  # the pipe closed under the reader
+        for line in stream:
+            if line.strip():
+                logger.warning("Milvus Lite process: %s", line.rstrip())
 
 
 def _serve(path: str, port: int = 0) -> None:

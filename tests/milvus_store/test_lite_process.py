@@ -78,3 +78,30 @@ def test_a_server_address_is_not_a_lite_file():
         LiteProcess("http://127.0.0.1:19530")
     with pytest.raises(StoreConnectionError, match="neither a Milvus Lite file"):
         LiteProcess("/tmp/not-a-db-file.txt")
+
+
+def test_what_the_child_says_after_it_serves_is_logged_and_never_stalls_it(tmp_path, caplog):
+    """The child's stdout and stderr are pipes: unread, a megabyte of warnings would block the child on its next
+    write, mid-request. They are drained into this process's log."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.WARNING, logger="milvus_store.lite_process")
+    with LiteProcess(tmp_path / "own.db") as lite:
+        def say():  # as the child would: its own stderr pipe, from the write end (Linux's /proc)
+            with open(f"/proc/{lite.process.pid}/fd/2", "w") as stderr:
+                stderr.writelines(f"warning {n} {'.' * 100}\n" for n in range(10_000))
+
+        writer = threading.Thread(target=say, daemon=True)
+        writer.start()
+        writer.join(timeout=60)
+        assert not writer.is_alive(), "the child's stderr was not read: a child saying this much would stall"
+        with HierStore(lite.uri, "c", spec=SPEC) as store:
+            store.upsert(make_records(3))
+            store.flush()
+            assert store.count() == 3
+        deadline = time.monotonic() + 30
+        while len(caplog.records) < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    said = [r.getMessage() for r in caplog.records if r.name == "milvus_store.lite_process"]
+    assert len(said) == 10_000 and said[0].startswith("Milvus Lite process: warning 0 ...")
