@@ -216,10 +216,12 @@ class MilvusConnection:
         """What a failed call was about, between the action and the address (``" on 'images'"``)."""
         return ""
 
-    def _reload(self) -> bool | None:
-        """Load again the collection a call found released: whether it was loaded within its
-        deadline; None for a connection that is not about one collection."""
-        return None
+    _one_collection = False  # a connection about one collection loads it again when a call finds it released
+
+    def _reload(self) -> str | None:
+        """Load again the collection a call found released: None once it is loaded within its
+        deadline, else why not."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def _calls(self, action: str):
@@ -228,15 +230,15 @@ class MilvusConnection:
         except MilvusException as exc:
             if unavailable(exc):
                 raise self._no_answer(action, exc) from None
-            loaded = self._reload() if _RELEASED.search(exc.message or "") else None
-            if loaded is not None:
+            if self._one_collection and _RELEASED.search(exc.message or ""):
                 # a server that restarted (Milvus Lite's) holds the collection released: loaded again now,
                 # the same call works once the load is done (and a load that never ends is the server's fault)
+                failed = self._reload()
                 raise StoreUnavailableError(f"{action}{self._subject()}: the collection was not loaded at "
                                             f"{self.settings.display_uri!r} (the server restarted?); " +
-                                            ("it is loaded again: retry" if loaded else
-                                             f"loading it again did not end within {self._reload_s():g} s: "
-                                             f"retry later")) from None
+                                            ("it is loaded again: retry" if failed is None else
+                                             f"loading it again failed within {self._reload_s():g} s "
+                                             f"({failed}): retry later")) from None
             raise StoreError(f"{action}{self._subject()} at {self.settings.display_uri!r} failed: "
                              f"{self._clean(exc)}") from None
         except (ConnectionError, OSError, TimeoutError) as exc:
@@ -393,14 +395,18 @@ class HierStore(MilvusConnection):
     def _subject(self) -> str:
         return f" on {self.collection!r}"
 
-    def _reload(self) -> bool:
+    _one_collection = True
+
+    def _reload(self) -> str | None:
         try:  # never without a deadline: a restarted server can leave a load waiting forever
             self._client.load_collection(self.collection, timeout=self._reload_s())
-        except Exception:  # the caller reports the call that failed
-            return False
+        except Exception as exc:  # the caller reports the call that failed, with this reason
+            logger.warning("collection %r was released at %s (the server restarted?): loading it again failed: %r",
+                           self.collection, self.settings.display_uri, exc)
+            return self._clean(exc)
         logger.warning("collection %r was released at %s (the server restarted?): loaded it again",
                        self.collection, self.settings.display_uri)
-        return True
+        return None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

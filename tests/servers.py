@@ -44,11 +44,14 @@ class LiteServer:
         executable = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or shutil.which("milvus-lite")
         if executable is None:
             raise RuntimeError("milvus-lite is a runtime dependency but its `milvus-lite` command is missing")
-        self.process = subprocess.Popen(
-            [executable, "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        wait_until_serving(self.port, self.process, seconds)
+        # its output goes to a file, not to a pipe nobody reads (a full pipe would stall the server)
+        self.log = self.data_dir.with_name(f"{self.data_dir.name}.out")
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(
+                [executable, "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port",
+                 str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until_serving(self.port, self.process, seconds, log=self.log)
         return self
 
     def stop(self, *, kill: bool = False) -> None:
@@ -133,7 +136,7 @@ class EmbeddedMilvus:
 
 
 def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90, what: str = "milvus-lite server",
-                       failed=lambda: None) -> None:
+                       failed=lambda: None, log: Path | None = None) -> None:
     """Until a client call succeeds: the port is bound before the gRPC service answers.
 
     The probe connects exactly as `HierStore` does (pymilvus shares channels), so it
@@ -147,7 +150,7 @@ def wait_until_serving(port: int, process: subprocess.Popen, seconds: float = 90
     last_error = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
+            output = log.read_text(errors="replace")[-4000:] if log else ""
             raise RuntimeError(f"{what} exited with {process.returncode}: {output}")
         reason = failed()
         if reason:

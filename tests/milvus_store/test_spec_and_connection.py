@@ -161,8 +161,8 @@ def test_the_reserved_words_are_ones_milvus_cannot_filter_on_and_an_allowed_name
 @pytest.mark.unit
 @pytest.mark.parametrize("timeout, loads, expected", [
     (None, True, "it is loaded again: retry"),
-    (None, False, "loading it again did not end within 30 s: retry later"),
-    (5.0, False, "loading it again did not end within 5 s: retry later"),
+    (None, False, "loading it again failed within 30 s (wait for loading collection timeout): retry later"),
+    (5.0, False, "loading it again failed within 5 s (wait for loading collection timeout): retry later"),
 ])
 def test_a_released_collection_is_loaded_again_within_a_deadline_and_the_call_is_a_server_fault(timeout, loads,
                                                                                                  expected):

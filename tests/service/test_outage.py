@@ -3,6 +3,8 @@ Retry-After (not 400), and the same service answers again once the store is back
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -11,6 +13,31 @@ from .conftest import ingest_catalogue, png_bytes
 
 pytestmark = pytest.mark.server
 KEY = {"X-API-Key": "k3y"}
+RECOVERY_S = 120  # a restarted server, and the client's connection to it, back in service (a loaded machine)
+
+
+def until_not_503(request, retried: list, name: str):
+    """The first answer that is not 503, as a client that minds Retry-After gets it (noting each 503 in `retried`)."""
+    deadline = time.monotonic() + RECOVERY_S
+    while (response := request()).status_code == 503 and time.monotonic() < deadline:
+        retried.append(name)
+        time.sleep(0.5)
+    return response
+
+
+def until_answered(call):
+    """What `call` returns once the store answers it: a restarted server's released collection is
+    loaded again by the first call that finds it so, and that call is a StoreUnavailableError (retry)."""
+    from milvus_store import StoreUnavailableError
+
+    deadline = time.monotonic() + RECOVERY_S
+    while True:
+        try:
+            return call()
+        except StoreUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recovers(catalogue, tmp_path):
@@ -50,15 +77,13 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
 
             server = LiteServer(tmp_path / "milvus", port=port).start()  # back, on the same address and data
             # a restarted Milvus Lite server holds the collection released: the first call finds it so, loads it
-            # and answers 503 (retry); after that every route answers
+            # and answers 503 (retry), as does a call the client's connection makes before it has reconnected
+            # (a retry minding Retry-After, up to a deadline); once one route has answered, every route answers
             retried = []
             for name, request in requests.items():
-                response = request()
-                if response.status_code == 503:
-                    retried.append(name)
-                    response = request()
+                response = until_not_503(request, retried, name)
                 assert response.status_code == 200, (name, response.text)
-            assert len(retried) <= 1, retried
+            assert set(retried) <= {"search by id"}, retried
             assert client.get("/healthz").json()["count"] == len(ids)  # the upload stored one, the delete removed one
             assert client.get("/stats").json()["uri"] == "<store>"
             assert client.get("/stats", headers=KEY).json()["uri"] == server.uri
@@ -69,7 +94,6 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
 def test_the_services_own_lite_process_is_started_again_when_it_dies(catalogue, tmp_path):
     import os
     import signal
-    import time
 
     from service import Service, ServiceSettings, create_app
 
@@ -101,7 +125,6 @@ def test_chaos_the_store_killed_and_restarted_under_a_client_loop_loses_no_ackno
     service is killed and restarted twice: no 500, no 400 for the fault (only 200 and 503), and every
     upload the service acknowledged is in the store afterwards. The figures go to RELIABILITY.md."""
     import threading
-    import time
 
     from service import Service, ServiceSettings, create_app
 
@@ -138,7 +161,7 @@ def test_chaos_the_store_killed_and_restarted_under_a_client_loop_loses_no_ackno
             stop.set()
             worker.join(timeout=120)
             assert not worker.is_alive()
-            stored = {r.id for r in service.index(None).store.get(sorted(acknowledged))}
+            stored = {r.id for r in until_answered(lambda: service.index(None).store.get(sorted(acknowledged)))}
     finally:
         stop.set()
         service.close()
