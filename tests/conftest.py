@@ -79,6 +79,7 @@ def embedded_milvus_server(tmp_path_factory):
         pytest.skip("PyPI's `milvus` package (milvus-server, Milvus 2.3 standalone) is not installed; "
                     "pip install 'milvus==2.3.5' (x86_64 Linux)")
     with EmbeddedMilvus(tmp_path_factory.mktemp("milvus-server")) as server:
+        GROUP_END.setdefault("milvus-2.3", []).append(server.stop)  # idle, it still takes a tenth of a core
         yield server
 
 
@@ -170,6 +171,19 @@ def pytest_collection_modifyitems(config, items):
     rank = {group: n for n, group in enumerate(LONG_FIRST)}
     order = sorted(groups, key=lambda group: rank.get(group, len(rank)))
     items[:] = [item for group in order for item in groups[group]]
+
+
+GROUP_END: dict[str, list] = {}  # what a group's session fixtures stop once the group's last test has run
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    """A group's tests run one after another in one worker (`xdist_group`): when the next test (None: there
+    is none) is of another group, stop what only this group uses, not at the end of the whole run."""
+    group = xdist_group(item.nodeid)
+    if nextitem is None or xdist_group(nextitem.nodeid) != group:
+        for stop in GROUP_END.pop(group, []):
+            stop()
 
 
 def pytest_runtest_setup(item):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LONG_FIRST, pytest_runtest_setup, xdist_group
+from .conftest import GROUP_END, LONG_FIRST, pytest_runtest_setup, pytest_runtest_teardown, xdist_group
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +37,19 @@ def test_a_test_that_uses_the_milvus_2_3_server_without_naming_it_fails_at_setup
     pytest_runtest_setup(Item("tests/a.py::test_x_on_milvus_2_3", ["embedded_milvus"]))
     pytest_runtest_setup(Item("tests/a.py::test_x[milvus-2.3]", ["target"]))  # the store fixture's parameter
     pytest_runtest_setup(Item("tests/a.py::test_x", ["tmp_path"]))
+
+
+def test_what_a_group_started_stops_after_its_last_test_not_at_the_end_of_the_run(monkeypatch):
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    stopped = []
+    monkeypatch.setitem(GROUP_END, "milvus-2.3", [lambda: stopped.append("server")])
+    first, last = Item("tests/a.py::test_x[milvus-2.3]"), Item("tests/b.py::test_y_on_milvus_2_3")
+    pytest_runtest_teardown(first, last)  # the next test is of the same group
+    assert stopped == [] and "milvus-2.3" in GROUP_END
+    pytest_runtest_teardown(last, Item("tests/b.py::test_z"))
+    assert stopped == ["server"] and "milvus-2.3" not in GROUP_END
+    pytest_runtest_teardown(Item("tests/b.py::test_z"), None)  # the run's last test: its group started nothing
+    assert stopped == ["server"]
