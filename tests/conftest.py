@@ -18,10 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # parameter (`milvus_2_3`, `milvus-2.3`), and `pytest_runtest_setup` fails one that does not.
 MILVUS_2_3 = ("milvus-2.3", "milvus_2_3")
 # The longest groups are handed out first, so that no worker is left with one at the end.
-LONG_FIRST = ("milvus-2.3", "tests/test_bench_smoke.py", "tests/embedder/test_training.py", "tests/service/test_serve.py",
-              "tests/embedder/test_torchrun.py", "ray", "tests/reliability/test_misuse.py",
-              "tests/milvus_store/test_filtered_recall.py", "tests/reliability/test_faults.py",
-              "tests/embedder/test_runtimes.py", "tests/embedder/test_streaming.py")
+LONG_FIRST = ("milvus-2.3", "tests/embedder/test_training.py", "tests/test_bench_smoke.py",
+              "tests/embedder/test_torchrun.py", "tests/service/test_serve.py", "ray", "tests/reliability/test_misuse.py",
+              "tests/reliability/test_faults.py", "tests/embedder/test_streaming.py", "tests/embedder/test_runtimes.py",
+              "tests/milvus_store/test_filtered_recall.py", "tests/milvus_store/test_store.py")
 
 LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
