@@ -1453,13 +1453,17 @@ def export(model_path, fmt, out, as_json):
               help="With a Milvus Lite file: serve it from a process of its own (Lite's search and write "
                    "handling is Python and would share the interpreter lock with the service's), which also lets "
                    "--workers share the file.")
+@click.option("--store-timeout", type=click.FloatRange(min=0, min_open=True), default=SERVICE.store_timeout_s,
+              show_default=True,
+              help="Seconds every call to Milvus may take; a store that does not answer within them is a 503 "
+                   "(store_unavailable) with Retry-After, not a request held for ever.")
 @optimize_option
 @runtime_option
 @compute_options
 @uses_milvus
 def serve(model_path, uri, collection, token, host, port, workers, api_key, allow_anonymous_writes, max_upload_mb,
           media_dir, image_roots, batch_window_ms, max_batch, max_megapixels, max_requests, header_timeout,
-          max_connections_per_client, lite_process, optimize, runtime, device, amp):
+          max_connections_per_client, lite_process, store_timeout, optimize, runtime, device, amp):
     """Serve the HTTP API and the search page (http://HOST:PORT/, schema at /docs)."""
     from milvus_store import ConnectionSettings
     from service import ServerSettings, ServiceSettings, run_server
@@ -1470,6 +1474,7 @@ def serve(model_path, uri, collection, token, host, port, workers, api_key, allo
         media_dir=str(media_dir), image_roots=tuple(str(r) for r in image_roots), optimize=optimize,
         device=device, amp=amp, runtime=runtime, threads=click.get_current_context().params["threads"],
         max_pixels=int(max_megapixels * MEGAPIXEL), max_requests=max_requests, lite_process=lite_process,
+        store_timeout_s=store_timeout,
     )
     server = ServerSettings(host=host, port=port, workers=workers, header_timeout_s=header_timeout,
                             max_connections_per_client=max_connections_per_client)

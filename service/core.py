@@ -125,11 +125,11 @@ class Service:
             lite = LiteProcess(settings.uri).start()
         try:
             index = ImageIndex.open(embedder, _store_uri(settings, lite),
-                                    settings.collection, token=settings.token)
+                                    settings.collection, **settings.store_connection)
             if index.store.target != settings.collection:  # an alias: serve its collection, pinned
                 target = index.store.target
                 index.close()
-                index = ImageIndex.open(embedder, _store_uri(settings, lite), target, token=settings.token,
+                index = ImageIndex.open(embedder, _store_uri(settings, lite), target, **settings.store_connection,
                                         create=False)
         except BaseException:
             if lite is not None:
@@ -208,7 +208,7 @@ class Service:
         target = current.index.store.resolve(self.settings.collection)
         if target == current.collection:
             return False
-        with HierStore(self.store_uri, target, token=self.settings.token, create=False) as probe:
+        with HierStore(self.store_uri, target, **self.settings.store_connection, create=False) as probe:
             recorded, location, fingerprint = probe.model_location, probe.model_file(), probe.fingerprint
         if fingerprint == current.embedder.fingerprint:
             embedder = current.embedder
@@ -221,7 +221,7 @@ class Service:
             settings = self.settings
             embedder = Embedder.from_checkpoint(location, optimize=settings.optimize, device=settings.device,
                                                 amp=settings.amp, runtime=settings.runtime)
-        index = ImageIndex.open(embedder, self.store_uri, target, token=self.settings.token, create=False)
+        index = ImageIndex.open(embedder, self.store_uri, target, **self.settings.store_connection, create=False)
         with self._lock:
             self.generation = Generation(embedder, index)
             self._retired.append(current)
@@ -290,7 +290,7 @@ class Service:
         with self._lock:
             if key not in self._indexes:
                 self._indexes[key] = ImageIndex.open(generation.embedder, self.store_uri, name,
-                                                     token=self.settings.token, create=create)
+                                                     **self.settings.store_connection, create=create)
             return self._indexes[key]
 
     def categories(self, collection: str | None) -> dict[str, Counter]:

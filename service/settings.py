@@ -48,17 +48,27 @@ class ServiceSettings:
     store_uri: str | None = None  # where the store is reached when not at `uri` (workers: the parent's Lite process)
     # How often the service checks where the alias it serves points (`service.core.Generation`); 0: never.
     alias_check_s: float = 2.0
+    # The deadline of every call to the store: a Milvus that takes connections and never answers is a 503
+    # (store_unavailable) after it, not a request held for ever.
+    store_timeout_s: float = 30.0
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_k", "max_files", "max_batch", "max_pixels", "max_requests"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.store_timeout_s > 0:
+            raise SettingsError(f"store_timeout_s must be positive, got {self.store_timeout_s}")
         if self.alias_check_s < 0:
             raise SettingsError(f"alias_check_s must not be negative, got {self.alias_check_s}")
         if self.batch_window_ms < 0:
             raise SettingsError(f"batch_window_ms must not be negative, got {self.batch_window_ms}")
         if self.threads is not None and self.threads < 1:
             raise SettingsError(f"threads must be positive, got {self.threads}")
+
+    @property
+    def store_connection(self) -> dict:
+        """How the service connects to the store (`HierStore`'s keyword arguments)."""
+        return {"token": self.token, "timeout": self.store_timeout_s}
 
     def to_json(self) -> str:
         """The settings without the secrets (workers read those from the environment)."""

@@ -99,6 +99,7 @@ def pins() -> dict[tuple[str, str], object]:
         expected[("serve", option)] = field_default(ServerSettings, name)
     for option in ("batch_window_ms", "max_batch", "max_requests", "lite_process"):
         expected[("serve", option)] = field_default(ServiceSettings, option)
+    expected[("serve", "store_timeout")] = field_default(ServiceSettings, "store_timeout_s")
     expected[("serve", "max_upload_mb")] = field_default(ServiceSettings, "max_upload_bytes") / MB
     expected[("serve", "max_megapixels")] = field_default(ServiceSettings, "max_pixels") / MEGAPIXEL
     expected[("serve", "media_dir")] = Path(field_default(ServiceSettings, "media_dir"))

@@ -22,7 +22,7 @@ router = APIRouter(tags=["catalogue"], dependencies=[Depends(require_admin)])
             summary="The served name, the collection it serves and every alias")
 async def aliases(service: ServiceDep) -> AliasesOut:
     def read() -> dict[str, str]:
-        with Aliases(service.store_uri, token=service.settings.token) as found:
+        with Aliases(service.store_uri, **service.settings.store_connection) as found:
             return found.all()
 
     return AliasesOut(served=service.settings.collection, collection=service.current().collection,

@@ -91,6 +91,51 @@ def test_a_stopped_milvus_server_is_a_503_with_retry_after_and_the_service_recov
         server.stop()
 
 
+def test_a_milvus_that_takes_connections_and_never_answers_is_a_503_after_the_store_deadline(catalogue, tmp_path,
+                                                                                             capsys):
+    """A stopped (SIGSTOP) server still takes connections and never answers: every store call has the
+    service's deadline (`store_timeout_s`), so the request is a 503 with Retry-After, not held for ever."""
+    import os
+    import signal
+    import threading
+
+    from service import Service, ServiceSettings, create_app
+
+    server = LiteServer(tmp_path / "milvus").start()
+    service = None
+    try:
+        service = Service.open(ServiceSettings(model=str(catalogue.model), uri=server.uri, media_dir=None,
+                                               image_roots=(str(catalogue.tree),), store_timeout_s=2.0))
+        ids = ingest_catalogue(service, catalogue)
+        with TestClient(create_app(service)) as client:
+            def search():
+                return client.post("/search", data={"id": ids[0], "k": "3"})
+
+            assert search().status_code == 200
+            answered = []
+            os.kill(server.process.pid, signal.SIGSTOP)  # alive, listening, silent
+            try:
+                asking = threading.Thread(target=lambda: answered.append(search()), daemon=True)
+                asking.start()
+                started = time.monotonic()
+                asking.join(timeout=30)  # a few calls of 2 s each; without a deadline, pymilvus waits 100 s and more
+                waited = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert answered, f"a search against a silent store was still waiting after {waited:.0f} s"
+            with capsys.disabled():
+                print(f"\nsilent store: 503 after {waited:.1f} s (store_timeout_s=2)")
+            [response] = answered
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "store_unavailable"
+            assert response.headers["Retry-After"] == "5"
+            assert until_not_503(search, [], "search").status_code == 200  # answered again once the server is
+    finally:
+        if service is not None:
+            service.close()
+        server.stop()
+
+
 def test_the_services_own_lite_process_is_started_again_when_it_dies(catalogue, tmp_path):
     import os
     import signal
