@@ -661,6 +661,12 @@ def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
     assert json.loads(settings.to_json())["model"] == str(catalogue.model)
     with pytest.raises(ValueError, match="threads must be positive, got 0"):
         ServiceSettings(model="m.pt", threads=0)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"store_timeout_s must be positive, got {bad}"):
+            ServiceSettings(model="m.pt", store_timeout_s=bad)
+    with_deadline = ServiceSettings(model="m.pt", token="root:Milvus-s3cret", store_timeout_s=5.0)
+    assert with_deadline.store_connection == {"token": "root:Milvus-s3cret", "timeout": 5.0}
+    assert ServiceSettings.from_json(with_deadline.to_json()).store_timeout_s == 5.0  # what --workers N read
 
 
 def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
