@@ -196,14 +196,14 @@ class S3StandIn:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": str(setup_actions)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"moto's server exited with {self.process.returncode}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError("moto's server did not listen within 60 s")
+                raise RuntimeError("moto's server did not listen within 120 s")
             time.sleep(0.1)
         admin = dict(endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="setup",
                      aws_secret_access_key="setup")

@@ -21,7 +21,10 @@ from .conftest import LEAVES, PER_LEAF
 pytestmark = pytest.mark.lite
 
 
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
+STARTUP_S = 180  # a `hiervec serve` process answering /healthz, on a loaded 2-core machine
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = STARTUP_S) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -32,6 +35,16 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
         except httpx.TransportError:
             time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+def stop(process: subprocess.Popen, seconds: float = 90) -> None:
+    """SIGTERM, then SIGKILL if the server has not stopped within `seconds` (its Lite process stops first)."""
+    process.terminate()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture
@@ -54,8 +67,7 @@ def server(catalogue, tmp_path):
         wait_for(f"{base}/healthz", process)
         yield base
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
 
 
 def test_serve_answers_searches_writes_and_batches_concurrent_queries(server, catalogue):
@@ -107,7 +119,7 @@ def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{base}/healthz", process, seconds=120)
+        wait_for(f"{base}/healthz", process, seconds=2 * STARTUP_S)
         query = catalogue.files["clothing/tops/coat"][0]
         added = httpx.post(f"{base}/images", files={"images": ("n.png", query.read_bytes())},
                            data={"category": "clothing/tops/coat", "id": "added-by-one-worker"},
@@ -182,7 +194,7 @@ def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path)
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_for(f"{base}/healthz", process, seconds=120)
+            wait_for(f"{base}/healthz", process, seconds=2 * STARTUP_S)
             query = catalogue.files["clothing/tops/coat"][0]
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(lambda _: httpx.post(f"{base}/search", files={"image": ("q.png", query.read_bytes())},
@@ -248,8 +260,7 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
         assert grown < budget["total"], (grown, budget)
         assert grown < 8 * decoded, f"peak grew by {grown / 2**20:.0f} MiB: more than 8 decoded images at once"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
 
 
 @pytest.mark.server
@@ -285,7 +296,7 @@ def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_resp
             env=dict(os.environ, HIERVEC_API_KEY="alias-k3y"))
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_for(f"{base}/healthz", process, seconds=120)
+            wait_for(f"{base}/healthz", process, seconds=2 * STARTUP_S)
             assert httpx.get(f"{base}/healthz").json()["collection"] == "shop_v1"
             queries = [path for paths in catalogue.files.values() for path in paths[:2]]
             seen, stop = [], time.monotonic() + 240
