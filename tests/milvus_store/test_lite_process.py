@@ -100,8 +100,11 @@ def test_what_the_child_says_after_it_serves_is_logged_and_never_stalls_it(tmp_p
             store.upsert(make_records(3))
             store.flush()
             assert store.count() == 3
+        def logged():
+            return [r.getMessage() for r in caplog.records if r.name == "milvus_store.lite_process"]
+
         deadline = time.monotonic() + 30
-        while len(caplog.records) < 10_000 and time.monotonic() < deadline:
+        while len(logged()) < 10_000 and time.monotonic() < deadline:
             time.sleep(0.1)
-    said = [r.getMessage() for r in caplog.records if r.name == "milvus_store.lite_process"]
+    said = logged()
     assert len(said) == 10_000 and said[0].startswith("Milvus Lite process: warning 0 ...")

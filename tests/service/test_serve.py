@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 
-from ..servers import free_port
+from ..servers import free_port, terminate
 from .conftest import LEAVES, PER_LEAF
 
 pytestmark = pytest.mark.lite
@@ -37,14 +37,7 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = STARTUP_S) ->
     raise AssertionError(f"{url} did not answer within {seconds}s")
 
 
-def stop(process: subprocess.Popen, seconds: float = 90) -> None:
-    """SIGTERM, then SIGKILL if the server has not stopped within `seconds` (its Lite process stops first)."""
-    process.terminate()
-    try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+STOP_S = 90  # a `hiervec serve` process stopping (its Lite process first) before SIGKILL
 
 
 @pytest.fixture
@@ -67,7 +60,7 @@ def server(catalogue, tmp_path):
         wait_for(f"{base}/healthz", process)
         yield base
     finally:
-        stop(process)
+        terminate(process, STOP_S)
 
 
 def test_serve_answers_searches_writes_and_batches_concurrent_queries(server, catalogue):
@@ -260,7 +253,7 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
         assert grown < budget["total"], (grown, budget)
         assert grown < 8 * decoded, f"peak grew by {grown / 2**20:.0f} MiB: more than 8 decoded images at once"
     finally:
-        stop(process)
+        terminate(process, STOP_S)
 
 
 @pytest.mark.server
