@@ -66,6 +66,11 @@ def map_at_r(same: np.ndarray, r: np.ndarray, level: int = -1) -> float:
 
     Needs ``same.shape[1] >= max(r)``; queries alone in their category are skipped.
     """
+    return float(ap_at_r(same, r, level).mean())
+
+
+def ap_at_r(same: np.ndarray, r: np.ndarray, level: int = -1) -> np.ndarray:
+    """AP@R of each query not alone in its category (the values `map_at_r` averages), in query order."""
     r = np.asarray(r)
     if r.max() > same.shape[1]:
         raise ConfigError(f"MAP@R needs {r.max()} hits per query, got {same.shape[1]}")
@@ -74,7 +79,7 @@ def map_at_r(same: np.ndarray, r: np.ndarray, level: int = -1) -> float:
     precision = np.cumsum(hit, axis=1) / ranks
     within = ranks[None, :] <= r[:, None]
     ap = (precision * hit * within).sum(1) / np.maximum(r, 1)
-    return float(ap[r > 0].mean())
+    return ap[r > 0]
 
 
 def hierarchical_distance(same: np.ndarray, k: int) -> float:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from embedder.metrics import (
-    agreement, agreement_from_paths, consistency_at_k, exact_neighbours, hierarchical_ap, hierarchical_distance,
+    agreement, agreement_from_paths, ap_at_r, consistency_at_k, exact_neighbours, hierarchical_ap, hierarchical_distance,
     map_at_r, others_in_category, recall_at_k, retrieval_report,
 )
 
@@ -24,6 +24,7 @@ def test_hand_computed_metrics():
     r = others_in_category(LABELS)
     assert r.tolist() == [1, 1, 0, 0]
     assert map_at_r(same, r) == 0.5
+    assert ap_at_r(same, r).tolist() == [0.0, 1.0]  # per query, the alone ones left out
     # LCA heights in the top 1: 0->2: 1, 1->0: 0, 2->0: 1, 3->2: 2
     assert hierarchical_distance(same, 1) == 1.0
     # the report reads one query set: items 2 and 3 (alone in their leaf) are left out of every figure

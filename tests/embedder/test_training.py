@@ -222,30 +222,41 @@ def fashion_subset(split, n, size):
 
 @pytest.mark.slow
 def test_fashion_mnist_training_lowers_the_loss_and_beats_the_untrained_model(tmp_path):
-    """A few hundred steps on real data, compared with the same model before training.
+    """A hundred steps on real data, compared with the same model before training, query by query.
 
-    From random weights in a few hundred steps the leaf softmax is what lifts R@1 clearly
-    (the default's contrastive-led loss got 0.687 -> 0.708 in 200 steps, inside the bound
-    below): the loop is checked with softmax at every level, for 300 steps (200 left
-    R@1 at 0.716 against a bound of 0.716).
+    From random weights, 100 steps double MAP@R on held-out images (0.25 -> 0.44 and 0.23 -> 0.46, seeds 1
+    and 2; the paired gain is 34 and 40 standard errors) and lift the department's consistency, while R@1
+    stays near the untrained model's (0.72 -> 0.69, 0.70 -> 0.70): nearest-duplicate retrieval on
+    Fashion-MNIST is already easy for random features, and lifting it takes about 300 steps (0.69 -> 0.72),
+    three times this test's time. So the gain is asserted on MAP@R, paired per query beyond two standard
+    errors so sampling noise cannot pass it.
     """
+    from embedder.inference import forward_batches
+    from embedder.metrics import agreement, ap_at_r, exact_neighbours, others_in_category
+
     size = 32
     images, labels, hierarchy = fashion_subset("train", 6000, size)
-    test_images, test_labels, _ = fashion_subset("test", 1000, size)
+    test_images, test_labels, _ = fashion_subset("test", 2000, size)
     config = EmbedderConfig.for_hierarchy(hierarchy, dim=32, backbone="resnet18", fpn_channels=64, image_size=size)
-    tc = TrainConfig(epochs=3, steps_per_epoch=100, val_fraction=0.05, lr=2e-3, seed=1,
+    tc = TrainConfig(epochs=2, steps_per_epoch=50, val_fraction=0.05, lr=2e-3, seed=1,
                      loss=LossWeights(contrastive=1.0, softmax=(1.0, 1.0, 1.0)))
+    others = others_in_category(test_labels)
+
+    def per_query_ap(model):
+        vectors = forward_batches(model, test_images, 128).concat
+        return ap_at_r(agreement(test_labels, exact_neighbours(vectors, int(others.max()))), others)
+
     torch.manual_seed(tc.seed)
     untrained = PyramidEmbedder(config)  # the same initial weights train() starts from
-    before = evaluate(untrained, test_images, test_labels)
+    before, ap_before = evaluate(untrained, test_images, test_labels), per_query_ap(untrained)
     result = train(images, labels, hierarchy, config, tc, out=tmp_path / "m.pt")
-    after = evaluate(Embedder.from_checkpoint(tmp_path / "m.pt").model, test_images, test_labels)
+    trained = Embedder.from_checkpoint(tmp_path / "m.pt").model
+    after, ap_after = evaluate(trained, test_images, test_labels), per_query_ap(trained)
     first, *_, last = [record for record in result.history if "loss" in record]  # epoch 0 trains nothing
     assert last["loss"] < first["loss"]
-    # Beyond two standard errors of R@1 over the test queries, so sampling noise cannot pass it.
-    standard_error = (before["recall@1"] * (1 - before["recall@1"]) / len(test_images)) ** 0.5
-    assert after["recall@1"] > before["recall@1"] + 2 * standard_error
-    assert after["map@r"] > before["map@r"]
+    gain = ap_after - ap_before
+    assert np.isclose(ap_before.mean(), before["map@r"]) and np.isclose(ap_after.mean(), after["map@r"])
+    assert gain.mean() > 2 * gain.std(ddof=1) / len(gain) ** 0.5, (before["map@r"], after["map@r"])
     assert after["consistency@10/department"] > before["consistency@10/department"]
 
 

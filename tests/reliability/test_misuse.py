@@ -41,7 +41,16 @@ def model(tmp_path, name, *, dim=8, levels=LEVELS, leaves=LEAVES, seed=0):
 
 
 def hiervec(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*HIERVEC, *map(str, args)], capture_output=True, text=True, timeout=300)
+    """The CLI in this process (click's runner, stdout and stderr apart): what a user's shell shows, without
+    the seconds each new process spends importing torch."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, list(map(str, args)), prog_name="hiervec")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback in the test, as a process would have printed one
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +68,14 @@ def filled(tmp_path_factory, tiny_model):
     ({"levels": ("department", "item"), "leaves": ("clothing/shirt", "footwear/boot")}, "level_names"),
     ({"seed": 1}, "model fingerprint"),
 ])
-def test_a_model_of_another_collection_is_refused_and_nothing_is_written(filled, tmp_path, variant, field):
+def test_a_model_of_another_collection_is_refused_and_nothing_is_written(filled, tmp_path, variant, field,
+                                                                        monkeypatch):
+    import uvicorn
+
+    def listens(*args, **kwargs):
+        raise AssertionError("serve started uvicorn before it refused the model")
+
+    monkeypatch.setattr(uvicorn, "run", listens)
     root, db, before = filled
     other = model(tmp_path, "other", **variant)
     query = next((root / "tree").rglob("*.png"))
