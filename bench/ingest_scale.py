@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rows", type=int, default=20_000, help="rows for the write-rate table")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="32 px, 16 files, 500 rows: seconds")
+    parser.add_argument("--smoke", action="store_true", help="32 px, 16 files, 500 rows, Ray with 2 actors only: seconds")
 
     args = parser.parse_args(argv)
     import ray
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                 model, items = make_model(folder, size), make_files(folder, size, n)
                 rates = {"single process": single(model, items, folder, f"s{size}", args.batch)}
                 starts = {}
-                for actors in (1, 2):
+                for actors in (2,) if args.smoke else (1, 2):  # smoke: every code path, Ray started once
                     name = f"Ray, {actors} actor{'s' if actors > 1 else ''}"
                     rates[name], starts[name] = with_ray(model, items, folder, f"r{size}-{actors}", args.batch,
                                                          actors, cores)

@@ -488,7 +488,7 @@ def main(argv=None) -> int:
             setattr(args, key, value)
     if args.smoke:
         args.train, args.val, args.test, args.epochs, args.steps = (240, 60, 60, 1, 2) if args.benchmark == "products" \
-            else (320, 200, 300, 1, 2)
+            else (320, 80, 120, 1, 2)
         args.seeds, args.image_size, args.dim, args.photos = "0,1", 32, 8, 3
     level_names = LEVELS[args.benchmark]
     if args.summary:

@@ -265,7 +265,7 @@ def test_ingest_scale_smoke(capsys):
     assert ingest_scale.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\| 32 px \| 16 \| (.+?) \| ([\d.]+) \| ([\d.]+) \|.*\|$", out, re.M)
-    assert [name for name, _, _ in rows] == ["single process", "Ray, 1 actor", "Ray, 2 actors"]
+    assert [name for name, _, _ in rows] == ["single process", "Ray, 2 actors"]
     assert rows[0][2] == "1.00" and all(float(rate) > 0 for _, rate, _ in rows)
     writes = dict(re.findall(r"^\| (upsert into Milvus Lite \(\+ flush\)|bulk-import Parquet files "
                              r"\(LocalBulkWriter\)) \| ([\d,]+) \|$", out, re.M))
