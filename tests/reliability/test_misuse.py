@@ -16,7 +16,7 @@ from milvus_store import CollectionSpec, Eq, FilterError, HierStore, Record, Sto
 
 from ..conftest import LEAVES, LEVELS
 from ..servers import LiteServer
-from .test_faults import HIERVEC, make_tree, stored_ids
+from .test_faults import make_tree, stored_ids
 
 CRAFTED = [
     'clothing" or department != "',
