@@ -310,9 +310,12 @@ class TestStoreContract:
 
 @pytest.mark.lite
 def test_iterator_beyond_milvus_topk_limit(tmp_path):
-    spec = CollectionSpec(("a", "b"), dim=2)
+    # 64 dimensions, as image vectors have at least: pymilvus's search iterator widens its range
+    # search by a guess that low dimensions defeat (17k vectors: 56 s at 2 dimensions, 44 s at 16,
+    # 5 s at 32, 64 or 128, Milvus Lite on an idle 2-core machine)
+    spec = CollectionSpec(("a", "b"), dim=64)
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(17_000, 2)).astype(np.float32)
+    vectors = rng.normal(size=(17_000, 64)).astype(np.float32)
     with HierStore(str(tmp_path / "big.db"), "big", spec=spec.with_index("FLAT")) as store:
         store.upsert([Record("x/y", v, id=str(i)) for i, v in enumerate(vectors)], batch_size=5000)
         store.flush()  # searched from sealed segments: Lite reads rows still in its memtable one by one
