@@ -40,13 +40,18 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = STARTUP_S) ->
 STOP_S = 90  # a `hiervec serve` process stopping (its Lite process first) before SIGKILL
 
 
+def hiervec_here(*args) -> None:
+    """A `hiervec` command run in this process, as the served one's setup: no second start-up of the
+    torch stack (8 s here); it closes what it opened, so the served process can open a Lite file after it."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
 @pytest.fixture
 def server(catalogue, tmp_path):
     db = tmp_path / "serve.db"
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
-    # In its own process: a Milvus Lite file stays locked by the process that opened it.
-    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
-                   check=True, capture_output=True)
+    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     env = dict(os.environ, HIERVEC_API_KEY="serve-k3y")
     process = subprocess.Popen(
@@ -103,8 +108,7 @@ def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "shared.db"
-    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
-                   check=True, capture_output=True)
+    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
         [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
@@ -177,8 +181,7 @@ def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path)
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
-        subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", milvus.uri],
-                       check=True, capture_output=True)
+        hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", milvus.uri)
         port = free_port()
         env = dict(os.environ, HIERVEC_API_KEY="workers-k3y", HIERVEC_MILVUS_TOKEN="root:Milvus")
         process = subprocess.Popen(
@@ -219,8 +222,7 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "budget.db"
-    subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), "--uri", str(db)],
-                   check=True, capture_output=True)
+    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
         [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
@@ -278,9 +280,8 @@ def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_resp
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
         uri = ["--uri", milvus.uri]
-        subprocess.run([*hiervec, "ingest", str(catalogue.tree), "--model", str(catalogue.model), *uri,
-                        "--collection", "shop_v1"], check=True, capture_output=True)
-        subprocess.run([*hiervec, "alias", "set", "shop", "shop_v1", *uri], check=True, capture_output=True)
+        hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, *uri, "--collection", "shop_v1")
+        hiervec_here("alias", "set", "shop", "shop_v1", *uri)
         port = free_port()
         process = subprocess.Popen(
             [*hiervec, "serve", "--model", str(catalogue.model), *uri, "--collection", "shop", "--port", str(port),
