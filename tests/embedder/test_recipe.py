@@ -17,12 +17,18 @@ from embedder.errors import ConfigError
 from embedder.model import PyramidEmbedder
 from embedder.training import MIN_STEPS_PER_EPOCH, SELECTION_CRITERION, parameter_groups, selection_score
 
-from .test_training import LEVELS, tiny_config, tiny_data
+from .test_training import LEVELS, tiny_data
+from .test_training import tiny_config as _tiny_config
 
 pytestmark = pytest.mark.unit
 
 TC = TrainConfig(epochs=6, steps_per_epoch=2, classes_per_batch=2, per_class=2, val_fraction=0.34, log_every=1,
                  patience=2)
+
+
+def tiny_config(hierarchy, **kwargs):
+    """test_training's tiny model on resnet18: the backbone `random_resnet18` holds weights for."""
+    return _tiny_config(hierarchy, **{"backbone": "resnet18", **kwargs})
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def tiny_data(n_per_class=6, size=32, seed=0):
 
 
 def tiny_config(hierarchy, **kwargs):
-    options = dict(dim=8, backbone="resnet18", fpn_channels=16, image_size=32) | kwargs
+    options = dict(dim=8, backbone="mobilenet_v2", fpn_channels=16, image_size=32) | kwargs
     return EmbedderConfig.for_hierarchy(hierarchy, **options)
 
 
