@@ -323,6 +323,19 @@ class TestStoreContract:
         if target.level_vectors:
             assert store.hybrid_search({"department": np.zeros(4)}, k=5, where=under("d9")) == [[]]
 
+    def test_output_names_the_fields_hits_carry_and_none_is_the_id_alone(self, filled):
+        store, records = filled
+        query = np.asarray(records[5].vector)
+        ids, _ = brute_force(records, query, 4)
+        for hits in (store.search(query, k=4, output=[])[0], list(store.search_iter(query, limit=4, output=[]))):
+            assert [h.id for h in hits] == ids
+            assert all(h.uri == "" and h.categories == {} and h.meta == {} and h.confidence == {} for h in hits)
+        [hits] = store.search(query, k=4, output=["uri", "department"])
+        assert [h.id for h in hits] == ids and all(h.uri.startswith("file:///") and h.meta == {} for h in hits)
+        assert all(list(h.categories) == ["department"] for h in hits)
+        assert {h.id for h in store.iterate(under("d1"), output=[])} == {
+            r.id for r in records if levels_of(r)["department"] == "d1"}
+
     def test_category_counts(self, filled):
         store, records = filled
         from collections import Counter
