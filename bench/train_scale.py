@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             data = synthetic_tree(folder / "images")
             args.epochs, args.classes, args.per_class = 2, 4, 2
-            args.train_args += ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--dim", "8",
+            args.train_args += ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--dim", "8",
                                "--steps-per-epoch", "3", "--val-fraction", "0.25"]
         elif args.data is not None:
             data = args.data
