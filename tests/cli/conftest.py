@@ -1,15 +1,13 @@
 """The CLI's tests share a tiny generated folder tree and a model trained on it (`workspace`)."""
 
 import hashlib
-import json
 import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
+from ..commands import run, run_json  # noqa: F401 - the CLI tests import them from here
 
 
 LEAVES = {
@@ -19,18 +17,6 @@ LEAVES = {
     "footwear/boots/boot": (40, 200, 40),
 }
 PER_LEAF = 6
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
-
-
-def run_json(*args):
-    result = run(*args, "--json")
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,12 @@ HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def here(command: list[str]) -> str:
-    """A `hiervec` command list (from `ingest` or a reindex) run in this process instead: for the runs a
-    test only needs done, not killed (8 s less start-up each); its stdout."""
-    from click.testing import CliRunner
-
-    from cli.main import cli
+    """A `hiervec` command list (from `ingest` or a reindex) run in this process instead, for the runs a
+    test only needs done, not killed; its stdout."""
+    from ..commands import run
 
     assert command[:len(HIERVEC)] == HIERVEC
-    result = CliRunner().invoke(cli, command[len(HIERVEC):])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.stdout
+    return run(*command[len(HIERVEC):]).stdout
 
 
 def make_tree(root: Path, per_leaf: int, seed: int = 0) -> set[str]:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 
+from ..commands import run  # the served processes' setup; the served ones are real processes
 from ..servers import free_port, terminate
 from .conftest import LEAVES, PER_LEAF
 
@@ -40,18 +41,11 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = STARTUP_S) ->
 STOP_S = 90  # a `hiervec serve` process stopping (its Lite process first) before SIGKILL
 
 
-def hiervec_here(*args) -> None:
-    """A `hiervec` command run in this process, as the served one's setup: no second start-up of the
-    torch stack (8 s here); it closes what it opened, so the served process can open a Lite file after it."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, (result.output, result.exception)
-
-
 @pytest.fixture
 def server(catalogue, tmp_path):
     db = tmp_path / "serve.db"
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
-    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
+    run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     env = dict(os.environ, HIERVEC_API_KEY="serve-k3y")
     process = subprocess.Popen(
@@ -108,7 +102,7 @@ def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "shared.db"
-    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
+    run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
         [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
@@ -181,7 +175,7 @@ def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path)
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
-        hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", milvus.uri)
+        run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", milvus.uri)
         port = free_port()
         env = dict(os.environ, HIERVEC_API_KEY="workers-k3y", HIERVEC_MILVUS_TOKEN="root:Milvus")
         process = subprocess.Popen(
@@ -222,7 +216,7 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
 
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "budget.db"
-    hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
+    run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
         [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
@@ -280,8 +274,8 @@ def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_resp
     hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
         uri = ["--uri", milvus.uri]
-        hiervec_here("ingest", catalogue.tree, "--model", catalogue.model, *uri, "--collection", "shop_v1")
-        hiervec_here("alias", "set", "shop", "shop_v1", *uri)
+        run("ingest", catalogue.tree, "--model", catalogue.model, *uri, "--collection", "shop_v1")
+        run("alias", "set", "shop", "shop_v1", *uri)
         port = free_port()
         process = subprocess.Popen(
             [*hiervec, "serve", "--model", str(catalogue.model), *uri, "--collection", "shop", "--port", str(port),
