@@ -92,7 +92,7 @@ def product_photos(images: np.ndarray, photos: int, *, seed: int = 0) -> np.ndar
     source = torch.from_numpy(np.array(images, dtype=np.uint8))[:, None]  # a writable copy
     out = np.empty((len(images), photos, *images.shape[1:]), dtype=np.uint8)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator, which fork_rng restores (streaming.py says why)
         for i, image in enumerate(source):
             for j in range(photos):
                 out[i, j] = camera(image)[0].numpy()
