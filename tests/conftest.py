@@ -13,15 +13,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # `make test` runs two pytest-xdist workers, and tests that share something costly or machine-wide
 # run in one of them, one after another: the session's Milvus 2.3 standalone (a minute to start,
 # another to stop, and two cannot run side by side) and Ray clusters. Every other test goes with
-# its module, so that module fixtures are built once. The groups come from test ids alone (the
+# its module, so that module fixtures are built once, except in the modules of `PER_TEST` (no module
+# fixtures, long tests), whose tests are groups of their own that the workers share out. `RAY` names
+# the tests that start a Ray. The groups come from test ids alone (the
 # scheduler sees nothing else): a test that uses the Milvus 2.3 server says so in its name or
 # parameter (`milvus_2_3`, `milvus-2.3`), and `pytest_runtest_setup` fails one that does not.
 MILVUS_2_3 = ("milvus-2.3", "milvus_2_3")
 # The longest groups are handed out first, so that no worker is left with one at the end.
-LONG_FIRST = ("milvus-2.3", "tests/embedder/test_training.py", "tests/test_bench_smoke.py",
-              "tests/embedder/test_torchrun.py", "tests/service/test_serve.py", "ray", "tests/reliability/test_misuse.py",
-              "tests/reliability/test_faults.py", "tests/embedder/test_streaming.py", "tests/embedder/test_runtimes.py",
+LONG_FIRST = ("milvus-2.3", "ray", "tests/embedder/test_torchrun.py", "tests/reliability/test_faults.py",
+              "tests/service/test_serve.py", "tests/embedder/test_training.py", "tests/test_bench_smoke.py",
+              "tests/embedder/test_runtimes.py", "tests/embedder/test_streaming.py", "tests/reliability/test_misuse.py",
               "tests/milvus_store/test_filtered_recall.py", "tests/milvus_store/test_store.py")
+
+PER_TEST = ("tests/test_bench_smoke.py",)
+# Tests that start a Ray of their own (a local Ray takes the machine's cores and is slow to start beside another).
+RAY = ("tests/scaleout/", "tests/test_bench_smoke.py::test_ingest_scale_smoke")
 
 LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
@@ -143,12 +149,14 @@ def s3_environment(s3_catalogue, monkeypatch):
 
 
 def xdist_group(nodeid: str) -> str:
-    """The group a pytest-xdist worker runs the test `nodeid` in: "milvus-2.3", "ray" or its module."""
+    """The group a pytest-xdist worker runs the test `nodeid` in: "milvus-2.3", "ray", its module, or
+    itself in a module of `PER_TEST`."""
     if any(name in nodeid for name in MILVUS_2_3):
         return "milvus-2.3"
-    if nodeid.startswith("tests/scaleout/"):
+    if nodeid.startswith(RAY):
         return "ray"
-    return nodeid.split("::", 1)[0]
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in PER_TEST else module
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -169,7 +177,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         groups.setdefault(xdist_group(item.nodeid), []).append(item)
     rank = {group: n for n, group in enumerate(LONG_FIRST)}
-    order = sorted(groups, key=lambda group: rank.get(group, len(rank)))
+    order = sorted(groups, key=lambda group: rank.get(group.split("::", 1)[0], len(rank)))
     items[:] = [item for group in order for item in groups[group]]
 
 

@@ -1,4 +1,4 @@
-"""`make test`'s two pytest-xdist workers take whole groups (tests/conftest.py): the groups follow from
+"""`make test`'s pytest-xdist workers take whole groups (tests/conftest.py): the groups follow from
 test ids, and the ordering table names only groups that exist."""
 
 from pathlib import Path
@@ -16,9 +16,12 @@ def test_tests_of_the_milvus_2_3_server_and_of_ray_share_a_group_and_the_rest_go
     assert xdist_group("tests/milvus_store/test_store.py::test_filters[milvus-2.3-not]") == "milvus-2.3"
     assert xdist_group("tests/test_bench_smoke.py::test_serve_load_smoke_on_a_milvus_2_3_server") == "milvus-2.3"
     assert xdist_group("tests/scaleout/test_ray_ingest.py::test_the_cli_runs_the_ray_engine") == "ray"
+    assert xdist_group("tests/test_bench_smoke.py::test_ingest_scale_smoke") == "ray"  # it starts a local Ray
     assert xdist_group("tests/milvus_store/test_store.py::TestStoreContract::test_iterator[lite]") == \
         "tests/milvus_store/test_store.py"
     assert xdist_group("tests/test_defaults.py::test_registries_cover_exactly_the_names") == "tests/test_defaults.py"
+    # the benchmark smokes share no module fixture: each is a group, so that the workers share them out
+    assert xdist_group("tests/test_bench_smoke.py::test_speed_smoke") == "tests/test_bench_smoke.py::test_speed_smoke"
 
 
 def test_every_group_named_first_exists():
