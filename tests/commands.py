@@ -1,13 +1,16 @@
 """`hiervec` commands run in the test's own process (click's runner): no second start-up of the torch
 stack (about 8 s a process here). A command closes what it opened, Milvus Lite files included, so a
 process started afterwards can open them. Tests whose subject is a process (killed, stopped, served)
-start a real one instead."""
+start a real one instead, from `HIERVEC`."""
 
 import json
+import sys
 
 from click.testing import CliRunner
 
 from cli.main import cli
+
+HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]  # a `hiervec` process's command line
 
 
 def run(*args, ok=True):

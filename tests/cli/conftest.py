@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ..commands import run, run_json  # noqa: F401 - the CLI tests import them from here
-
+from ..commands import run_json
 
 LEAVES = {
     "clothing/tops/shirt": (220, 40, 40),

@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from .conftest import LEAVES, PER_LEAF, run, run_json, sha256
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF, sha256
 
 pytestmark = pytest.mark.lite
 

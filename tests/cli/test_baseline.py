@@ -8,7 +8,8 @@ from embedder import Hierarchy, read_source
 from embedder.baseline import BackboneEmbedder
 from embedder.metrics import agreement, exact_neighbours, others_in_category, retrieval_report
 
-from .conftest import LEAVES, PER_LEAF, run, run_json
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF
 
 
 @pytest.mark.lite

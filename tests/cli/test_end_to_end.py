@@ -8,7 +8,8 @@ from PIL import Image
 
 from embedder import load_checkpoint
 
-from .conftest import LEAVES, PER_LEAF, run, run_json, sha256
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF, sha256
 
 pytestmark = pytest.mark.lite
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 from pymilvus import MilvusClient
 
-from .conftest import LEAVES, PER_LEAF, run, run_json
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF
 
 pytestmark = pytest.mark.lite
 KEYS = {"queries", "left_out", "collection", "k", "recall@k", "map@r", "map@r_reason", "consistency@k",

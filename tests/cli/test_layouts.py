@@ -7,7 +7,8 @@ and refuses a level search naming the option that would allow it.
 
 import pytest
 
-from .conftest import run, run_json, sha256
+from ..commands import run, run_json
+from .conftest import sha256
 
 pytestmark = pytest.mark.lite
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from .conftest import LEAVES, PER_LEAF, run, run_json
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF
 
 pytestmark = pytest.mark.lite
 

@@ -9,7 +9,8 @@ import pytest
 
 from milvus_store import HierStore
 
-from .conftest import LEAVES, PER_LEAF, run, run_json
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF
 
 pytestmark = pytest.mark.lite
 

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 
-from .conftest import run, run_json, sha256
+from ..commands import run, run_json
+from .conftest import sha256
 
 pytestmark = pytest.mark.lite
 LEVELS = ("department", "category", "item")

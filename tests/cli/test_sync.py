@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import LEAVES, PER_LEAF, run, run_json, sha256
+from ..commands import run, run_json
+from .conftest import LEAVES, PER_LEAF, sha256
 
 pytestmark = pytest.mark.lite
 

@@ -9,7 +9,8 @@ import torch
 
 from embedder import runtimes
 
-from .conftest import LEAVES, PER_LEAF, run_json
+from ..commands import run_json
+from .conftest import LEAVES, PER_LEAF
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'hiervec[timm]'; make venv installs it)")
 pytestmark = pytest.mark.lite

@@ -7,17 +7,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from embedder import ImageDecodeError, decode_image
 from milvus_store import HierStore, printable, uri_path
 
+from ..commands import HIERVEC
 from ..conftest import LEAVES
 from .corpus import build_manifest, build_tree
-
-HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def as_unprivileged_root() -> list[str]:

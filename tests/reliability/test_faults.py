@@ -20,19 +20,17 @@ import pytest
 
 from milvus_store import HierStore
 
+from ..commands import HIERVEC, run
 from ..conftest import LEAVES
 from ..servers import LiteServer
 from .corpus import encoded
 
 pytestmark = pytest.mark.lite
-HIERVEC = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def here(command: list[str]) -> str:
     """A `hiervec` command list (from `ingest` or a reindex) run in this process instead, for the runs a
     test only needs done, not killed; its stdout."""
-    from ..commands import run
-
     assert command[:len(HIERVEC)] == HIERVEC
     return run(*command[len(HIERVEC):]).stdout
 

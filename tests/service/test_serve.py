@@ -5,17 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
-from click.testing import CliRunner
 
-from cli.main import cli
-
-from ..commands import run  # the served processes' setup; the served ones are real processes
+from ..commands import HIERVEC, run
 from ..servers import free_port, terminate
 from .conftest import LEAVES, PER_LEAF
 
@@ -44,12 +40,11 @@ STOP_S = 90  # a `hiervec serve` process stopping (its Lite process first) befor
 @pytest.fixture
 def server(catalogue, tmp_path):
     db = tmp_path / "serve.db"
-    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     env = dict(os.environ, HIERVEC_API_KEY="serve-k3y")
     process = subprocess.Popen(
-        [*hiervec, "serve", "--model", str(catalogue.model),
+        [*HIERVEC, "serve", "--model", str(catalogue.model),
          "--uri", str(db), "--port", str(port), "--image-root", str(catalogue.tree), "--media",
          str(tmp_path / "media"), "--batch-window-ms", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
@@ -90,8 +85,8 @@ def test_serve_answers_searches_writes_and_batches_concurrent_queries(server, ca
 
 
 def test_serve_refuses_several_workers_on_a_lite_file_opened_in_process(catalogue, tmp_path):
-    result = CliRunner().invoke(cli, ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"),
-                                      "--workers", "2", "--lite-in-process"])
+    result = run("serve", "--model", catalogue.model, "--uri", tmp_path / "x.db", "--workers", "2", "--lite-in-process",
+                 ok=False)
     assert result.exit_code == 2
     assert "--workers above 1 with a Milvus Lite file needs --lite-process" in result.stderr
     assert not (tmp_path / "x.db").exists()
@@ -100,12 +95,11 @@ def test_serve_refuses_several_workers_on_a_lite_file_opened_in_process(catalogu
 def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process(catalogue, tmp_path):
     from milvus_store.store import _locked_by_another_process
 
-    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "shared.db"
     run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
-        [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
+        [*HIERVEC, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
          "--workers", "2", "--image-root", str(catalogue.tree), "--api-key", "k3y"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
@@ -130,7 +124,7 @@ def test_serve_with_several_workers_shares_one_lite_file_through_its_own_process
 
 
 def test_serve_reports_a_missing_model_as_one_line(tmp_path):
-    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "none.pt"), "--uri", str(tmp_path / "x.db")])
+    result = run("serve", "--model", tmp_path / "none.pt", "--uri", tmp_path / "x.db", ok=False)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "none.pt" in result.stderr
 
 
@@ -144,13 +138,13 @@ def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, h
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(dict(k, app=a[0])))
     args = ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", host]
-    result = CliRunner().invoke(cli, args)
+    result = run(*args, ok=False)
     assert result.exit_code == 2 and f"--host {host} is reachable from other machines" in result.stderr
     assert not started and not (tmp_path / "x.db").exists()  # refused before anything was opened
-    result = CliRunner().invoke(cli, [*args, "--allow-anonymous-writes"])
+    result = run(*args, "--allow-anonymous-writes", ok=False)
     assert result.exit_code == 0, result.stderr
     assert started[0]["host"] == host and "warning: no API key" in result.stderr
-    result = CliRunner().invoke(cli, [*args, "--api-key", "k3y", "--max-requests", "7", "--header-timeout", "3"])
+    result = run(*args, "--api-key", "k3y", "--max-requests", "7", "--header-timeout", "3", ok=False)
     assert result.exit_code == 0 and "warning" not in result.stderr
     assert started[-1]["http"] == "service.guard:GuardedH11Protocol" and "limit_concurrency" not in started[-1]
     assert started[-1]["app"].state.service.settings.max_requests == 7
@@ -164,8 +158,8 @@ def test_serve_on_loopback_without_a_key_warns(catalogue, tmp_path, monkeypatch)
     monkeypatch.delenv("HIERVEC_API_KEY", raising=False)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     for host in ("127.0.0.1", "localhost", "::1"):
-        result = CliRunner().invoke(cli, ["serve", "--model", str(catalogue.model), "--uri",
-                                          str(tmp_path / f"{host.strip(':') or 'v6'}.db"), "--host", host])
+        result = run("serve", "--model", catalogue.model, "--uri", tmp_path / f"{host.strip(':') or 'v6'}.db",
+                     "--host", host, ok=False)
         assert result.exit_code == 0 and "warning: no API key" in result.stderr
 
 
@@ -173,13 +167,12 @@ def test_serve_on_loopback_without_a_key_warns(catalogue, tmp_path, monkeypatch)
 def test_serve_with_several_workers_against_a_milvus_server(catalogue, tmp_path):
     from ..servers import LiteServer
 
-    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
         run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", milvus.uri)
         port = free_port()
         env = dict(os.environ, HIERVEC_API_KEY="workers-k3y", HIERVEC_MILVUS_TOKEN="root:Milvus")
         process = subprocess.Popen(
-            [*hiervec, "serve", "--model", str(catalogue.model), "--uri", milvus.uri, "--port", str(port),
+            [*HIERVEC, "serve", "--model", str(catalogue.model), "--uri", milvus.uri, "--port", str(port),
              "--workers", "2", "--image-root", str(catalogue.tree)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         base = f"http://127.0.0.1:{port}"
@@ -214,12 +207,11 @@ def test_serve_keeps_its_memory_budget_under_a_burst_of_large_images(catalogue, 
     import numpy as np
     from PIL import Image
 
-    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     db = tmp_path / "budget.db"
     run("ingest", catalogue.tree, "--model", catalogue.model, "--uri", db)
     port = free_port()
     process = subprocess.Popen(
-        [*hiervec, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
+        [*HIERVEC, "serve", "--model", str(catalogue.model), "--uri", str(db), "--port", str(port),
          "--max-upload-mb", "1", "--max-megapixels", "4", "--max-requests", "48", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
@@ -271,14 +263,13 @@ def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_resp
                                           classifier_scale=1.0)
     new_model = tmp_path / "new.pt"
     save_checkpoint(new_model, PyramidEmbedder(config), hierarchy)
-    hiervec = [sys.executable, "-c", "from cli.main import main; main()"]
     with LiteServer(tmp_path / "milvus") as milvus:
         uri = ["--uri", milvus.uri]
         run("ingest", catalogue.tree, "--model", catalogue.model, *uri, "--collection", "shop_v1")
         run("alias", "set", "shop", "shop_v1", *uri)
         port = free_port()
         process = subprocess.Popen(
-            [*hiervec, "serve", "--model", str(catalogue.model), *uri, "--collection", "shop", "--port", str(port),
+            [*HIERVEC, "serve", "--model", str(catalogue.model), *uri, "--collection", "shop", "--port", str(port),
              "--image-root", str(catalogue.tree)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
             env=dict(os.environ, HIERVEC_API_KEY="alias-k3y"))
@@ -303,7 +294,7 @@ def test_serve_follows_an_alias_switch_under_load_without_a_failed_or_mixed_resp
             with ThreadPoolExecutor(3) as pool:
                 loops = [pool.submit(client, n) for n in range(3)]
                 time.sleep(1.0)  # requests in flight before, during and after the switch
-                switch = subprocess.run([*hiervec, "reindex", "--model", str(new_model), *uri, "--collection", "shop",
+                switch = subprocess.run([*HIERVEC, "reindex", "--model", str(new_model), *uri, "--collection", "shop",
                                          "--to", "shop_v2", "--switch", "--json"], capture_output=True, text=True)
                 assert switch.returncode == 0, switch.stderr
                 answers = [a for loop in loops for a in loop.result()]
