@@ -177,6 +177,29 @@ def test_default_workers_share_the_cores_among_a_machines_processes(monkeypatch)
     assert default_workers(device_type="cuda") == 1 and default_workers(1, "cpu") == 0  # the step has the CPUs
 
 
+def test_augmentation_seeds_the_cpu_generator_alone_and_leaves_the_global_stream_as_it_was(monkeypatch):
+    """Each sample's augmentation has its own CPU stream; no accelerator generator is reseeded (on a GPU
+    torch.manual_seed reseeded CUDA for every sample; before CUDA starts, it formatted the stack each time)."""
+    reseeded = []
+    for backend in (torch.cuda, torch.xpu):
+        monkeypatch.setattr(backend, "manual_seed_all", reseeded.append)
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    labels = np.repeat(np.arange(4), 2)
+
+    def epoch():
+        sampler = BalancedBatchSampler(labels, 2, 2, steps=2, rng=np.random.default_rng(0), seed=3)
+        return [batch.images for _, batch in training_loader(images, sampler, lambda x: x + torch.rand(x.shape))]
+
+    torch.manual_seed(0)
+    reseeded.clear()  # what seeding this test's own global stream queued
+    before = torch.get_rng_state()
+    first, again = epoch(), epoch()
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream is as it was
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # each sample's stream follows from its seed
+    assert not torch.equal(first[0][0], first[0][1])  # ... and differs between samples
+    assert reseeded == []
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_run_stopped_mid_epoch_resumes_at_its_step_and_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch,
                                                                                               workers):
