@@ -128,13 +128,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import ray
 
+    from scaleout.ray_engine import start_local_ray
+
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(n) for n in args.images.split(",")]
     if args.smoke:
         sizes, counts, args.batch, args.rows = [32], [16], 8, 500
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    ray.init(num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_local_ray(ray, num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="hiervec-ingest-scale-") as tmp:

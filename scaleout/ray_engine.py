@@ -39,6 +39,11 @@ from .options import EmbedderRecipe, RayOptions
 
 RAY_EXTRA = "pip install 'hiervec[ray]'"
 LOCAL_GCS_WAIT_S = 120  # seconds a local Ray may take to start its GCS server
+LOCAL_STARTS = 3  # times a local Ray that did not come up in time is started
+# How Ray says a node it started did not come up in time: its GCS server wrote no port file within
+# RAY_gcs_server_port_wait_time_s, or its raylet did not register within the 30 s that Ray hard-codes
+# (ray/_private/node.py). Both happened on a loaded 2-core machine, and a fresh start then worked.
+STARTUP_TIMEOUTS = ("Timed out waiting for file", "timed out during startup")
 IDENTIFY_BATCH = 256  # files read and hashed per Ray task
 
 
@@ -48,6 +53,40 @@ def import_ray():
     except ImportError:
         raise EngineMissingError(f"the Ray engine needs Ray, which is not installed: {RAY_EXTRA}") from None
     return ray
+
+
+def start_local_ray(ray, attempts: int = LOCAL_STARTS, **init) -> None:
+    """`ray.init(**init)` for a Ray of this process's own, started again (at most `attempts` times in
+    all) when it did not come up in time (`STARTUP_TIMEOUTS`); the processes the failed start left
+    running (its GCS server, raylet, reaper) are stopped first. Any other failure is raised at once.
+    Its GCS server may take `LOCAL_GCS_WAIT_S` to start (Ray's default, 30 s, was too short once on a
+    loaded 2-core machine); a user's own RAY_gcs_server_port_wait_time_s wins."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
+    for attempt in range(attempts):
+        try:
+            ray.init(**init)
+            return
+        except Exception as exc:
+            if attempt == attempts - 1 or not any(text in str(exc) for text in STARTUP_TIMEOUTS):
+                raise
+            stop_failed_start(exc)
+            ray.shutdown()
+
+
+def stop_failed_start(exc: BaseException) -> int:
+    """Stop the processes of the Ray node whose start raised `exc`: `ray.init` keeps no handle on a node
+    that failed in its constructor, so it is found in the traceback (the frame whose `self` can
+    `kill_all_processes`). Returns how many nodes were stopped (0 when Ray's internals changed: the
+    processes then end with this process, as Ray's reaper or fate-sharing ends them)."""
+    import traceback
+
+    stopped = 0
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        node = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and callable(getattr(node, "kill_all_processes", None)):
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+            stopped += 1
+    return stopped
 
 
 CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to accept a connection
@@ -160,18 +199,12 @@ class RayExecutor:
         if any(isinstance(item.source, bytes) for item in items):
             raise ScaleOutError("the Ray engine ingests files: give paths, not bytes")
         owned = not ray.is_initialized()
-        if owned:
-            if not options.address:
-                # A local Ray waits 30 s for its GCS server to write its port; on a loaded 2-core
-                # machine it took longer once (the suite failed "Timed out waiting for file
-                # .../gcs_server_port_..."). A user's own setting wins.
-                os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
-            else:
-                check_reachable(options.address)
-            init = {"address": options.address} if options.address else {
-                "num_cpus": options.num_cpus or os.cpu_count(), "_node_ip_address": "127.0.0.1",
-                "include_dashboard": False}
-            ray.init(log_to_driver=False, **init, **options.extra)
+        if owned and options.address:
+            check_reachable(options.address)
+            ray.init(address=options.address, log_to_driver=False, **options.extra)
+        elif owned:
+            start_local_ray(ray, num_cpus=options.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
+                            include_dashboard=False, log_to_driver=False, **options.extra)
         try:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False

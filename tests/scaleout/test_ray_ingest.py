@@ -22,11 +22,11 @@ from embedder import Embedder, read_source
 from milvus_store import HierStore, path_uri
 from hiervec_app import ImageIndex, IngestItem
 from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
+from scaleout.ray_engine import STARTUP_TIMEOUTS, start_local_ray
 
 from ..conftest import LEAVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")  # a loaded machine starts Ray slowly (30 s by default)
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'hiervec[ray]' (CI installs it)")
 
 pytestmark = pytest.mark.lite
@@ -79,11 +79,15 @@ def single(tree, tiny_model, tmp_path_factory):
     return uri, report
 
 
+LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "_node_ip_address": "127.0.0.1", "log_to_driver": False}
+
+
 @pytest.fixture
 def local_ray():
-    """A local Ray of 2 CPUs on loopback (started once, shut down by the 2-node test or at the end)."""
+    """A local Ray of 2 CPUs on loopback (started once, shut down by the 2-node test or at the end), as
+    the Ray engine starts one: started again when it did not come up in time."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray(ray, **LOCAL_RAY)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,6 +113,73 @@ def assert_same_collection(uri: str, single_uri: str, collection: str = "images"
             assert got[rid][name] == pytest.approx(row[name], abs=1e-5)
         for name in ("vec", "vec_department", "vec_category", "vec_item"):
             np.testing.assert_allclose(got[rid][name], row[name], atol=1e-5)
+
+
+def ray_processes() -> dict[int, str]:
+    """This process's Ray node processes (GCS server, raylet) that are running, by pid."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() in ("gcs_server", "raylet") and child.status() != psutil.STATUS_ZOMBIE:
+                found[child.pid] = child.name()
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_local_ray_that_did_not_come_up_in_time_is_stopped_and_started_again(monkeypatch):
+    """The real timeout of a real start: the first node's raylet "never registers" (Ray's 30 s wait is
+    made to pass at once); its processes are stopped and the second start is the Ray the tests use."""
+    import time
+
+    from ray._private import node as ray_node
+    from ray._private import services
+
+    if ray.is_initialized():
+        ray.shutdown()
+    real_get_node, first, late = services.get_node, {}, []
+
+    def get_node(gcs_address, node_id):
+        if not first:  # the first start: its GCS server and raylet run, and the raylet is "not registered"
+            first.update(ray_processes())
+            late.append(True)
+            raise RuntimeError("node not found (as if the raylet had not registered yet)")
+        return real_get_node(gcs_address, node_id)
+
+    class Clock:  # node.py's clock: 31 s pass once, right after the registration check failed
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return time.monotonic() + (31 if late and late.pop() else 0)
+
+    monkeypatch.setattr(services, "get_node", get_node)
+    monkeypatch.setattr(ray_node, "time", Clock())
+    start_local_ray(ray, **LOCAL_RAY)
+    assert sorted(first.values()) == ["gcs_server", "raylet"]  # the failed start had started both
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+    now = ray_processes()
+    assert sorted(now.values()) == ["gcs_server", "raylet"] and not set(now) & set(first)  # theirs were stopped
+
+    class NotStarted(Exception):
+        pass
+
+    tries = []
+
+    def fails(error):
+        def init(**_):
+            tries.append(1)
+            raise error
+        return type("FakeRay", (), {"init": staticmethod(init), "shutdown": staticmethod(lambda: None)})
+
+    with pytest.raises(NotStarted):  # not a startup timeout: raised at once
+        start_local_ray(fails(NotStarted("bad argument")), num_cpus=1)
+    assert len(tries) == 1
+    with pytest.raises(NotStarted, match=STARTUP_TIMEOUTS[1]):  # a timeout every time: the last one is raised
+        start_local_ray(fails(NotStarted(f"The current node {STARTUP_TIMEOUTS[1]}.")), attempts=3)
+    assert len(tries) == 4
 
 
 def test_ray_ingest_stores_what_the_single_process_ingest_stores(tree, tiny_model, single, local_ray, tmp_path):
@@ -178,13 +249,6 @@ def test_the_cli_runs_the_ray_engine(tree, tiny_model, single, local_ray, tmp_pa
     assert_same_collection(uri, single[0], "again")
 
 
-# How Ray says that a node of its test cluster did not come up in time: its GCS server wrote no port
-# file within RAY_gcs_server_port_wait_time_s, or its raylet did not register within the 30 s Ray
-# hard-codes (node.py). Both happened in full runs on the loaded 2-core machine, and a fresh start
-# then worked.
-STARTUP_TIMEOUTS = ("Timed out waiting for file", "timed out during startup")
-
-
 def ray_stop() -> None:
     ray_command = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     subprocess.run([ray_command, "stop", "--force"], capture_output=True, timeout=120)
@@ -192,7 +256,8 @@ def ray_stop() -> None:
 
 def start_cluster(Cluster, attempts: int = 3, stop=ray_stop):
     """Ray's two-node test cluster, started again (after `ray stop --force`) when a node did not come
-    up in time (`STARTUP_TIMEOUTS`); any other failure, or the last attempt's, is the test's."""
+    up in time (`STARTUP_TIMEOUTS`, as the engine's local Ray is); any other failure, or the last
+    attempt's, is the test's."""
     for attempt in range(attempts):
         try:
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
