@@ -113,6 +113,29 @@ def test_export_writes_the_graph_and_its_contract(checkpoint, tmp_path, fmt):
         assert np.abs(outputs[f"level_{level}"] - vectors).max() < 1e-4
 
 
+def test_an_openvino_export_sends_no_telemetry(tmp_path, monkeypatch):
+    """OpenVINO's converter (`ov.convert_model`) reports each conversion to Google Analytics unless the
+    user opted out (`import openvino` reports itself once, whoever imports it); hiervec's export reads
+    the ONNX graph with OpenVINO's frontend and sends nothing more."""
+    need("openvino")
+    import openvino  # noqa: F401  (its own import event, before the count starts)
+    import openvino_telemetry
+
+    sent = []
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "send_event", lambda self, *args, **kw: sent.append(args))
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "start_session", lambda self, *args, **kw: sent.append(args))
+    torch.manual_seed(3)
+    model = PyramidEmbedder(EmbedderConfig.for_hierarchy(HIERARCHY, dim=8, backbone="resnet18", image_size=32,
+                                                         fpn_channels=16)).eval()
+    graph = runtimes.export(model, tmp_path / "out", "openvino")
+    assert sent == [] and graph.name == "model.xml" and graph.with_suffix(".bin").stat().st_size > 0
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.vectors(images)[1]
+    compiled = runtimes._openvino_core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert np.abs(compiled(images.numpy())[0] - expected.numpy()).max() < 1e-4
+
+
 def test_export_of_a_missing_model_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "none.pt"), "--format", "onnx", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.output
