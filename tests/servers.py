@@ -85,7 +85,7 @@ class EmbeddedMilvus:
     # change when a load completes, nothing a client can see. `--extra-config` sets the keys of the
     # package's config template; keys not in it go through Milvus's environment variables.
     TEMPLATE_SETTINGS = ("queryCoord.distPullInterval=100",)
-    ENV_SETTINGS = {"QUERYCOORD_CHECKCHANNELINTERVAL": "100"}
+    ENV_SETTINGS = (("QUERYCOORD_CHECKCHANNELINTERVAL", "100"),)
 
     def __init__(self, data_dir: Path, port: int | None = None):
         self.data_dir, self.port = Path(data_dir), port or free_port()
@@ -104,7 +104,7 @@ class EmbeddedMilvus:
         self.process = subprocess.Popen(
             [executable, "--data", str(self.data_dir), "--proxy-port", str(self.port),
              *(f"--extra-config={setting}" for setting in self.TEMPLATE_SETTINGS)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.ENV_SETTINGS},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **dict(self.ENV_SETTINGS)},
         )
         try:
             wait_until_serving(self.port, self.process, seconds, what="milvus-server", failed=self._failed)
