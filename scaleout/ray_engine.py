@@ -55,22 +55,32 @@ def import_ray():
     return ray
 
 
-def start_local_ray(ray, attempts: int = LOCAL_STARTS, **init) -> None:
-    """`ray.init(**init)` for a Ray of this process's own, started again (at most `attempts` times in
-    all) when it did not come up in time (`STARTUP_TIMEOUTS`); the processes the failed start left
-    running (its GCS server, raylet, reaper) are stopped first. Any other failure is raised at once.
-    Its GCS server may take `LOCAL_GCS_WAIT_S` to start (Ray's default, 30 s, was too short once on a
-    loaded 2-core machine); a user's own RAY_gcs_server_port_wait_time_s wins."""
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
+def started_again_after_timeouts(start: Callable, stop: Callable[[BaseException], None], attempts: int = LOCAL_STARTS):
+    """What `start()` returns, started again (at most `attempts` times in all) when Ray says a node did not
+    come up in time (`STARTUP_TIMEOUTS`), after `stop(error)` stopped what that start left running. Any
+    other failure, or the last attempt's, is raised."""
     for attempt in range(attempts):
         try:
-            ray.init(**init)
-            return
+            return start()
         except Exception as exc:
             if attempt == attempts - 1 or not any(text in str(exc) for text in STARTUP_TIMEOUTS):
                 raise
-            stop_failed_start(exc)
-            ray.shutdown()
+            stop(exc)
+
+
+def start_local_ray(ray, attempts: int = LOCAL_STARTS, **init) -> None:
+    """`ray.init(**init)` for a Ray of this process's own, started again when it did not come up in time
+    (`started_again_after_timeouts`); the processes the failed start left running (its GCS server,
+    raylet, reaper) are stopped first. Its GCS server may take `LOCAL_GCS_WAIT_S` to start (Ray's
+    default, 30 s, was too short once on a loaded 2-core machine); a user's own
+    RAY_gcs_server_port_wait_time_s wins."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(LOCAL_GCS_WAIT_S))
+
+    def stop(exc: BaseException) -> None:
+        stop_failed_start(exc)
+        ray.shutdown()
+
+    started_again_after_timeouts(lambda: ray.init(**init), stop, attempts)
 
 
 def stop_failed_start(exc: BaseException) -> int:

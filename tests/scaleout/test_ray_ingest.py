@@ -22,7 +22,7 @@ from embedder import Embedder, read_source
 from milvus_store import HierStore, path_uri
 from hiervec_app import ImageIndex, IngestItem
 from scaleout import EmbedderRecipe, RayOptions, ScaleOutError, ray_ingest
-from scaleout.ray_engine import STARTUP_TIMEOUTS, start_local_ray
+from scaleout.ray_engine import STARTUP_TIMEOUTS, start_local_ray, started_again_after_timeouts
 
 from ..conftest import LEAVES
 
@@ -256,18 +256,15 @@ def ray_stop() -> None:
 
 def start_cluster(Cluster, attempts: int = 3, stop=ray_stop):
     """Ray's two-node test cluster, started again (after `ray stop --force`) when a node did not come
-    up in time (`STARTUP_TIMEOUTS`, as the engine's local Ray is); any other failure, or the last
+    up in time, by the engine's own rule (`started_again_after_timeouts`); any other failure, or the last
     attempt's, is the test's."""
-    for attempt in range(attempts):
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            return cluster
-        except Exception as exc:
-            if attempt == attempts - 1 or not any(text in str(exc) for text in STARTUP_TIMEOUTS):
-                raise
-            stop()  # what the failed start left running
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        return cluster
+
+    return started_again_after_timeouts(start, lambda _: stop(), attempts)  # stop: what the failed start left
 
 
 @pytest.mark.unit
