@@ -9,12 +9,13 @@ contrastive loss sees every process's batch, and only rank 0 logs, validates and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,28 +331,28 @@ def train(
     checkpoint = None
     net, probing = model, None
     for epoch in range(start_epoch, epochs):
-        if probing != (epoch < probe_epochs or backbone_lr_scale == 0):
-            probing = epoch < probe_epochs or backbone_lr_scale == 0
-            for parameter in model.body.parameters():
-                parameter.requires_grad_(not probing)
-            if context.enabled:  # DDP reduces the parameters that need gradients when it is built
-                net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        model.train()
-        if probing:
-            model.body.eval()  # the frozen backbone keeps its running statistics
-        elif batch_norm == "frozen":
-            _freeze_batch_norm(model)
-        started, seen, sums, skip = time.perf_counter(), 0, {}, 0
-        if partial is not None:  # resumed in the middle of this epoch: its first steps are done
-            skip, seen, sums, partial = partial["step"], partial["seen"], dict(partial["sums"]), None
-            log(f"resuming epoch {epoch + 1} at step {skip + 1}/{steps}")
-        epoch_rng = rng.bit_generator.state  # a checkpoint inside this epoch draws its batches again from here
-        # each rank its own augmentations, the same whatever worker draws a sample or where a run resumes
-        sampler = BalancedBatchSampler(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
-                                       rank=context.rank, world_size=context.world_size, skip=skip,
-                                       seed=tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
-        batches = training_loader(train_images, sampler, augment, workers=workers, pin_memory=device.type == "cuda")
-        try:
+        with _peer_failures(context, epoch):  # a collective anywhere in the epoch can find a peer gone
+            if probing != (epoch < probe_epochs or backbone_lr_scale == 0):
+                probing = epoch < probe_epochs or backbone_lr_scale == 0
+                for parameter in model.body.parameters():
+                    parameter.requires_grad_(not probing)
+                if context.enabled:  # DDP reduces the parameters that need gradients when it is built
+                    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            model.train()
+            if probing:
+                model.body.eval()  # the frozen backbone keeps its running statistics
+            elif batch_norm == "frozen":
+                _freeze_batch_norm(model)
+            started, seen, sums, skip = time.perf_counter(), 0, {}, 0
+            if partial is not None:  # resumed in the middle of this epoch: its first steps are done
+                skip, seen, sums, partial = partial["step"], partial["seen"], dict(partial["sums"]), None
+                log(f"resuming epoch {epoch + 1} at step {skip + 1}/{steps}")
+            epoch_rng = rng.bit_generator.state  # a checkpoint inside this epoch draws its batches again from here
+            # each rank its own augmentations, the same whatever worker draws a sample or where a run resumes
+            sampler = BalancedBatchSampler(train_labels[:, -1], tc.classes_per_batch, tc.per_class, steps, rng,
+                                           rank=context.rank, world_size=context.world_size, skip=skip,
+                                           seed=tc.seed * 1_000_003 + epoch * context.world_size + context.rank)
+            batches = training_loader(train_images, sampler, augment, workers=workers, pin_memory=device.type == "cuda")
             for step, (batch_idx, loaded) in enumerate(batches, start=skip + 1):
                 failures.extend(loaded.failures)
                 batch, batch_idx = _whole_batch(loaded, np.asarray(batch_idx), train_labels[:, -1], context.enabled)
@@ -378,30 +379,24 @@ def train(
                                      "resume_weights": None if selection.state is None else _cpu_state(model)},
                              stopped_early=False)
                     distributed.barrier()
-        except RuntimeError as exc:
-            if not (context.enabled and _lost_a_peer(exc)):
-                raise
-            raise DistributedError(f"rank {context.rank}: another of the {context.world_size} processes died or "
-                                   f"stopped answering in epoch {epoch + 1} ({' '.join(str(exc).split())[:300]}); "
-                                   f"train again with resume=True to continue from the last checkpoint") from exc
-        sums = distributed.mean_across_ranks(sums, device)
-        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
-        record["img_per_s"] = seen / (time.perf_counter() - started)
-        if validate:
-            record.update(selection.validate(model, val_images, val_labels, epoch + 1, log))
-        record["elapsed_s"] = time.perf_counter() - run_started  # since this run (or resume) started
-        history.append(record)
-        stop = validate and tc.patience is not None and epoch + 1 - selection.epoch >= tc.patience
-        if context.is_main:
-            # the last epoch's weights, where the file's own are an earlier, better epoch's: what resume continues
-            checkpoint = save(epoch + 1, {**train_state(rng.bit_generator.state), "step": 0,
-                                          "resume_weights": None if selection.is_current else _cpu_state(model)},
-                              stopped_early=bool(stop))
-        distributed.barrier()  # no rank runs ahead of the checkpoint it could be resumed from
-        if distributed.broadcast_from_main(float(stop), device):
-            log(f"stopping early after epoch {epoch + 1}: no better validation score since epoch {selection.epoch} "
-                f"(patience {tc.patience})")
-            break
+            sums = distributed.mean_across_ranks(sums, device)
+            record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+            record["img_per_s"] = seen / (time.perf_counter() - started)
+            if validate:
+                record.update(selection.validate(model, val_images, val_labels, epoch + 1, log))
+            record["elapsed_s"] = time.perf_counter() - run_started  # since this run (or resume) started
+            history.append(record)
+            stop = validate and tc.patience is not None and epoch + 1 - selection.epoch >= tc.patience
+            if context.is_main:
+                # the last epoch's weights, where the file's own are an earlier, better epoch's: what resume continues
+                checkpoint = save(epoch + 1, {**train_state(rng.bit_generator.state), "step": 0,
+                                              "resume_weights": None if selection.is_current else _cpu_state(model)},
+                                  stopped_early=bool(stop))
+            distributed.barrier()  # no rank runs ahead of the checkpoint it could be resumed from
+            if distributed.broadcast_from_main(float(stop), device):
+                log(f"stopping early after epoch {epoch + 1}: no better validation score since epoch {selection.epoch} "
+                    f"(patience {tc.patience})")
+                break
     if not context.is_main:
         return TrainResult(None, history, failures)
     if checkpoint is None:  # resumed a run that had already finished
@@ -502,6 +497,23 @@ _PEER_LOST = ("timeout", "timed out", "closed", "reset by peer", "broken pipe", 
 
 def _lost_a_peer(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.distributed.DistError) or any(w in str(exc).lower() for w in _PEER_LOST)
+
+
+@contextlib.contextmanager
+def _peer_failures(context: distributed.DistributedContext, epoch: int) -> Iterator[None]:
+    """A collective that failed because another rank is gone or silent, as the DistributedError that says so.
+
+    Anywhere in the epoch: the steps' gradients and loss gathers, but also the epoch's end (its mean, the barrier
+    after the checkpoint, the early-stop broadcast), where a rank that stopped answering late in the epoch is seen.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (context.enabled and _lost_a_peer(exc)):
+            raise
+        raise DistributedError(f"rank {context.rank}: another of the {context.world_size} processes died or "
+                               f"stopped answering in epoch {epoch + 1} ({' '.join(str(exc).split())[:300]}); "
+                               f"train again with resume=True to continue from the last checkpoint") from exc
 
 
 def _freeze_batch_norm(model: nn.Module) -> None:

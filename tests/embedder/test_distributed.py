@@ -1,9 +1,10 @@
-"""The pieces that make N processes train as one: the rank-split sampler and the global-batch loss.
+"""The pieces that make N processes train as one: the rank-split sampler, the global-batch loss, a lost peer.
 
-The loss test runs two real gloo ranks on loopback (torch.multiprocessing), a few seconds.
+The loss and lost-peer tests run two real gloo ranks on loopback (torch.multiprocessing), a few seconds each.
 """
 
 import os
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embedder import ContrastiveLoss, DistributedError
+from embedder import ContrastiveLoss, DistributedError, distributed
 from embedder.data import balanced_batches
-from embedder.distributed import DistributedContext, GlobalBatchLoss, check_same_on_every_rank, process_group
+from embedder.distributed import (DEFAULT_TIMEOUT_S, DistributedContext, GlobalBatchLoss, check_same_on_every_rank,
+                                  process_group)
 from embedder.errors import DataError
-from embedder.training import TrainConfig
+from embedder.training import TrainConfig, _peer_failures
 
 from ..servers import free_port
 
@@ -32,10 +34,11 @@ LOSS = 6.125
 GRAD_Y = torch.tensor([0.0, 3.0, -5.5, 2.5])
 
 
-def _join(rank: int, world_size: int, port: int) -> None:
+def _join(rank: int, world_size: int, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _loss_on_rank(rank: int, world_size: int, port: int, results) -> None:
@@ -63,11 +66,34 @@ def _disagreeing_rank(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(target, world_size: int = 2) -> list:
+def _silent_at_the_epochs_end(rank: int, world_size: int, port: int, results, started, reported) -> None:
+    """Rank 1 stays alive but never reaches the barrier after the epoch's checkpoint (as a stopped process)."""
+    started.wait(timeout=120)  # both have imported torch: the short timeout below is only the barrier's to miss
+    _join(rank, world_size, port, timeout_s=2)
+    try:
+        if rank == 1:
+            reported.wait(timeout=120)  # alive and silent until rank 0 has given up on it
+            results.put((rank, "silent"))
+            return
+        try:
+            with _peer_failures(distributed.current(), epoch=2):
+                distributed.barrier()
+            results.put((rank, "passed the barrier"))
+        except DistributedError as exc:
+            results.put((rank, str(exc)))
+        reported.set()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(target, world_size: int = 2, *, sync: bool = False) -> list:
+    """`target(rank, world_size, port, results)` on each rank; with `sync`, also a barrier and an event they share."""
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=target, args=(rank, world_size, port, results)) for rank in range(world_size)]
+    shared = (context.Barrier(world_size), context.Event()) if sync else ()
+    processes = [context.Process(target=target, args=(rank, world_size, port, results, *shared))
+                 for rank in range(world_size)]
     for process in processes:
         process.start()
     try:
@@ -105,6 +131,28 @@ def test_ranks_that_read_different_data_fail_with_a_clear_error():
     found = run_ranks(_disagreeing_rank)
     for _, message in found:
         assert message.startswith("the processes disagree on the training data (rank 0: [100], rank 1: [101])")
+
+
+def test_a_rank_that_stops_answering_at_the_epochs_end_is_a_distributed_error_naming_the_epoch():
+    # CI saw the silent rank's timeout at the barrier after the checkpoint, outside the steps, as a bare RuntimeError
+    (_, message), (_, silent) = run_ranks(_silent_at_the_epochs_end, sync=True)
+    assert silent == "silent"
+    assert message.startswith("rank 0: another of the 2 processes died or stopped answering in epoch 3 ("), message
+    assert "Timed out" in message and message.endswith("train again with resume=True to continue from the last "
+                                                      "checkpoint")
+
+
+def test_only_a_lost_peer_becomes_a_distributed_error():
+    two = DistributedContext(rank=1, world_size=2)
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"), _peer_failures(two, epoch=0):
+        raise RuntimeError("CUDA out of memory")
+    one = DistributedContext()  # one process: no peer to lose
+    with pytest.raises(RuntimeError, match="Connection reset by peer") as raised, _peer_failures(one, epoch=0):
+        raise RuntimeError("Connection reset by peer")
+    assert not isinstance(raised.value, DistributedError)
+    lost = r"^rank 1: another of the 2 processes died or stopped answering in epoch 1 \(Connection reset by peer\)"
+    with pytest.raises(DistributedError, match=lost), _peer_failures(two, epoch=0):
+        raise RuntimeError("Connection reset by peer")
 
 
 def test_one_process_passes_through_unchanged():
