@@ -75,6 +75,8 @@ CONSISTENCY = "Session"
 # Iterators (whole-collection passes: copy, relabel, exports) start after one Strong read: pymilvus's
 # iterators do not send the session's timestamp with all their requests (on Milvus 2.3 they then miss
 # rows written a moment before), and one time tick is nothing against a pass over the collection.
+# On Milvus 2.3, which returns no session timestamp, pymilvus's iterator waits besides for the server to
+# pass the client's clock + 1 s (its margin for clock skew): every pass there takes over a second.
 STRONG = {"consistency_level": "Strong"}
 
 
