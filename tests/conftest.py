@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,13 @@ RAY = ("tests/scaleout/", "tests/test_bench_smoke.py::test_ingest_scale_smoke")
 
 LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
+
+
+
+def needs(module: str, reason: str) -> pytest.MarkDecorator:
+    """Skip where `module` is not installed, without importing it to find out: every pytest-xdist worker collects
+    every test module, and FiftyOne or LlamaIndex take 3-4 s each to import (the tests import them)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,12 +12,11 @@ from click.testing import CliRunner
 from cli.main import cli
 from embedder import Embedder
 
-from ..conftest import LEVELS
+from ..conftest import LEVELS, needs
 from ..servers import FiftyOneDatabase
 from .conftest import images
 
-pytest.importorskip("fiftyone", reason="FiftyOne is not installed (pip install 'hiervec[fiftyone]')")
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, needs("fiftyone", "FiftyOne is not installed (pip install 'hiervec[fiftyone]')")]
 
 
 @pytest.fixture(scope="module")

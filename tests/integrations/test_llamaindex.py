@@ -8,18 +8,20 @@ import pytest
 
 from embedder import Embedder
 
+from ..conftest import needs
 from .conftest import images
 
-pytest.importorskip("llama_index.core", reason="LlamaIndex is not installed (pip install 'hiervec[llamaindex]')")
-milvus_store = pytest.importorskip("llama_index.vector_stores.milvus",
-                                   reason="llama-index-vector-stores-milvus is not installed (make venv installs it)")
-pytestmark = pytest.mark.lite
+pytestmark = [pytest.mark.lite,
+              needs("llama_index.core", "LlamaIndex is not installed (pip install 'hiervec[llamaindex]')"),
+              needs("llama_index.vector_stores.milvus",
+                    "llama-index-vector-stores-milvus is not installed (make venv installs it)")]
 
 
 def test_image_documents_in_an_image_query_out_on_milvus_lite(tree, tiny_model, tmp_path):
     from llama_index.core import StorageContext
     from llama_index.core.indices import MultiModalVectorStoreIndex
     from llama_index.core.schema import ImageDocument
+    from llama_index.vector_stores.milvus import MilvusVectorStore
 
     from integrations.llamaindex import HiervecEmbedding
 
@@ -27,7 +29,7 @@ def test_image_documents_in_an_image_query_out_on_milvus_lite(tree, tiny_model, 
     files = images(tree)
     documents = [ImageDocument(image_path=str(path), metadata={"category": path.parent.relative_to(tree).as_posix()})
                  for path in files]
-    store = milvus_store.MilvusVectorStore(uri=str(tmp_path / "llama.db"), collection_name="images",
+    store = MilvusVectorStore(uri=str(tmp_path / "llama.db"), collection_name="images",
                                            dim=embedding.dim, overwrite=True)
     index = MultiModalVectorStoreIndex.from_documents(
         documents, storage_context=StorageContext.from_defaults(image_store=store),
