@@ -29,20 +29,22 @@ def until_not_503(request, retried: list, name: str):
 
 def empty_index_files(data_dir) -> list[str]:
     """The index files a killed Milvus Lite server left empty under its data folder (it writes them in
-    place: SIGKILL in the middle leaves 0 bytes, and every later load of the collection fails reading them)."""
-    return sorted(path.name for path in data_dir.glob("collections/*/partitions/*/indexes/*.idx")
-                  if path.stat().st_size == 0)
+    place: SIGKILL in the middle leaves 0 bytes, and every later load of the collection fails reading them).
+    Vector (.idx) and scalar (.sidx) indexes alike: both were seen torn."""
+    return sorted(path.name for path in data_dir.glob("collections/*/partitions/*/indexes/*")
+                  if path.is_file() and path.stat().st_size == 0)
 
 
-def until_answered(call):
+def until_answered(call, torn=lambda: False):
     """What `call` returns once the store answers it: a restarted server's released collection is
-    loaded again by the first call that finds it so, and that call is a StoreUnavailableError (retry)."""
+    loaded again by the first call that finds it so, and that call is a StoreUnavailableError (retry).
+    A load that failed while `torn()` says the data cannot load is raised at once: waiting cannot mend it."""
     deadline = time.monotonic() + RECOVERY_S
     while True:
         try:
             return call()
-        except StoreUnavailableError:
-            if time.monotonic() > deadline:
+        except StoreUnavailableError as exc:
+            if time.monotonic() > deadline or ("loading it again failed" in str(exc) and torn()):
                 raise
             time.sleep(0.5)
 
@@ -214,7 +216,8 @@ def test_chaos_the_store_killed_and_restarted_under_a_client_loop_loses_no_ackno
             worker.join(timeout=120)
             assert not worker.is_alive()
             try:
-                stored = {r.id for r in until_answered(lambda: service.index(None).store.get(sorted(acknowledged)))}
+                stored = {r.id for r in until_answered(lambda: service.index(None).store.get(sorted(acknowledged)),
+                                                       torn=lambda: empty_index_files(tmp_path / "milvus"))}
             except StoreUnavailableError:
                 if not (torn := empty_index_files(tmp_path / "milvus")):
                     raise
