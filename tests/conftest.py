@@ -34,7 +34,6 @@ LEVELS = ("department", "category", "item")
 LEAVES = ("clothing/tops/shirt", "clothing/tops/coat", "clothing/bottoms/trouser", "footwear/boots/boot")
 
 
-
 def needs(module: str, reason: str) -> pytest.MarkDecorator:
     """Skip where `module` is not installed, without importing it to find out: every pytest-xdist worker collects
     every test module, and FiftyOne or LlamaIndex take 3-4 s each to import (the tests import them)."""

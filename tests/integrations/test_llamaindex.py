@@ -30,7 +30,7 @@ def test_image_documents_in_an_image_query_out_on_milvus_lite(tree, tiny_model, 
     documents = [ImageDocument(image_path=str(path), metadata={"category": path.parent.relative_to(tree).as_posix()})
                  for path in files]
     store = MilvusVectorStore(uri=str(tmp_path / "llama.db"), collection_name="images",
-                                           dim=embedding.dim, overwrite=True)
+                              dim=embedding.dim, overwrite=True)
     index = MultiModalVectorStoreIndex.from_documents(
         documents, storage_context=StorageContext.from_defaults(image_store=store),
         embed_model=embedding, image_embed_model=embedding)
