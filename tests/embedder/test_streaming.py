@@ -82,6 +82,19 @@ def test_a_process_holding_grpc_starts_its_workers_from_a_fork_server_with_the_s
         for workers in (0, 1)]
     assert [idx for idx, _ in drawn[0]] == [idx for idx, _ in drawn[1]]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*drawn))
+    # the fork server imported torchvision once: its workers (which unpickle torchvision's augmentations)
+    # start with it, instead of importing it again each, every epoch (2.4 s a worker here)
+    import multiprocessing
+    import runpy
+
+    probe, seen = tmp_path / "probe.py", tmp_path / "seen.txt"
+    probe.write_text("import sys\n"
+                     "open(SEEN, 'w').write(' '.join(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    worker = multiprocessing.get_context("forkserver").Process(target=runpy.run_path,
+                                                               args=(str(probe), {"SEEN": str(seen)}))
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 0 and seen.read_text() == "torch torchvision"
     monkeypatch.delitem(__import__("sys").modules, "grpc")
     assert worker_start_method() is None  # no gRPC: the platform's default (fork on Linux)
 
