@@ -128,10 +128,7 @@ def test_sigkill_at_random_points_then_rerun_stores_each_image_once(tmp_path, ti
         assert len(ids) == len(set(ids)) and set(ids) <= expected  # nothing torn, nothing foreign
         seen_counts.append(len(ids))
 
-    finish = subprocess.run(ingest(tmp_path / "tree", tiny_model, str(db)), capture_output=True, text=True,
-                            timeout=300)
-    assert finish.returncode == 0, finish.stderr
-    report = json.loads(finish.stdout)
+    report = json.loads(here(ingest(tmp_path / "tree", tiny_model, str(db))))  # the run to the end
     assert report["stored"] + report["skipped_present"] == len(expected)
     assert report["failed"] == len(LEAVES)  # the broken files, reported again, never stored
     ids = stored_ids(str(db))
@@ -196,10 +193,8 @@ def test_server_gone_mid_ingest_is_a_clear_error_and_a_rerun_completes(tmp_path,
         assert server.uri in err
 
         server.start()
-        rerun = subprocess.run(ingest(tmp_path / "tree", tiny_model, server.uri), capture_output=True, text=True,
-                               timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
-        assert json.loads(rerun.stdout)["skipped_present"] > 0  # what was written before the crash survived
+        rerun = json.loads(here(ingest(tmp_path / "tree", tiny_model, server.uri)))
+        assert rerun["skipped_present"] > 0  # what was written before the crash survived
         assert sorted(stored_ids(server.uri)) == sorted(expected)
     finally:
         server.stop()
@@ -245,9 +240,7 @@ def test_reindex_killed_and_rerun_ends_as_an_uninterrupted_reindex(tmp_path, tin
                 break
         else:
             pytest.fail("no kill landed mid-reindex in 4 attempts")
-        rerun = subprocess.run(reindex(server.uri, name), capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
-        report = json.loads(rerun.stdout)
+        report = json.loads(here(reindex(server.uri, name)))
         assert report["skipped_present"] == at_kill and report["stored"] == len(expected) - at_kill
         assert report["complete"] and report["count"] == len(expected)
         with HierStore(server.uri, "whole", create=False) as a, HierStore(server.uri, name, create=False) as b:
