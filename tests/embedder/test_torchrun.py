@@ -139,7 +139,7 @@ def wait_for(condition, what: str, seconds: float = JOB_DEADLINE_S):
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through Linux's /proc")
 def test_a_killed_rank_fails_the_job_and_resume_continues_on_any_number_of_processes(tree, tmp_path):
     out = tmp_path / "m.pt"
-    common = [tree, *TINY, "--out", out, "--steps-per-epoch", "25", "--classes-per-batch", "2", "--dist-timeout", "60",
+    common = [tree, *TINY, "--out", out, "--steps-per-epoch", "10", "--classes-per-batch", "2", "--dist-timeout", "60",
               "--patience", "0"]  # every epoch runs, whatever validation says
     launcher = subprocess.Popen(torchrun(2, *common, "--epochs", "6"), cwd=Path(__file__).resolve().parents[2],
                                 env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -170,7 +170,7 @@ def test_a_killed_rank_fails_the_job_and_resume_continues_on_any_number_of_proce
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tree, tmp_path):
     out = tmp_path / "m.pt"
     launcher = subprocess.Popen(
-        torchrun(2, tree, *TINY, "--out", out, "--steps-per-epoch", "25", "--classes-per-batch", "2", "--epochs", "6",
+        torchrun(2, tree, *TINY, "--out", out, "--steps-per-epoch", "10", "--classes-per-batch", "2", "--epochs", "6",
                  "--dist-timeout", "5"),
         cwd=Path(__file__).resolve().parents[2], env=environment(), text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
@@ -206,7 +206,7 @@ def mid_epoch_step(path: Path) -> int:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through Linux's /proc")
 def test_a_rank_killed_mid_epoch_resumes_at_its_step_and_ends_with_the_uninterrupted_weights(tree, tmp_path):
     # no validation: the checkpoints hold the weights training reached, to compare with the uninterrupted run's
-    common = [tree, *TINY, "--epochs", "1", "--steps-per-epoch", "40", "--classes-per-batch", "2",
+    common = [tree, *TINY, "--epochs", "1", "--steps-per-epoch", "24", "--classes-per-batch", "2",
               "--checkpoint-every", "3", "--val-fraction", "0", "--workers", "0", "--dist-timeout", "60"]
     run(torchrun(2, *common, "--out", tmp_path / "whole.pt"), tmp_path)
     out = tmp_path / "killed.pt"
@@ -223,10 +223,10 @@ def test_a_rank_killed_mid_epoch_resumes_at_its_step_and_ends_with_the_uninterru
     assert launcher.returncode != 0, "the job ended before the kill: give it more steps"
     killed_at = load_checkpoint(out)
     step = killed_at.train_state["step"]
-    assert killed_at.epoch == 0 and 3 <= step < 40 and step % 3 == 0  # inside the epoch
+    assert killed_at.epoch == 0 and 3 <= step < 24 and step % 3 == 0  # inside the epoch
 
     again = run(torchrun(2, *common, "--out", out, "--resume"), tmp_path)
-    assert f"resuming epoch 1 at step {step + 1}/40" in again.stderr
+    assert f"resuming epoch 1 at step {step + 1}/24" in again.stderr
     whole, resumed = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(out)
     assert resumed.epoch == whole.epoch == 1
     assert whole.state_dict.keys() == resumed.state_dict.keys()
