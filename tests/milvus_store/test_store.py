@@ -138,9 +138,9 @@ class TestStoreContract:
         ids, _ = brute_force(records, query, 2, keep=lambda r: levels_of(r)["category"] == group)
         assert [h.id for h in per_category[group]] == ids
 
-    @pytest.mark.parametrize("group_size", [1, 2, 3, 6, 50])
-    def test_group_by_keeps_small_categories_like_a_brute_force_oracle(self, make_store, group_size):
-        """Milvus Lite 3.2.2 drops every category with fewer than group_size matches; the store must not."""
+    def test_group_by_keeps_small_categories_like_a_brute_force_oracle(self, make_store):
+        """Milvus Lite 3.2.2 drops every category with fewer than group_size matches; the store must not.
+        Group sizes 1 to 50 on one collection (a collection each took 4 s on Milvus 2.3)."""
         from dataclasses import replace
 
         sizes = {leaf: n for leaf, n in zip(LEAVES, [1, 2, 3, 5, 8, 1, 2, 4, 6, 1, 3, 7])}
@@ -153,6 +153,11 @@ class TestStoreContract:
         store.upsert(records)
         store.flush()
         by_id = {r.id: r for r in records}
+        for group_size in (1, 2, 3, 6, 50):
+            self.check_group_by(store, records, by_id, group_size)
+
+    @staticmethod
+    def check_group_by(store, records, by_id, group_size: int) -> None:
         rng = np.random.default_rng(group_size)
         for query, k, where in ((rng.normal(size=SPEC.dim).astype(np.float32), 5, None),
                                 (rng.normal(size=SPEC.dim).astype(np.float32), 12, None),

@@ -128,8 +128,9 @@ def test_serve_reports_a_missing_model_as_one_line(tmp_path):
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "none.pt" in result.stderr
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "search.example.com"])
-def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, host, monkeypatch):
+@pytest.fixture
+def fake_uvicorn(monkeypatch) -> list[dict]:
+    """`uvicorn.run` recording its arguments (the app included) instead of serving."""
     import uvicorn
 
     monkeypatch.delenv("HIERVEC_API_KEY", raising=False)
@@ -137,18 +138,27 @@ def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, h
         monkeypatch.delenv(name, raising=False)
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(dict(k, app=a[0])))
-    args = ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", host]
-    result = run(*args, ok=False)
+    return started
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "search.example.com"])
+def test_serve_refuses_open_writes_on_a_reachable_address(catalogue, tmp_path, host, fake_uvicorn):
+    result = run("serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", host, ok=False)
     assert result.exit_code == 2 and f"--host {host} is reachable from other machines" in result.stderr
-    assert not started and not (tmp_path / "x.db").exists()  # refused before anything was opened
+    assert not fake_uvicorn and not (tmp_path / "x.db").exists()  # refused before anything was opened
+
+
+def test_serve_on_a_reachable_address_with_a_key_or_anonymous_writes_allowed(catalogue, tmp_path, fake_uvicorn):
+    """What the refusal above asks for (each start builds the app: 2 s here, so one address)."""
+    args = ["serve", "--model", str(catalogue.model), "--uri", str(tmp_path / "x.db"), "--host", "::"]
     result = run(*args, "--allow-anonymous-writes", ok=False)
     assert result.exit_code == 0, result.stderr
-    assert started[0]["host"] == host and "warning: no API key" in result.stderr
+    assert fake_uvicorn[0]["host"] == "::" and "warning: no API key" in result.stderr
     result = run(*args, "--api-key", "k3y", "--max-requests", "7", "--header-timeout", "3", ok=False)
     assert result.exit_code == 0 and "warning" not in result.stderr
-    assert started[-1]["http"] == "service.guard:GuardedH11Protocol" and "limit_concurrency" not in started[-1]
-    assert started[-1]["app"].state.service.settings.max_requests == 7
-    assert started[0]["app"].state.service.settings.max_requests == 64
+    assert fake_uvicorn[-1]["http"] == "service.guard:GuardedH11Protocol" and "limit_concurrency" not in fake_uvicorn[-1]
+    assert fake_uvicorn[-1]["app"].state.service.settings.max_requests == 7
+    assert fake_uvicorn[0]["app"].state.service.settings.max_requests == 64
     assert os.environ["HIERVEC_HEADER_TIMEOUT_S"] == "3.0"
 
 
