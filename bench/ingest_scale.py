@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     if args.smoke:
         sizes, counts, args.batch, args.rows = [32], [16], 8, 500
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)  # the single process's row: every core
     start_local_ray(ray, num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     results = []
     try:
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
             writes = write_rates(args.rows, folder)
     finally:
         ray.shutdown()
+        torch.set_num_threads(threads)  # as the caller had it: main() also runs inside other programs (tests)
     command = "python bench/ingest_scale.py" + (" --smoke" if args.smoke else "")
     print(f"# ingest throughput: one process against Ray Data, the same files into Milvus Lite\n\n"
           f"machine: {describe()}\ncommand: {command}\n")
