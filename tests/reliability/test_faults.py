@@ -101,7 +101,7 @@ def test_sigkill_at_random_points_then_rerun_stores_each_image_once(tmp_path, ti
     the dice fall); two come once the write-ahead log has grown by a random share of a whole
     run's, so that kills land mid-write however loaded the machine is (timing alone did not:
     every kill can land before the first write or after the last)."""
-    expected = make_tree(tmp_path / "tree", per_leaf=200)
+    expected = make_tree(tmp_path / "tree", per_leaf=120)
     reference, peak = tmp_path / "timing.db", 0
     started = time.monotonic()
     full = subprocess.Popen(ingest(tmp_path / "tree", tiny_model, str(reference)), stdout=subprocess.PIPE,
