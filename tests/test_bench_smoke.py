@@ -113,8 +113,8 @@ def test_serve_load_smoke_on_a_milvus_2_3_server(capsys, embedded_milvus_server)
                             "--level-vectors", "none", "--store-pid", str(embedded_milvus_server.process.pid)]) == 0
     out = capsys.readouterr().out
     assert f"48 images stored (a Milvus server at {embedded_milvus_server.uri}, HNSW)" in out
-    rows = re.findall(rf"^\| {runtime} \| server \| (\d+) \| 24 \| 0 \| ([\d.]+) \| .* \| ([\d.]+) \| ([\d.]+) \+ ([\d.]+) "
-                      r"\| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    rows = re.findall(rf"^\| {runtime} \| server \| (\d+) \| 24 \| 0 \| ([\d.]+) \| .* \| ([\d.]+) \| "
+                      r"([\d.]+) \+ ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
     assert [r[0] for r in rows] == ["1", "4"], out
     assert all(float(qps) > 0 for _, qps, *_ in rows), out
     # the server's CPU was read (numbers, not "-"); /proc counts in 10 ms ticks, so one figure may be 0
