@@ -224,9 +224,10 @@ def fashion_subset(split, n, size):
 def test_fashion_mnist_training_lowers_the_loss_and_beats_the_untrained_model(tmp_path):
     """A hundred steps on real data, compared with the same model before training, query by query.
 
-    mobilenet_v2 from random weights (the product's backbone; this test takes 44 s alone here, 71 s on
-    resnet18): 100 steps double MAP@R on held-out images (0.072 -> 0.132 and 0.079 -> 0.160, seeds 1 and
-    2; the paired gain is 21 and 24 standard errors) and lift the department's consistency (0.77 -> 0.88, 0.78 -> 0.91),
+    mobilenet_v2 from random weights (the product's backbone; this test took 44 s alone here, 71 s on
+    resnet18, when it embedded the test images twice per model; 37 s since): 100 steps double MAP@R on
+    held-out images (0.072 -> 0.132 and 0.079 -> 0.160, seeds 1 and 2; the paired gain is 21 and 24
+    standard errors) and lift the department's consistency (0.77 -> 0.88, 0.78 -> 0.91),
     while R@1 moves little (0.36 -> 0.38, 0.46 -> 0.45): nearest-duplicate retrieval on Fashion-MNIST is
     easy for random features, and lifting it takes more steps (resnet18, this test's model until stop 46:
     0.72 -> 0.69 after 100 steps, 0.69 -> 0.72 after 300). So the gain is asserted on MAP@R, paired per
