@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     if args.smoke:
         sizes, counts, args.batch, args.rows = [32], [16], 8, 500
     cores = os.cpu_count() or 1
+    start_local_ray(ray, num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(cores)  # the single process's row: every core
-    start_local_ray(ray, num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="hiervec-ingest-scale-") as tmp:

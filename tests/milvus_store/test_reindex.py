@@ -61,7 +61,7 @@ def test_a_reindex_keeps_ids_categories_and_meta_with_the_new_models_vectors(tar
         assert after.keys() == before.keys() and store.fingerprint == new.fingerprint
         stored = store.embeddings(list(after))  # one query (each read waits a second on Milvus 2.3)
         assert list(stored.ids) == list(after)
-        for rid, hit, vector in zip(after, after.values(), stored.concat):
+        for (rid, hit), vector in zip(after.items(), stored.concat):
             assert (hit.categories, hit.meta) == (before[rid].categories, before[rid].meta)
             assert hit.uri.startswith(str(tmp_path / "new-place") + "/")
             expected = new.embed([new.prepare(hit.uri)]).concat[0]
