@@ -49,6 +49,17 @@ def export_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def torch_threads():
+    """`torch.set_num_threads`, for a test that sets the count to see who changes it; the count this
+    process had is given back after the test (the worker's later tests run on it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
 

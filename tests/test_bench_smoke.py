@@ -263,19 +263,15 @@ def test_memory_arithmetic_matches_hand_computed_bytes(capsys):
 
 
 @pytest.mark.lite
-def test_ingest_scale_smoke(capsys):
+def test_ingest_scale_smoke(capsys, torch_threads):
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'hiervec[ray]' (CI installs it)")
     import torch
 
     from bench import ingest_scale
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a pytest-xdist worker (tests/conftest.py)
-    try:
-        assert ingest_scale.main(["--smoke"]) == 0
-        assert torch.get_num_threads() == 1  # its single-process row takes every core, then gives them back
-    finally:
-        torch.set_num_threads(threads)
+    torch_threads(1)  # as in a pytest-xdist worker (tests/conftest.py)
+    assert ingest_scale.main(["--smoke"]) == 0
+    assert torch.get_num_threads() == 1  # its single-process row takes every core, then gives them back
     out = capsys.readouterr().out
     rows = re.findall(r"^\| 32 px \| 16 \| (.+?) \| ([\d.]+) \| ([\d.]+) \|.*\|$", out, re.M)
     assert [name for name, _, _ in rows] == ["single process", "Ray, 2 actors"]

@@ -146,7 +146,7 @@ def test_every_command_that_runs_the_model_takes_device_amp_and_threads(command)
         assert "--runtime [auto|torch|onnxruntime|openvino]" in result.output
 
 
-def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path, tiny_model):
+def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path, tiny_model, torch_threads):
     import torch
 
     from cli.main import compute_options
@@ -158,13 +158,9 @@ def test_threads_option_sets_this_process_and_a_bad_device_is_one_line(tmp_path,
     def probe(device, amp):
         seen.update(device=device, amp=amp, threads=torch.get_num_threads())
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)  # not the value asked for, whatever this process started with
-        assert CliRunner().invoke(probe, ["--threads", "1", "--device", "cpu", "--amp"]).exit_code == 0
-        assert seen == {"device": "cpu", "amp": True, "threads": 1}
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(3)  # not the value asked for, whatever this process started with
+    assert CliRunner().invoke(probe, ["--threads", "1", "--device", "cpu", "--amp"]).exit_code == 0
+    assert seen == {"device": "cpu", "amp": True, "threads": 1}
     (tmp_path / "q.png").write_bytes(b"")
     result = CliRunner().invoke(cli, ["search", str(tmp_path / "q.png"), "--model", str(tiny_model), "--device", "tpu"])
     assert result.exit_code == 1

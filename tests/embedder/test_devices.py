@@ -53,16 +53,12 @@ def test_precision_per_device(monkeypatch):
     assert not Precision.for_device(torch.device("cuda"), amp=True).scales_loss
 
 
-def test_threads_are_set_by_the_caller_never_by_building_an_embedder(tmp_path):
+def test_threads_are_set_by_the_caller_never_by_building_an_embedder(tmp_path, torch_threads):
     images, _, hierarchy = tiny_data()
     save_checkpoint(tmp_path / "m.pt", PyramidEmbedder(tiny_config(hierarchy)), hierarchy)
-    before = torch.get_num_threads()
-    try:
-        set_threads(1)
-        Embedder.from_checkpoint(tmp_path / "m.pt", device="cpu").embed(images[:2])
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    set_threads(1)
+    Embedder.from_checkpoint(tmp_path / "m.pt", device="cpu").embed(images[:2])
+    assert torch.get_num_threads() == 1
     with pytest.raises(ConfigError, match="threads must be at least 1, got 0"):
         set_threads(0)
     assert default_threads(1) >= default_threads(2) >= 1

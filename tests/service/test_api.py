@@ -669,20 +669,16 @@ def test_settings_keep_secrets_out_of_repr_and_json(catalogue):
     assert ServiceSettings.from_json(with_deadline.to_json()).store_timeout_s == 5.0  # what --workers N read
 
 
-def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path):
+def test_the_service_runs_the_model_where_its_settings_say(catalogue, tmp_path, torch_threads):
     import torch
 
     settings = ServiceSettings(model=str(catalogue.model), device="cpu", amp=True, threads=1)
     assert ServiceSettings.from_json(settings.to_json()) == settings  # what --workers N processes read
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)  # not the value asked for, whatever this process started with
-        service = open_service(catalogue, tmp_path, device="cpu", amp=True, threads=1)
-        assert torch.get_num_threads() == 1  # the service sets it, once, for its process
-        assert service.embedder.device == torch.device("cpu") and service.embedder.precision.dtype == torch.bfloat16
-        service.close()
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(3)  # not the value asked for, whatever this process started with
+    service = open_service(catalogue, tmp_path, device="cpu", amp=True, threads=1)
+    assert torch.get_num_threads() == 1  # the service sets it, once, for its process
+    assert service.embedder.device == torch.device("cpu") and service.embedder.precision.dtype == torch.bfloat16
+    service.close()
 
 
 def test_concurrent_searches_share_milvus_calls_and_match_single_searches(filled, catalogue):
